@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Nothing is fetched from a model hub at run time; Hugging Face libraries read this when they start.
+export HF_HUB_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install test lint demo bench clean
+
+install: $(VENV)/.installed
+
+# torch first and alone, pinned by constraints.txt, so no later requirement can pull a CUDA build.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+lint: install
+	$(VENV)/bin/ruff check upcycle tests
+	$(VENV)/bin/ruff format --check upcycle tests
+
+test: install lint
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/upcycle bench layers --quick --out out/demo
+
+bench: install
+	$(VENV)/bin/upcycle bench layers --out results
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

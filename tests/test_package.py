@@ -1,0 +1,80 @@
+"""The package surface: registries, the environment fixes, the CLI shell, atomic writes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import upcycle
+from upcycle.atomic import atomic_directory, atomic_write_text
+from upcycle.cli import main
+
+
+def test_registries():
+    assert upcycle.list_routers() == ["soft", "topk"]
+    assert upcycle.list_backends() == ["eager", "grouped"]
+
+
+def test_fresh_process_imports_timm_and_is_offline():
+    """In a new interpreter without HF_HUB_OFFLINE, importing upcycle sets it and makes timm importable."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    code = (
+        "import os, upcycle, timm, torchvision; "
+        "timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=3); "
+        "from upcycle._compat import _torchvision_ops_missing; "
+        "print(os.environ['HF_HUB_OFFLINE'], _torchvision_ops_missing())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "False"]
+
+
+def test_cli_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "routers: soft, topk" in out and "backends: eager, grouped" in out
+
+
+def test_cli_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "bench" in out and "list" in out
+
+
+def test_cli_rejects_unknown_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "nope"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path):
+    target = tmp_path / "sub" / "a.json"
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.json"]
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path):
+    target = tmp_path / "model"
+    with pytest.raises(RuntimeError), atomic_directory(target) as staging:
+        (staging / "weights.safetensors").write_text("half")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_refuses_existing_unless_overwrite(tmp_path: Path):
+    target = tmp_path / "model"
+    with atomic_directory(target) as staging:
+        (staging / "a").write_text("1")
+    with pytest.raises(FileExistsError, match="already exists"), atomic_directory(target):
+        pass
+    with atomic_directory(target, overwrite=True) as staging:
+        (staging / "b").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

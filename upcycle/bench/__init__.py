@@ -1,0 +1,3 @@
+"""Benchmarks: each writes ``results/<name>.json`` (summary, rows, command, machine) and PNG plots."""
+
+BENCHMARKS = ("layers",)

@@ -1,0 +1,35 @@
+"""MoE layer core, pure torch (no timm / transformers imports): routing record, routers, stacked experts and
+their compute backends, the MoE layer, aux losses, routing statistics."""
+
+from .backends import get_backend, list_backends, register_backend
+from .experts import Experts
+from .ffn import FFN
+from .losses import hoyer_sparsity, l1_sparsity, load_balancing_loss, router_z_loss
+from .moe import MoE, collect_aux_losses, moe_layers, set_backend
+from .routers import Router, SoftMoERouter, TopKRouter, build_router, list_routers, register_router
+from .routing import Routing
+from .statistics import routing_statistics
+
+__all__ = [
+    "FFN",
+    "Experts",
+    "MoE",
+    "Router",
+    "Routing",
+    "SoftMoERouter",
+    "TopKRouter",
+    "build_router",
+    "collect_aux_losses",
+    "get_backend",
+    "hoyer_sparsity",
+    "l1_sparsity",
+    "list_backends",
+    "list_routers",
+    "load_balancing_loss",
+    "moe_layers",
+    "register_backend",
+    "register_router",
+    "router_z_loss",
+    "routing_statistics",
+    "set_backend",
+]

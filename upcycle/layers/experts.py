@@ -1,0 +1,139 @@
+"""Stacked expert weights and their compute.
+
+All experts of a layer live in stacked tensors in the ``[e, out, in]`` layout (the layout of ``nn.Linear`` with an
+expert axis in front), so recycling methods write them by slicing and backends read them without copies:
+
+    w_up   [e, h, d]  b_up   [e, h]     first projection (the only one of a plain FFN)
+    w_gate [e, h, d]  b_gate [e, h]     activated branch of a gated FFN (SwiGLU), optional
+    w_down [e, d, h]  b_down [e, d]     second projection
+    shared_bias [d]                     added once per token, unweighted (D2DMoE: W2's bias split out of the experts)
+
+Expert i computes ``W_down[i] · act(W_gate[i] x) ⊙ (W_up[i] x)`` (gated) or ``W_down[i] · act(W_up[i] x)`` (plain).
+
+Sparse routing is executed by a *backend* chosen by name (``eager`` is the per-expert reference loop, ``grouped``
+the batched one); dense slot routing runs every expert on its own slots with one batched matmul.
+Dimension letters: t tokens, b examples, n tokens per example, d model, h hidden, e experts, k choices, s slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .activations import get_activation
+from .backends import get_backend
+from .routing import Routing
+
+
+class Experts(nn.Module):
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "gelu",
+        gated: bool = False,
+        bias: bool = True,
+        shared_bias: bool = False,
+        backend: str = "grouped",
+    ):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if d_model < 1 or d_hidden < 1:
+            raise ValueError(f"d_model and d_hidden must be >= 1, got d_model={d_model}, d_hidden={d_hidden}")
+        self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
+        self.activation = activation
+        self.act = get_activation(activation)
+        self.gated = gated
+        self.backend = backend  # validated by the setter below
+
+        e, d, h = num_experts, d_model, d_hidden
+        self.w_up = nn.Parameter(torch.empty(e, h, d))
+        self.w_gate = nn.Parameter(torch.empty(e, h, d)) if gated else None
+        self.w_down = nn.Parameter(torch.empty(e, d, h))
+        self.b_up = nn.Parameter(torch.zeros(e, h)) if bias else None
+        self.b_gate = nn.Parameter(torch.zeros(e, h)) if bias and gated else None
+        self.b_down = nn.Parameter(torch.zeros(e, d)) if bias else None
+        self.shared_bias = nn.Parameter(torch.zeros(d)) if shared_bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Per-expert ``nn.Linear`` default init (Kaiming-uniform weights, uniform biases)."""
+        for weight, b in ((self.w_up, self.b_up), (self.w_gate, self.b_gate), (self.w_down, self.b_down)):
+            if weight is None:
+                continue
+            bound = 1.0 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+            if b is not None:
+                nn.init.uniform_(b, -bound, bound)
+        if self.shared_bias is not None:
+            nn.init.zeros_(self.shared_bias)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        get_backend(name)  # raises with the list of registered names
+        self._backend = name
+
+    # ---- compute ------------------------------------------------------------------------------------------------
+    def expert_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``i`` on rows ``x [m, d]`` -> ``[m, d]`` (no routing weight, no shared bias)."""
+        linear = torch.nn.functional.linear
+        b_up = None if self.b_up is None else self.b_up[i]
+        hidden = linear(x, self.w_up[i], b_up)  # [m, h]
+        if self.w_gate is None:
+            hidden = self.act(hidden)
+        else:
+            b_gate = None if self.b_gate is None else self.b_gate[i]
+            hidden = self.act(linear(x, self.w_gate[i], b_gate)) * hidden
+        return linear(hidden, self.w_down[i], None if self.b_down is None else self.b_down[i])
+
+    def forward_stacked(self, xs: torch.Tensor) -> torch.Tensor:
+        """Expert i on its own rows ``xs[i]``: ``[e, m, d] -> [e, m, d]`` with batched matmuls."""
+        hidden = _batched_linear(xs, self.w_up, self.b_up)  # [e, m, h]
+        if self.w_gate is None:
+            hidden = self.act(hidden)
+        else:
+            hidden = self.act(_batched_linear(xs, self.w_gate, self.b_gate)) * hidden
+        return _batched_linear(hidden, self.w_down, self.b_down)  # [e, m, d]
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Execute ``routing``: sparse takes ``x [t, d]``, dense (slots) takes ``x [b, n, d]``; same shape out."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"experts expect inputs with last dim {self.d_model}, got {tuple(x.shape)}")
+        if routing.num_experts != self.num_experts:
+            raise ValueError(f"routing is over {routing.num_experts} experts, this layer has {self.num_experts}")
+        if routing.is_sparse:
+            y = get_backend(self.backend)(self, x, routing.indices, routing.weights, routing.mask)
+        else:
+            y = self._forward_slots(x, routing)
+        return y if self.shared_bias is None else y + self.shared_bias
+
+    def _forward_slots(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        b, _, d = x.shape
+        e, s = self.num_experts, routing.slots_per_expert
+        slots = torch.einsum("bnS,bnd->bSd", routing.dispatch.to(x.dtype), x)  # [b, e*s, d]
+        per_expert = slots.reshape(b, e, s, d).transpose(0, 1).reshape(e, b * s, d)
+        out = self.forward_stacked(per_expert)  # [e, b*s, d]
+        out = out.reshape(e, b, s, d).transpose(0, 1).reshape(b, e * s, d)
+        return torch.einsum("bnS,bSd->bnd", routing.combine.to(out.dtype), out)  # [b, n, d]
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
+            f"activation={self.activation}, gated={self.gated}, bias={self.b_up is not None}, "
+            f"shared_bias={self.shared_bias is not None}, backend={self.backend!r}"
+        )
+
+
+def _batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [e, m, in] @ weight[e, out, in]^T (+ bias [e, out])`` -> ``[e, m, out]``."""
+    if bias is None:
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1).to(x.dtype), x, weight.transpose(1, 2).to(x.dtype))

@@ -1,0 +1,90 @@
+"""The MoE layer: router + experts (+ an optional shared expert). A drop-in for an FFN, ``[..., d] -> [..., d]``.
+
+Any leading dimensions are accepted: ViT tokens ``[b, n, d]``, a ConvNeXt grid ``[b, H, W, d]``, LM sequences,
+or flat tokens ``[t, d]``. Sparse routers see all tokens flattened to ``[t, d]``; slot routers see
+``[b, n, d]`` with n = every position of one example (a 2-D input counts as one example).
+
+The layer returns only the output tensor (so it can replace an FFN inside timm / transformers blocks) and keeps the
+latest :class:`Routing` on ``self.last_routing``; ``collect_aux_losses(model)`` reads them explicitly.
+Shared expert: a dense FFN every token passes through, optionally scaled by ``sigmoid(w·x)`` (Qwen2-MoE).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .experts import Experts
+from .ffn import FFN
+from .routers.base import Router
+from .routing import Routing
+
+
+class MoE(nn.Module):
+    def __init__(
+        self,
+        router: Router,
+        experts: Experts,
+        shared_expert: FFN | None = None,
+        shared_expert_gate: bool = False,
+    ):
+        super().__init__()
+        if router.num_experts != experts.num_experts:
+            raise ValueError(f"router has {router.num_experts} experts but experts hold {experts.num_experts}")
+        if router.d_model != experts.d_model:
+            raise ValueError(f"router width {router.d_model} differs from the experts' d_model {experts.d_model}")
+        if shared_expert is not None and shared_expert.up.in_features != experts.d_model:
+            raise ValueError(
+                f"shared expert width {shared_expert.up.in_features} differs from d_model {experts.d_model}"
+            )
+        if shared_expert_gate and shared_expert is None:
+            raise ValueError("shared_expert_gate needs a shared_expert")
+        self.router, self.experts, self.shared_expert = router, experts, shared_expert
+        self.shared_expert_gate = nn.Linear(experts.d_model, 1, bias=False) if shared_expert_gate else None
+        self.last_routing: Routing | None = None
+
+    @property
+    def d_model(self) -> int:
+        return self.experts.d_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, self.last_routing = self.forward_with_routing(x)
+        return y
+
+    def forward_with_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoE layer expects last dim {self.d_model}, got input of shape {tuple(x.shape)}")
+        if self.router.kind == "slots":
+            examples = x.shape[0] if x.ndim >= 3 else 1
+            tokens = x.reshape(examples, -1, self.d_model)  # [b, n, d]
+        else:
+            tokens = x.reshape(-1, self.d_model)  # [t, d]
+        routing = self.router(tokens)
+        y = self.experts(tokens, routing)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            y = y + shared
+        return y.reshape(x.shape), routing
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """Every MoE layer of a model with its qualified name, in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+
+
+def collect_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each aux loss averaged over the MoE layers that ran in the latest forward (unweighted)."""
+    totals: dict[str, list[torch.Tensor]] = {}
+    for _, layer in moe_layers(model):
+        if layer.last_routing is not None:
+            for key, value in layer.last_routing.aux_losses.items():
+                totals.setdefault(key, []).append(value)
+    return {key: torch.stack(values).mean() for key, values in totals.items()}
+
+
+def set_backend(model: nn.Module, name: str) -> None:
+    """Switch the expert compute backend of every MoE layer of ``model``."""
+    for _, layer in moe_layers(model):
+        layer.experts.backend = name

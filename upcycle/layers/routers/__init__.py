@@ -1,0 +1,8 @@
+"""Routers, registered by name: ``build_router("topk", d_model=..., num_experts=..., top_k=2)``."""
+
+from . import soft, topk  # noqa: F401  (registration side effect)
+from .base import Router, build_router, list_routers, register_router
+from .soft import SoftMoERouter
+from .topk import TopKRouter
+
+__all__ = ["Router", "SoftMoERouter", "TopKRouter", "build_router", "list_routers", "register_router"]
