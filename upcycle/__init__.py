@@ -1,5 +1,9 @@
 """upcycle: turn dense pretrained checkpoints into Mixture-of-Experts models.
 
+    moe = upcycle.convert(model, method="sparse_upcycling", num_experts=8, top_k=2)
+    diff = upcycle.verify(moe, model)            # max |moe(x) - dense(x)|
+    upcycle.save(moe, "out/"); moe = upcycle.load("out/")
+
 The environment fixes below run before anything imports torchvision or a Hugging Face library (see ``_compat``).
 """
 
@@ -7,7 +11,25 @@ from ._compat import apply_environment_fixes
 
 apply_environment_fixes()
 
+from .adapters import list_adapters  # noqa: E402
+from .config import ConvertConfig, load_convert_config  # noqa: E402
+from .convert import convert  # noqa: E402
+from .export import load, save  # noqa: E402
 from .layers import list_backends, list_routers  # noqa: E402
+from .recycling import list_methods  # noqa: E402
+from .verify import verify  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "list_backends", "list_routers"]
+__all__ = [
+    "ConvertConfig",
+    "__version__",
+    "convert",
+    "list_adapters",
+    "list_backends",
+    "list_methods",
+    "list_routers",
+    "load",
+    "load_convert_config",
+    "save",
+    "verify",
+]

@@ -5,8 +5,19 @@ import torch
 from upcycle.layers import Experts, Routing
 
 
-def random_experts(e=5, d=100, h=37, gated=False, bias=True, shared_bias=False, activation="gelu", dtype=None):
-    experts = Experts(e, d, h, activation=activation, gated=gated, bias=bias, shared_bias=shared_bias)
+def random_experts(
+    e=5, d=100, h=37, gated=False, bias=True, shared_bias=False, activation="gelu", dtype=None, hidden_norm=False
+):
+    experts = Experts(
+        e,
+        d,
+        h,
+        activation=activation,
+        gated=gated,
+        bias=bias,
+        shared_bias=shared_bias,
+        hidden_norm_eps=1e-6 if hidden_norm else None,
+    )
     with torch.no_grad():
         for p in experts.parameters():
             p.normal_(0, 0.3)  # biases and the shared bias non-zero too, so they are exercised

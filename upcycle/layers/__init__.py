@@ -5,7 +5,7 @@ from .backends import get_backend, list_backends, register_backend
 from .experts import Experts
 from .ffn import FFN
 from .losses import hoyer_sparsity, l1_sparsity, load_balancing_loss, router_z_loss
-from .moe import MoE, collect_aux_losses, moe_layers, set_backend
+from .moe import MoE, build_moe, collect_aux_losses, describe_moe, moe_layers, set_backend
 from .routers import Router, SoftMoERouter, TopKRouter, build_router, list_routers, register_router
 from .routing import Routing
 from .statistics import routing_statistics
@@ -18,8 +18,10 @@ __all__ = [
     "Routing",
     "SoftMoERouter",
     "TopKRouter",
+    "build_moe",
     "build_router",
     "collect_aux_losses",
+    "describe_moe",
     "get_backend",
     "hoyer_sparsity",
     "l1_sparsity",

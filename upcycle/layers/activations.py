@@ -11,6 +11,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2 "gelu_new", timm "gelu_tanh"
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # squared ReLU (Primer; Nemotron)
     "silu": F.silu,  # SwiGLU's gate activation
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "identity": lambda x: x,

@@ -7,6 +7,8 @@ expert axis in front), so recycling methods write them by slicing and backends r
     w_gate [e, h, d]  b_gate [e, h]     activated branch of a gated FFN (SwiGLU), optional
     w_down [e, d, h]  b_down [e, d]     second projection
     shared_bias [d]                     added once per token, unweighted (D2DMoE: W2's bias split out of the experts)
+    norm_weight/norm_bias [e, h]        optional LayerNorm over each expert's hidden units (timm SwiGLU with
+                                        ``norm_layer``, e.g. EVA-02); applied after the activation/gating
 
 Expert i computes ``W_down[i] · act(W_gate[i] x) ⊙ (W_up[i] x)`` (gated) or ``W_down[i] · act(W_up[i] x)`` (plain).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .activations import get_activation
@@ -35,9 +38,10 @@ class Experts(nn.Module):
         d_hidden: int,
         activation: str = "gelu",
         gated: bool = False,
-        bias: bool = True,
+        bias: bool | tuple[bool, bool] = True,
         shared_bias: bool = False,
         backend: str = "grouped",
+        hidden_norm_eps: float | None = None,
     ):
         super().__init__()
         if num_experts < 1:
@@ -51,13 +55,17 @@ class Experts(nn.Module):
         self.backend = backend  # validated by the setter below
 
         e, d, h = num_experts, d_model, d_hidden
+        bias_in, bias_out = (bias, bias) if isinstance(bias, bool) else bias  # (first layer, second layer)
         self.w_up = nn.Parameter(torch.empty(e, h, d))
         self.w_gate = nn.Parameter(torch.empty(e, h, d)) if gated else None
         self.w_down = nn.Parameter(torch.empty(e, d, h))
-        self.b_up = nn.Parameter(torch.zeros(e, h)) if bias else None
-        self.b_gate = nn.Parameter(torch.zeros(e, h)) if bias and gated else None
-        self.b_down = nn.Parameter(torch.zeros(e, d)) if bias else None
+        self.b_up = nn.Parameter(torch.zeros(e, h)) if bias_in else None
+        self.b_gate = nn.Parameter(torch.zeros(e, h)) if bias_in and gated else None
+        self.b_down = nn.Parameter(torch.zeros(e, d)) if bias_out else None
         self.shared_bias = nn.Parameter(torch.zeros(d)) if shared_bias else None
+        self.hidden_norm_eps = hidden_norm_eps  # None: no hidden LayerNorm
+        self.norm_weight = nn.Parameter(torch.ones(e, h)) if hidden_norm_eps is not None else None
+        self.norm_bias = nn.Parameter(torch.zeros(e, h)) if hidden_norm_eps is not None else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -72,6 +80,16 @@ class Experts(nn.Module):
         if self.shared_bias is not None:
             nn.init.zeros_(self.shared_bias)
 
+    def spec(self) -> dict:
+        """Constructor arguments that rebuild this module's structure (not its weights)."""
+        return {
+            "num_experts": self.num_experts, "d_model": self.d_model, "d_hidden": self.d_hidden,
+            "activation": self.activation, "gated": self.gated,
+            "bias": [self.b_up is not None, self.b_down is not None],
+            "shared_bias": self.shared_bias is not None, "backend": self.backend,
+            "hidden_norm_eps": self.hidden_norm_eps,
+        }  # fmt: skip
+
     @property
     def backend(self) -> str:
         return self._backend
@@ -84,7 +102,7 @@ class Experts(nn.Module):
     # ---- compute ------------------------------------------------------------------------------------------------
     def expert_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``i`` on rows ``x [m, d]`` -> ``[m, d]`` (no routing weight, no shared bias)."""
-        linear = torch.nn.functional.linear
+        linear = F.linear
         b_up = None if self.b_up is None else self.b_up[i]
         hidden = linear(x, self.w_up[i], b_up)  # [m, h]
         if self.w_gate is None:
@@ -92,6 +110,10 @@ class Experts(nn.Module):
         else:
             b_gate = None if self.b_gate is None else self.b_gate[i]
             hidden = self.act(linear(x, self.w_gate[i], b_gate)) * hidden
+        if self.norm_weight is not None:
+            hidden = F.layer_norm(
+                hidden, hidden.shape[-1:], self.norm_weight[i], self.norm_bias[i], self.hidden_norm_eps
+            )
         return linear(hidden, self.w_down[i], None if self.b_down is None else self.b_down[i])
 
     def forward_stacked(self, xs: torch.Tensor) -> torch.Tensor:
@@ -101,6 +123,9 @@ class Experts(nn.Module):
             hidden = self.act(hidden)
         else:
             hidden = self.act(_batched_linear(xs, self.w_gate, self.b_gate)) * hidden
+        if self.norm_weight is not None:
+            hidden = F.layer_norm(hidden, hidden.shape[-1:], eps=self.hidden_norm_eps)
+            hidden = hidden * self.norm_weight.unsqueeze(1) + self.norm_bias.unsqueeze(1)
         return _batched_linear(hidden, self.w_down, self.b_down)  # [e, m, d]
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -127,8 +152,10 @@ class Experts(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
-            f"activation={self.activation}, gated={self.gated}, bias={self.b_up is not None}, "
-            f"shared_bias={self.shared_bias is not None}, backend={self.backend!r}"
+            f"activation={self.activation}, gated={self.gated}, "
+            f"bias=({self.b_up is not None}, {self.b_down is not None}), "
+            f"shared_bias={self.shared_bias is not None}, hidden_norm={self.norm_weight is not None}, "
+            f"backend={self.backend!r}"
         )
 
 

@@ -23,6 +23,12 @@ class FFN(nn.Module):
         self.gate = nn.Linear(d_model, d_hidden, bias=bias) if gated else None
         self.down = nn.Linear(d_hidden, d_model, bias=bias)
 
+    def spec(self) -> dict:
+        return {
+            "d_model": self.up.in_features, "d_hidden": self.up.out_features, "activation": self.activation,
+            "gated": self.gate is not None, "bias": self.up.bias is not None,
+        }  # fmt: skip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., d]
         if self.gate is None:
             return self.down(self.act(self.up(x)))

@@ -69,6 +69,36 @@ class MoE(nn.Module):
         return y.reshape(x.shape), routing
 
 
+def describe_moe(layer: MoE) -> dict:
+    """The structure of an MoE layer as plain data (saved in config.json); ``build_moe`` inverts it."""
+    return {
+        "router": layer.router.spec(),
+        "experts": layer.experts.spec(),
+        "shared_expert": None if layer.shared_expert is None else layer.shared_expert.spec(),
+        "shared_expert_gate": layer.shared_expert_gate is not None,
+        # provenance a recycling method stored on the layer (e.g. which dense hidden units each expert holds)
+        "buffers": {
+            name: {"shape": list(buffer.shape), "dtype": str(buffer.dtype).removeprefix("torch.")}
+            for name, buffer in layer.named_buffers(recurse=False)
+        },
+    }
+
+
+def build_moe(spec: dict) -> MoE:
+    """An MoE layer with the structure ``spec`` describes (weights freshly initialised)."""
+    from .routers import build_router
+
+    router_args = dict(spec["router"])
+    router = build_router(router_args.pop("name"), **router_args)
+    experts_args = dict(spec["experts"])
+    experts_args["bias"] = tuple(experts_args["bias"])
+    shared = None if spec.get("shared_expert") is None else FFN(**spec["shared_expert"])
+    layer = MoE(router, Experts(**experts_args), shared, bool(spec.get("shared_expert_gate")))
+    for name, buffer in spec.get("buffers", {}).items():
+        layer.register_buffer(name, torch.zeros(buffer["shape"], dtype=getattr(torch, buffer["dtype"])))
+    return layer
+
+
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     """Every MoE layer of a model with its qualified name, in module order."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]

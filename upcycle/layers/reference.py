@@ -19,6 +19,10 @@ def expert_on_vector(experts: Experts, i: int, v: torch.Tensor) -> torch.Tensor:
     else:
         gate = experts.w_gate[i] @ v + (experts.b_gate[i] if experts.b_gate is not None else 0)
         hidden = experts.act(gate) * up
+    if experts.norm_weight is not None:
+        centered = hidden - hidden.mean()
+        hidden = centered / torch.sqrt(centered.pow(2).mean() + experts.hidden_norm_eps)
+        hidden = hidden * experts.norm_weight[i] + experts.norm_bias[i]
     return experts.w_down[i] @ hidden + (experts.b_down[i] if experts.b_down is not None else 0)
 
 

@@ -23,6 +23,11 @@ class Router(nn.Module):
         if d_model < 1:
             raise ValueError(f"d_model must be >= 1, got {d_model}")
         self.d_model, self.num_experts = d_model, num_experts
+        self._spec: dict = {"d_model": d_model, "num_experts": num_experts}  # subclasses record all their arguments
+
+    def spec(self) -> dict:
+        """Registry name and constructor arguments that rebuild this router's structure."""
+        return {"name": self.registry_name, **self._spec}
 
 
 def register_router(name: str) -> Callable[[type[Router]], type[Router]]:

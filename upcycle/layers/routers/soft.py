@@ -29,6 +29,9 @@ class SoftMoERouter(Router):
         self.slots_per_expert, self.normalize = slots_per_expert, normalize
         self.slot_queries = nn.Parameter(torch.randn(num_experts * slots_per_expert, d_model) / math.sqrt(d_model))
         self.scale = nn.Parameter(torch.ones(())) if normalize else None
+        self._spec = {
+            "d_model": d_model, "num_experts": num_experts, "slots_per_expert": slots_per_expert, "normalize": normalize
+        }  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> Routing:  # x [b, n, d]
         queries = self.slot_queries  # [S, d]

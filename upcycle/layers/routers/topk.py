@@ -2,8 +2,9 @@
 
 probs = softmax(W x) over experts; each token takes its k most probable experts. With ``renormalize`` the k
 weights are divided by their sum (Mixtral; makes copy-upcycled experts reproduce the dense FFN exactly);
-without it the raw probabilities are used (Switch, BAM). Optional Gaussian logit noise in training only, and an
-optional capacity limit per expert.
+without it the raw probabilities are used (Switch, BAM). With ``unit_weights`` every chosen expert gets weight 1
+(MoEfication / D2DMoE sum the selected experts of a neuron split unweighted; the router is then trained apart).
+Optional Gaussian logit noise in training only, and an optional capacity limit per expert.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class TopKRouter(Router):
         init: str = "normal",
         init_std: float = 0.02,
         bias: bool = False,
+        unit_weights: bool = False,
     ):
         super().__init__(d_model, num_experts)
         if not 1 <= top_k <= num_experts:
@@ -42,9 +44,13 @@ class TopKRouter(Router):
             raise ValueError(f"capacity_factor must be > 0 (or None for no limit), got {capacity_factor}")
         if init not in ("zero", "normal"):
             raise ValueError(f"router init must be 'zero' or 'normal', got {init!r}")
-        self.top_k, self.renormalize = top_k, renormalize
+        self.top_k, self.renormalize, self.unit_weights = top_k, renormalize, unit_weights
         self.noise_std, self.capacity_factor = noise_std, capacity_factor
         self.gate = nn.Linear(d_model, num_experts, bias=bias)
+        self._spec = {
+            "d_model": d_model, "num_experts": num_experts, "top_k": top_k, "renormalize": renormalize,
+            "noise_std": noise_std, "capacity_factor": capacity_factor, "bias": bias, "unit_weights": unit_weights,
+        }  # fmt: skip
         if init == "zero":
             nn.init.zeros_(self.gate.weight)
         else:
@@ -57,7 +63,9 @@ class TopKRouter(Router):
         noisy = logits + self.noise_std * torch.randn_like(logits) if self.training and self.noise_std else logits
         probs = torch.softmax(noisy, dim=-1)
         weights, indices = probs.topk(self.top_k, dim=-1)  # [t, k]
-        if self.renormalize:
+        if self.unit_weights:
+            weights = torch.ones_like(weights)
+        elif self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
         mask = None
         if self.capacity_factor is not None:
@@ -80,5 +88,5 @@ class TopKRouter(Router):
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
-            f"noise_std={self.noise_std}, capacity_factor={self.capacity_factor}"
+            f"unit_weights={self.unit_weights}, noise_std={self.noise_std}, capacity_factor={self.capacity_factor}"
         )

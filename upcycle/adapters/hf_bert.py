@@ -1,0 +1,45 @@
+"""Hugging Face BERT (and MiniLM / sentence-transformers encoders built on it): the FFN is split across
+``layer[i].intermediate.dense`` (+ act) and ``layer[i].output.dense``; ``BertOutput`` then applies dropout and
+``LayerNorm(h + residual)``. The MoE replaces ``intermediate`` (returning d-dim outputs) and ``output.dense``
+becomes the identity, so dropout and the post-norm are kept.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..layers import MoE
+from ..recycling.dense_ffn import DenseFFN
+from .activations import from_hf
+from .base import Adapter, FFNSite, MoEFFN, register_adapter, set_submodule
+from .hf_common import HFAdapterMixin, base_prefix, is_hf_model
+
+
+@register_adapter
+class HFBertAdapter(HFAdapterMixin, Adapter):
+    name = "hf_bert"
+    family = "Hugging Face BERT / MiniLM encoders (encoder.layer[i].intermediate + output.dense)"
+    task = "encoder"
+
+    def matches(self, model: nn.Module) -> bool:
+        return is_hf_model(model) and getattr(model.config, "model_type", None) == "bert"
+
+    def ffn_sites(self, model: nn.Module) -> list[FFNSite]:
+        prefix = base_prefix(model)
+        layers = self.base(model).encoder.layer
+        return [FFNSite(i, f"{prefix}encoder.layer.{i}.intermediate") for i in range(len(layers))]
+
+    def read_ffn(self, model: nn.Module, site: FFNSite) -> DenseFFN:
+        layer = model.get_submodule(site.name.rpartition(".")[0])
+        if not isinstance(model.config.hidden_act, str):
+            raise ValueError("BERT configs with a callable hidden_act are not supported; use a named activation")
+        up, down = layer.intermediate.dense, layer.output.dense
+        return DenseFFN(
+            w_up=up.weight.detach(), w_down=down.weight.detach(), activation=from_hf(model.config.hidden_act),
+            b_up=up.bias.detach(), b_down=down.bias.detach(),
+        )  # fmt: skip
+
+    def install(self, model: nn.Module, site: FFNSite, moe: MoE) -> None:
+        layer_name = site.name.rpartition(".")[0]
+        set_submodule(model, site.name, MoEFFN(moe))
+        set_submodule(model, f"{layer_name}.output.dense", nn.Identity())

@@ -1,0 +1,44 @@
+"""What the Hugging Face adapters share: the base-model prefix, token inputs, outputs, rebuild from config."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+
+
+def base_prefix(model: nn.Module) -> str:
+    """``"model."`` for LlamaForCausalLM, ``""`` for a bare LlamaModel: where the transformer stack lives."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return f"{prefix}." if prefix and hasattr(model, prefix) else ""
+
+
+class HFAdapterMixin:
+    def base(self, model: nn.Module) -> nn.Module:
+        prefix = base_prefix(model)
+        return model.get_submodule(prefix[:-1]) if prefix else model
+
+    def example_inputs(self, model: nn.Module, batch: int = 2, generator: torch.Generator | None = None) -> dict:
+        length = min(16, getattr(model.config, "max_position_embeddings", 16) or 16)
+        ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def outputs(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        out = model(**inputs)
+        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+    def describe(self, model: nn.Module) -> dict:
+        return {"class": type(model).__name__, "config": model.config.to_dict()}
+
+    def rebuild(self, description: dict) -> nn.Module:
+        import transformers
+
+        config_dict = dict(description["config"])
+        config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        model_class = getattr(transformers, description["class"], None)
+        if model_class is None:
+            raise ValueError(f"transformers has no model class {description['class']!r}")
+        return model_class(config)

@@ -1,0 +1,120 @@
+"""Typed, validated recipes. YAML in, the same YAML saved next to every output.
+
+Validation happens here, at the boundary, with messages that say what to change. Method-specific options live in
+``options`` and are validated by the options model each recycling method registers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LayerSelection = Literal["all", "every_other", "last_half"] | list[int]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RouterConfig(StrictModel):
+    type: Literal["topk", "soft"] = Field("topk", description="token-choice top-k, or Soft MoE slots")
+    init: Literal["zero", "normal"] = Field("normal", description="router weight init (top-k)")
+    init_std: float = Field(0.02, ge=0, description="std of the normal router init")
+    renormalize: bool = Field(True, description="divide the top-k weights by their sum (Mixtral); False: Switch/BAM")
+    noise_std: float = Field(0.0, ge=0, description="Gaussian logit noise, training only")
+    capacity_factor: float | None = Field(None, gt=0, description="per-expert capacity = factor·t·k/e; None: no limit")
+    slots_per_expert: int = Field(1, ge=1, description="Soft MoE slots per expert")
+
+
+class ConvertConfig(StrictModel):
+    method: str = Field("sparse_upcycling", description="a registered recycling method (upcycle.list_methods())")
+    num_experts: int = Field(8, ge=1, description="experts per MoE layer")
+    top_k: int = Field(2, ge=1, description="experts per token (top-k routers)")
+    layers: LayerSelection = Field("all", description="which FFNs become MoE: all, every_other, last_half, or indices")
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    backend: str = Field("grouped", description="expert compute backend (upcycle.list_backends())")
+    seed: int = Field(0, description="seed for every random choice of the conversion")
+    options: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_non_negative(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("layers: an explicit list must name at least one FFN index")
+            if any(i < 0 for i in value) or len(set(value)) != len(value):
+                raise ValueError(f"layers: indices must be distinct and >= 0, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self):
+        from .layers import list_backends
+        from .recycling import get_method
+
+        if self.backend not in list_backends():
+            raise ValueError(f"backend {self.backend!r} is unknown; choose one of {list_backends()}")
+        method = get_method(self.method)  # raises with the list of methods
+        if method.options_model is not None:
+            # validate, fill defaults and keep the resolved options, so the saved recipe is complete
+            resolved = method.options_model(**self.options).model_dump()
+            object.__setattr__(self, "options", resolved)
+        elif self.options:
+            raise ValueError(f"method {self.method!r} takes no options, got {sorted(self.options)}")
+        routed_experts = self.num_experts * int(self.options.get("granularity", 1))
+        if self.router.type == "topk" and self.top_k > routed_experts:
+            raise ValueError(
+                f"top_k={self.top_k} is larger than the {routed_experts} experts per layer; "
+                f"lower --top-k or raise --experts"
+            )
+        return self
+
+
+def load_convert_config(source: str | Path | dict | ConvertConfig | None = None, **overrides) -> ConvertConfig:
+    """A config from a YAML path, a dict or a config object, with keyword overrides applied on top.
+
+    Unknown top-level keywords are method options (``granularity=2`` -> ``options.granularity``).
+    """
+    if isinstance(source, ConvertConfig):
+        data = source.model_dump()
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of recipe keys, got {type(data).__name__}")
+        data = data.get("convert", data)
+    else:
+        data = dict(source or {})
+    fields = set(ConvertConfig.model_fields)
+    router_fields = set(RouterConfig.model_fields)
+    options = dict(data.pop("options", {}) or {})
+    router = dict(data.pop("router", {}) or {})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in fields:
+            data[key] = value
+        elif key.startswith("router_") and key[len("router_") :] in router_fields:
+            router[key[len("router_") :]] = value
+        else:
+            options[key] = value
+    try:
+        return ConvertConfig(**data, router=router, options=options)
+    except ValidationError as error:
+        raise ValueError(_explain(error)) from None
+
+
+def _explain(error: ValidationError) -> str:
+    lines = ["invalid conversion config:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "config"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def to_yaml(config: BaseModel) -> str:
+    return yaml.safe_dump({"convert": config.model_dump()}, sort_keys=False)

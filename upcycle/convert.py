@@ -1,0 +1,82 @@
+"""``upcycle.convert``: a dense model -> the same model with MoE layers in place of (some of) its FFNs.
+
+The adapter finds and reads the FFNs, the registered method turns each into an MoE layer, the adapter installs
+it. The result carries ``upcycle_record``: the adapter, how to rebuild the dense skeleton, the resolved recipe and
+each MoE layer's structure, which is all ``upcycle.save`` / ``upcycle.load`` need.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter, find_adapter, get_adapter
+from .config import ConvertConfig, LayerSelection, load_convert_config
+from .layers import describe_moe
+from .recycling import get_method
+
+RECORD_VERSION = 1
+
+
+def select_layers(count: int, selection: LayerSelection) -> list[int]:
+    """Indices of the FFNs to convert among ``count``: all, every other (1, 3, 5, ...), the last half, or a list."""
+    if selection == "all":
+        return list(range(count))
+    if selection == "every_other":
+        return list(range(1, count, 2))  # odd layers, as Switch / GShard interleave MoE with dense layers
+    if selection == "last_half":
+        return list(range(count // 2, count))
+    out_of_range = [i for i in selection if i >= count]
+    if out_of_range:
+        raise ValueError(f"layers {out_of_range} do not exist: the model has {count} FFNs (indices 0..{count - 1})")
+    return sorted(selection)
+
+
+def convert(
+    model: nn.Module,
+    method: str | None = None,
+    config: ConvertConfig | dict | str | Path | None = None,
+    *,
+    adapter: Adapter | str | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+    **overrides,
+) -> nn.Module:
+    """Convert ``model``'s FFNs into MoE layers.
+
+    ``config`` is a :class:`ConvertConfig`, a dict or a YAML path; ``method`` and keyword ``overrides``
+    (``num_experts=8, top_k=2, layers="last_half", granularity=2, ...``) apply on top. Returns a converted deep
+    copy (the input stays dense) unless ``inplace``.
+    """
+    cfg = load_convert_config(config, method=method, **overrides)
+    adapter = get_adapter(adapter) if isinstance(adapter, str) else adapter or find_adapter(model)
+    source = adapter.describe(model)
+    target = model if inplace else copy.deepcopy(model)
+    sites = adapter.ffn_sites(target)
+    chosen = select_layers(len(sites), cfg.layers)
+    recycle = get_method(cfg.method).fn
+    generator = torch.Generator().manual_seed(cfg.seed)
+    layers = {}
+    for index in tqdm(chosen, desc=f"{cfg.method}", unit="layer", disable=not progress, leave=False):
+        site = sites[index]
+        dense = adapter.read_ffn(target, site)
+        try:
+            moe = recycle(dense, cfg, generator)
+        except ValueError as error:
+            raise ValueError(f"{site.name}: {error}") from None
+        moe.experts.backend = cfg.backend
+        adapter.install(target, site, moe)
+        layers[site.name] = {"index": site.index, **describe_moe(moe)}
+    target.upcycle_record = {
+        "version": RECORD_VERSION,
+        "adapter": adapter.name,
+        "source": source,
+        "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
+        "convert": cfg.model_dump(),
+        "layers": layers,
+    }
+    return target

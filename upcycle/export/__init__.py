@@ -1,0 +1,5 @@
+"""Saving, loading and exporting converted models."""
+
+from .saving import load, save
+
+__all__ = ["load", "save"]

@@ -1,0 +1,132 @@
+"""``upcycle.save`` / ``upcycle.load``: a converted model as a directory that loads without its source.
+
+    model.safetensors   every tensor of the converted model (shared tensors, e.g. tied embeddings, stored once)
+    config.json         the conversion record: adapter, dense skeleton description, dtype, each MoE layer's shape
+    recipe.yaml         the resolved conversion recipe (the same YAML ``upcycle convert --config`` reads)
+
+Writes are atomic (a temporary sibling directory renamed into place). Loading rebuilds the dense skeleton from
+config.json, installs MoE layers of the recorded shapes, then loads the weights strictly, with clear errors for a
+missing or truncated file or weights that do not match the recorded structure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from ..adapters import get_adapter
+from ..adapters.base import FFNSite
+from ..atomic import atomic_directory
+from ..convert import RECORD_VERSION
+from ..layers import build_moe
+
+WEIGHTS, CONFIG, RECIPE = "model.safetensors", "config.json", "recipe.yaml"
+
+
+def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
+    record = getattr(model, "upcycle_record", None)
+    if record is None:
+        raise ValueError("this model was not produced by upcycle.convert (no upcycle_record); nothing to save")
+    check_rebuild(model)
+    directory = Path(directory)
+    with atomic_directory(directory, overwrite=overwrite) as staging:
+        save_model(model, str(staging / WEIGHTS), metadata={"format": "pt", "upcycle": str(RECORD_VERSION)})
+        (staging / CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+        (staging / RECIPE).write_text(yaml.safe_dump({"convert": record["convert"]}, sort_keys=False))
+    return directory
+
+
+def check_rebuild(model: nn.Module) -> None:
+    """Refuse to save a model whose skeleton cannot be rebuilt from its record with every tensor's shape."""
+    skeleton = build_skeleton(model.upcycle_record).state_dict()
+    actual = model.state_dict()
+    problems = [name for name in actual if name not in skeleton]
+    problems += [
+        f"{name} {tuple(t.shape)} rebuilt as {tuple(skeleton[name].shape)}"
+        for name, t in actual.items()
+        if name in skeleton and t.shape != skeleton[name].shape
+    ]
+    if problems:
+        hint = ""
+        if "kwargs" in model.upcycle_record["source"]:
+            hint = (
+                "\nset model.upcycle_timm_kwargs to the timm.create_model keyword arguments the dense model was "
+                "built with, before upcycle.convert"
+            )
+        raise ValueError("the model cannot be rebuilt from its record: " + "; ".join(problems[:5]) + hint)
+
+
+def read_record(directory: str | Path) -> dict:
+    directory = Path(directory)
+    config_path = directory / CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not an upcycle model directory: {CONFIG} is missing")
+    try:
+        record = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error}); the directory is damaged") from None
+    if record.get("version") != RECORD_VERSION or "adapter" not in record:
+        raise ValueError(f"{config_path} is not an upcycle record of version {RECORD_VERSION}")
+    return record
+
+
+def build_skeleton(record: dict) -> nn.Module:
+    """The converted model's structure from its record, with freshly initialised weights."""
+    adapter = get_adapter(record["adapter"])
+    model = adapter.rebuild(record["source"])
+    for name, spec in record["layers"].items():
+        adapter.install(model, FFNSite(spec["index"], name), build_moe(spec))
+    model.upcycle_record = record
+    return model.to(getattr(torch, record.get("dtype", "float32")))
+
+
+def load(directory: str | Path) -> nn.Module:
+    directory = Path(directory)
+    record = read_record(directory)
+    weights_path = directory / WEIGHTS
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing; the directory holds no weights")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights_path} cannot be read ({error}); it is truncated or corrupt") from None
+    model = build_skeleton(record)
+    load_weights(model, state, weights_path)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: Path | str) -> None:
+    """Strict load that tolerates tied tensors saved once, with a message naming what does not fit."""
+    expected = model.state_dict()
+    mismatched = [
+        f"{name}: file {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}"
+        for name, tensor in state.items()
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape)
+    ]
+    if mismatched:
+        raise ValueError(f"weights in {origin} do not match the recorded structure:\n  " + "\n  ".join(mismatched[:10]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name in missing if _is_tied(model, name, state)}
+    missing = [name for name in missing if name not in tied]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {origin} do not match the recorded structure: missing {missing[:10]}, "
+            f"unexpected {unexpected[:10]}"
+        )
+
+
+def _is_tied(model: nn.Module, name: str, state: dict) -> bool:
+    """True if parameter ``name`` shares storage with a parameter that was loaded (e.g. lm_head and embeddings)."""
+    target = model.get_parameter(name) if name in dict(model.named_parameters(remove_duplicate=False)) else None
+    if target is None:
+        return False
+    for other, param in model.named_parameters(remove_duplicate=False):
+        if other != name and other in state and param.data_ptr() == target.data_ptr():
+            return True
+    return False

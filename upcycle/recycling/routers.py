@@ -1,0 +1,26 @@
+"""The router a recycling method attaches, built from the recipe's router section."""
+
+from __future__ import annotations
+
+import torch
+
+from ..layers import Router, SoftMoERouter, TopKRouter
+
+
+def build_recipe_router(config, d_model: int, num_experts: int, generator: torch.Generator, **overrides) -> Router:
+    """``config`` is a ConvertConfig. Router weights are drawn from ``generator`` so conversions are reproducible."""
+    rc = config.router
+    if rc.type == "soft":
+        router = SoftMoERouter(d_model, num_experts, slots_per_expert=rc.slots_per_expert)
+        with torch.no_grad():
+            router.slot_queries.copy_(torch.randn(router.slot_queries.shape, generator=generator) * d_model**-0.5)
+        return router
+    arguments = {
+        "top_k": config.top_k, "renormalize": rc.renormalize, "noise_std": rc.noise_std,
+        "capacity_factor": rc.capacity_factor, "init": "zero",
+    }  # fmt: skip
+    router = TopKRouter(d_model, num_experts, **{**arguments, **overrides})
+    if rc.init == "normal":
+        with torch.no_grad():
+            router.gate.weight.copy_(torch.randn(router.gate.weight.shape, generator=generator) * rc.init_std)
+    return router
