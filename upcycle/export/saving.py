@@ -1,6 +1,8 @@
 """``upcycle.save`` / ``upcycle.load``: a converted model as a directory that loads without its source.
 
-    model.safetensors   every tensor of the converted model (shared tensors, e.g. tied embeddings, stored once)
+    model.safetensors   every tensor of the converted model (shared tensors, e.g. tied embeddings, stored once);
+                        past ``max_shard_bytes``: model-00001-of-0000N.safetensors + model.safetensors.index.json
+                        (the Hugging Face convention)
     config.json         the conversion record: adapter, dense skeleton description, dtype, each MoE layer's shape
     recipe.yaml         the resolved conversion recipe (the same YAML ``upcycle convert --config`` reads)
 
@@ -16,8 +18,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
 from torch import nn
 
 from ..adapters import get_adapter
@@ -25,21 +25,43 @@ from ..adapters.base import FFNSite
 from ..atomic import atomic_directory
 from ..convert import RECORD_VERSION
 from ..layers import build_moe
+from .shards import ShardWriter, read_weights
 
-WEIGHTS, CONFIG, RECIPE = "model.safetensors", "config.json", "recipe.yaml"
+CONFIG, RECIPE = "config.json", "recipe.yaml"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
+def save(model: nn.Module, directory: str | Path, overwrite: bool = False,
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:  # fmt: skip
     record = getattr(model, "upcycle_record", None)
     if record is None:
         raise ValueError("this model was not produced by upcycle.convert (no upcycle_record); nothing to save")
     check_rebuild(model)
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as staging:
-        save_model(model, str(staging / WEIGHTS), metadata={"format": "pt", "upcycle": str(RECORD_VERSION)})
-        (staging / CONFIG).write_text(json.dumps(record, indent=2) + "\n")
-        (staging / RECIPE).write_text(yaml.safe_dump({"convert": record["convert"]}, sort_keys=False))
+        with ShardWriter(staging, max_shard_bytes) as writer:
+            for name, tensor in unique_state(model).items():
+                writer.add(name, tensor)
+        write_record(staging, record)
     return directory
+
+
+def write_record(directory: Path, record: dict) -> None:
+    (directory / CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+    (directory / RECIPE).write_text(yaml.safe_dump({"convert": record["convert"]}, sort_keys=False))
+
+
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tensors that share storage (tied embeddings) kept once, under their first name."""
+    seen: set[tuple[int, int]] = set()
+    unique = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        unique[name] = tensor.detach().contiguous()
+    return unique
 
 
 def check_rebuild(model: nn.Module) -> None:
@@ -89,15 +111,9 @@ def build_skeleton(record: dict) -> nn.Module:
 def load(directory: str | Path) -> nn.Module:
     directory = Path(directory)
     record = read_record(directory)
-    weights_path = directory / WEIGHTS
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path} is missing; the directory holds no weights")
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{weights_path} cannot be read ({error}); it is truncated or corrupt") from None
+    state = read_weights(directory)
     model = build_skeleton(record)
-    load_weights(model, state, weights_path)
+    load_weights(model, state, directory)
     return model.eval()
 
 
