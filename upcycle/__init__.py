@@ -14,16 +14,20 @@ apply_environment_fixes()
 from .adapters import list_adapters  # noqa: E402
 from .config import ConvertConfig, load_convert_config  # noqa: E402
 from .convert import convert  # noqa: E402
-from .export import load, save  # noqa: E402
+from .export import export, load, save  # noqa: E402
+from .export.timm_export import register_with_timm  # noqa: E402
 from .layers import list_backends, list_routers  # noqa: E402
 from .recycling import list_methods  # noqa: E402
 from .verify import verify  # noqa: E402
+
+register_with_timm()
 
 __version__ = "0.1.0"
 __all__ = [
     "ConvertConfig",
     "__version__",
     "convert",
+    "export",
     "list_adapters",
     "list_backends",
     "list_methods",

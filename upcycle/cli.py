@@ -1,7 +1,7 @@
 """The ``upcycle`` command line: a thin shell that parses arguments and calls the library.
 
-Every subcommand maps onto the same function a notebook would call. Commands arrive with the issues that build
-them; ``upcycle --help`` lists what exists now.
+Every subcommand maps onto the function a notebook would call; ``--config recipe.yaml`` gives a recipe and flags
+override it.
 """
 
 from __future__ import annotations
@@ -10,51 +10,174 @@ import argparse
 import json
 import sys
 
+import yaml
+
 from . import __version__
 from .bench import BENCHMARKS
+
+
+def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="recipe YAML (its 'convert' section); flags below override it")
+    parser.add_argument("--method", help="recycling method (upcycle list methods); default sparse_upcycling")
+    parser.add_argument("--experts", type=int, dest="num_experts", help="experts per MoE layer (default 8)")
+    parser.add_argument("--top-k", type=int, dest="top_k", help="experts per token (default 2)")
+    parser.add_argument("--layers", help="all | every_other | last_half | comma-separated FFN indices")
+    parser.add_argument("--router", dest="router_type", choices=["topk", "soft"], help="router kind")
+    parser.add_argument("--router-init", dest="router_init", choices=["zero", "normal"])
+    parser.add_argument("--router-init-std", dest="router_init_std", type=float)
+    renormalize = parser.add_mutually_exclusive_group()
+    renormalize.add_argument("--renormalize", dest="router_renormalize", action="store_true", default=None,
+                             help="renormalise top-k weights to sum 1 (Mixtral; default)")  # fmt: skip
+    renormalize.add_argument("--no-renormalize", dest="router_renormalize", action="store_false",
+                             help="use raw softmax probabilities (Switch, BAM)")  # fmt: skip
+    parser.add_argument("--capacity-factor", dest="router_capacity_factor", type=float)
+    parser.add_argument("--slots-per-expert", dest="router_slots_per_expert", type=int)
+    parser.add_argument("--backend", help="expert compute backend (upcycle list backends)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option, e.g. --set granularity=2 --set partition=random")  # fmt: skip
+
+
+def _recipe_overrides(args: argparse.Namespace) -> dict:
+    keys = ["method", "num_experts", "top_k", "backend", "seed", "router_type", "router_init", "router_init_std",
+            "router_renormalize", "router_capacity_factor", "router_slots_per_expert"]  # fmt: skip
+    overrides = {key: getattr(args, key) for key in keys}
+    if args.layers is not None:
+        named = ("all", "every_other", "last_half")
+        overrides["layers"] = args.layers if args.layers in named else [int(i) for i in args.layers.split(",")]
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)  # numbers, booleans and strings as YAML reads them
+    return overrides
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_source
+
+    result = convert_source(
+        args.source, args.out, args.config, checkpoint=args.checkpoint, allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite, stream=args.stream, **_recipe_overrides(args),
+    )  # fmt: skip
+    print(f"wrote {result['out']}")
+    if result.get("max_abs_diff") is not None:
+        print(f"max |moe - dense| = {result['max_abs_diff']:.3e} on random inputs")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .export import load
+    from .sources import load_source
+    from .verify import verify
+
+    moe = load(args.directory)
+    dense = load_source(args.against, checkpoint=args.checkpoint, allow_pickle=args.allow_pickle)
+    diff = verify(moe, dense, seed=args.seed)
+    ok = diff <= args.atol
+    print(f"max |moe - dense| = {diff:.3e} ({'within' if ok else 'ABOVE'} atol {args.atol:g})")
+    return 0 if ok else 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export, load
+
+    options = {"layout": args.layout} if args.layout else {}
+    path = export(load(args.directory), args.out, format=args.format, overwrite=args.overwrite, **options)
+    print(f"wrote {path} ({args.format})")
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     import upcycle
 
-    listing = {"routers": upcycle.list_routers(), "backends": upcycle.list_backends()}
-    for kind, names in listing.items():
-        if args.what in (kind, "all"):
-            print(f"{kind}: {', '.join(names)}")
+    if args.what in ("methods", "all"):
+        print("methods:")
+        for method in upcycle.list_methods():
+            print(f"  {method['name']:<18} {method['description']}  [{method['paper']}]")
+    if args.what in ("adapters", "all"):
+        print("adapters:")
+        for adapter in upcycle.list_adapters():
+            print(f"  {adapter['name']:<14} {adapter['family']}")
+    if args.what in ("routers", "all"):
+        print(f"routers: {', '.join(upcycle.list_routers())}")
+    if args.what in ("backends", "all"):
+        print(f"backends: {', '.join(upcycle.list_backends())}")
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.name == "layers":
-        from .bench import layers
+    import importlib
 
-        result = layers.run(out=args.out, quick=args.quick, rounds=args.rounds)
+    module = importlib.import_module(f"upcycle.bench.{args.name}")
+    options = {"rounds": args.rounds} if args.rounds else {}
+    result = module.run(out=args.out, quick=args.quick, **options)
     print(json.dumps(result["summary"], indent=2))
     print(f"wrote {result['json']} and {result['png']}")
     return 0
 
 
+def _source_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="safetensors state dict for a timm:ARCH source")
+    parser.add_argument(
+        "--allow-pickle", action="store_true",
+        help="accept pickle checkpoints (.bin/.pt), read with torch.load(weights_only=True)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="upcycle",
-        description="Turn dense pretrained checkpoints into Mixture-of-Experts models.",
+        prog="upcycle", description="Turn dense pretrained checkpoints into Mixture-of-Experts models."
     )
     parser.add_argument("--version", action="version", version=f"upcycle {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    listing = commands.add_parser("list", help="list registered routers and expert compute backends")
-    listing.add_argument("what", nargs="?", default="all", choices=["all", "routers", "backends"])
+    convert = commands.add_parser(
+        "convert", help="convert a dense checkpoint into an MoE and save it",
+        description="SOURCE: a Hugging Face model directory, a .gguf file, timm:ARCH (with --checkpoint), or a "
+        "directory written by upcycle. Prints the max |moe - dense| on random inputs after converting.",
+    )  # fmt: skip
+    convert.add_argument("source")
+    convert.add_argument("--out", required=True, help="output directory (written atomically)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    convert.add_argument(
+        "--stream", action="store_true",
+        help="stream tensors from safetensors shards (Llama-family directories larger than RAM)",
+    )  # fmt: skip
+    _source_flags(convert)
+    _add_recipe_flags(convert)
+    convert.set_defaults(func=_cmd_convert)
+
+    verify = commands.add_parser("verify", help="max |moe - dense| of a converted model; exit 1 above --atol")
+    verify.add_argument("directory", help="a directory written by upcycle convert / upcycle.save")
+    verify.add_argument("--against", required=True, help="the dense SOURCE to compare with")
+    verify.add_argument("--atol", type=float, default=1e-4, help="tolerance (default 1e-4)")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    _source_flags(verify)
+    verify.set_defaults(func=_cmd_verify)
+
+    export = commands.add_parser("export", help="write a converted model where transformers / timm load it")
+    export.add_argument("directory", help="a directory written by upcycle convert / upcycle.save")
+    export.add_argument("--format", required=True, choices=["mixtral", "qwen2_moe", "timm"])
+    export.add_argument("--out", required=True, help="output directory (written atomically)")
+    export.add_argument("--layout", choices=["legacy", "fused"], help="mixtral tensor layout (default legacy)")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(func=_cmd_export)
+
+    listing = commands.add_parser("list", help="list methods, adapters, routers and expert backends")
+    listing.add_argument(
+        "what", nargs="?", default="all", choices=["all", "methods", "adapters", "routers", "backends"]
+    )
     listing.set_defaults(func=_cmd_list)
 
     bench = commands.add_parser(
-        "bench",
-        help="run a benchmark and write results/<name>.json and PNG plots",
+        "bench", help="run a benchmark and write results/<name>.json and PNG plots",
         description="Run a benchmark; results are measured side by side in one process and written atomically.",
-    )
+    )  # fmt: skip
     bench.add_argument("name", choices=list(BENCHMARKS), help="which benchmark")
-    bench.add_argument("--quick", action="store_true", help="small sizes and few rounds (a smoke run, ~10 s)")
+    bench.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     bench.add_argument("--out", default="results", help="output folder (default: results)")
-    bench.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 7, quick 3)")
+    bench.add_argument("--rounds", type=int, default=None, help="timed rounds per case (layers benchmark)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -8,6 +8,7 @@ each MoE layer's structure, which is all ``upcycle.save`` / ``upcycle.load`` nee
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ def convert(
         moe.experts.backend = cfg.backend
         adapter.install(target, site, moe)
         layers[site.name] = {"index": site.index, **describe_moe(moe)}
-    target.upcycle_record = {
+    record = {
         "version": RECORD_VERSION,
         "adapter": adapter.name,
         "source": source,
@@ -79,4 +80,48 @@ def convert(
         "convert": cfg.model_dump(),
         "layers": layers,
     }
+    target.upcycle_record = json_pure(record)
     return target
+
+
+def json_pure(record: dict) -> dict:
+    """The record exactly as it reads back from config.json (tuples become lists), or a clear error."""
+    try:
+        return json.loads(json.dumps(record))
+    except TypeError as error:
+        raise ValueError(f"the model description is not plain data ({error}); pass JSON-friendly kwargs") from None
+
+
+def convert_source(
+    source: str,
+    out: str | Path,
+    config: ConvertConfig | dict | str | Path | None = None,
+    *,
+    checkpoint: str | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    stream: bool = False,
+    verify_seed: int | None = 0,
+    **overrides,
+) -> dict:
+    """Load SOURCE, convert it, save it to ``out`` and (unless ``verify_seed`` is None) measure max |moe - dense|.
+
+    ``stream``: convert a Llama-family safetensors directory tensor by tensor without loading it (larger than RAM).
+    """
+    from .export import save
+    from .sources import load_source
+    from .verify import verify
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    if stream:
+        from .stream import convert_streaming
+
+        path = convert_streaming(source, out, config, overwrite=overwrite, **overrides)
+        return {"out": str(path), "max_abs_diff": None}
+    dense = load_source(source, checkpoint=checkpoint, allow_pickle=allow_pickle)
+    moe = convert(dense, config=config, **overrides)
+    save(moe, out, overwrite=overwrite)
+    diff = None if verify_seed is None else verify(moe, dense, seed=verify_seed)
+    return {"out": str(out), "max_abs_diff": diff}

@@ -1,5 +1,32 @@
 """Saving, loading and exporting converted models."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
 from .saving import load, save
 
-__all__ = ["load", "save"]
+FORMATS = ("mixtral", "qwen2_moe", "timm")
+
+
+def export(model: nn.Module, directory: str | Path, format: str, overwrite: bool = False, **options) -> Path:
+    """Write ``model`` where its ecosystem loads it: ``mixtral`` / ``qwen2_moe`` (transformers
+    ``AutoModelForCausalLM.from_pretrained``) or ``timm`` (``timm.create_model("local-dir:DIR")``)."""
+    if format == "mixtral":
+        from .mixtral import export_mixtral
+
+        return export_mixtral(model, directory, overwrite=overwrite, **options)
+    if format == "qwen2_moe":
+        from .qwen2_moe import export_qwen2_moe
+
+        return export_qwen2_moe(model, directory, overwrite=overwrite, **options)
+    if format == "timm":
+        from .timm_export import export_timm
+
+        return export_timm(model, directory, overwrite=overwrite, **options)
+    raise ValueError(f"unknown export format {format!r}; choose one of {list(FORMATS)}")
+
+
+__all__ = ["FORMATS", "export", "load", "save"]

@@ -26,6 +26,7 @@ from ..atomic import atomic_directory
 from ..convert import RECORD_VERSION
 from ..layers import build_moe
 from .shards import ShardWriter, read_weights
+from .tokenizer_files import copy_tokenizer_files
 
 CONFIG, RECIPE = "config.json", "recipe.yaml"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -43,6 +44,7 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False,
             for name, tensor in unique_state(model).items():
                 writer.add(name, tensor)
         write_record(staging, record)
+        copy_tokenizer_files(model, staging)
     return directory
 
 
@@ -114,6 +116,7 @@ def load(directory: str | Path) -> nn.Module:
     state = read_weights(directory)
     model = build_skeleton(record)
     load_weights(model, state, directory)
+    model.upcycle_origin = str(directory)
     return model.eval()
 
 

@@ -1,0 +1,120 @@
+"""Tiny Llama-family models, conversion and round-trip checks shared by the Mixtral and Qwen2-MoE export tests."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import upcycle
+from upcycle.layers import FFN, Experts, moe_layers
+
+VOCAB, WIDTH, HIDDEN, EXPERTS = 100, 32, 64, 4
+SIZES = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=HIDDEN, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+
+
+def tiny_llama(**overrides) -> LlamaForCausalLM:
+    return LlamaForCausalLM(LlamaConfig(**{**SIZES, **overrides})).eval()
+
+
+def converted(dense: nn.Module | None = None, method: str = "sparse_upcycling", **overrides) -> nn.Module:
+    """E noisy copies (experts differ) with a decisive router (init std 0.02 would route almost uniformly)."""
+    options = {"noise_std": 0.01} if method == "sparse_upcycling" else {}
+    arguments = {"num_experts": EXPERTS, "top_k": 2, "progress": False, **options, **overrides}
+    model = upcycle.convert(tiny_llama() if dense is None else dense, method, **arguments).eval()
+    with torch.no_grad():
+        for _, layer in moe_layers(model):
+            if hasattr(layer.router, "gate"):
+                layer.router.gate.weight.normal_(std=1.0)
+    return model
+
+
+def first_moe(model: nn.Module):
+    return moe_layers(model)[0][1]
+
+
+def add_shared_expert(model: nn.Module, width: int = 24, gate: bool = True, **ffn) -> nn.Module:
+    for _, layer in moe_layers(model):
+        layer.shared_expert = FFN(WIDTH, width, **{"activation": "silu", "gated": True, "bias": False, **ffn})
+        layer.shared_expert_gate = nn.Linear(WIDTH, 1, bias=False) if gate else None
+    return model
+
+
+def assert_round_trip(model: nn.Module, directory, expected_class: str) -> float:
+    """from_pretrained loads every tensor (none missing or left over), same logits, same greedy continuation."""
+    loaded, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    loaded.eval()
+    assert type(loaded).__name__ == expected_class
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        diff = (model(ids).logits - loaded(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+    prompt = ids[:1, :5]
+    ours = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    theirs = loaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+    return diff
+
+
+def tensor_names(directory) -> set[str]:
+    with safe_open(str(directory / "model.safetensors"), "pt") as handle:
+        return set(handle.keys())
+
+
+def assert_refused(export, model, tmp_path, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        export(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither the directory nor a temporary sibling
+
+
+# ---- refusals -----------------------------------------------------------------------------------------------------
+def with_router_bias(model):
+    first_moe(model).router.gate = nn.Linear(WIDTH, EXPERTS, bias=True)
+    return model
+
+
+def with_shared_bias(model):
+    first_moe(model).experts.shared_bias = nn.Parameter(torch.zeros(WIDTH))
+    return model
+
+
+def with_hidden_norm(model):
+    experts = first_moe(model).experts
+    experts.norm_weight = nn.Parameter(torch.ones(EXPERTS, HIDDEN))
+    experts.norm_bias, experts.hidden_norm_eps = nn.Parameter(torch.zeros(EXPERTS, HIDDEN)), 1e-5
+    return model
+
+
+def with_plain_experts(model):
+    first_moe(model).experts = Experts(EXPERTS, WIDTH, HIDDEN, activation="silu", gated=False, bias=False)
+    return model
+
+
+def gpt2():
+    dense = GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=32, bos_token_id=1, eos_token_id=2)
+    )
+    return converted(dense.eval())
+
+
+REFUSALS = {
+    "partial": (lambda: converted(layers=[1]), r"layers \[0, 2\] are still dense.*export_qwen2_moe"),
+    "not renormalised": (lambda: converted(router_renormalize=False), r"renormalize=False.*router_renormalize"),
+    "unit weights": (lambda: converted(method="neuron_split"), "unit_weights"),
+    "router bias": (lambda: with_router_bias(converted()), "router has a bias"),
+    "capacity": (lambda: converted(router_capacity_factor=1.0), "capacity_factor=1.0"),
+    "soft router": (lambda: converted(router_type="soft"), "SoftMoERouter, not token-choice top-k"),
+    "expert biases": (lambda: converted(tiny_llama(mlp_bias=True)), r"experts have biases .*mlp_bias=True"),
+    "shared bias": (lambda: with_shared_bias(converted()), "shared output bias"),
+    "hidden norm": (lambda: with_hidden_norm(converted()), "hidden LayerNorm"),
+    "shared expert": (lambda: add_shared_expert(converted()), "shared expert.*export_qwen2_moe"),
+    "attention bias": (
+        lambda: converted(tiny_llama(attention_bias=True)),
+        "attention_bias=True.*no projection has a bias",
+    ),
+    "adapter": (gpt2, "'hf_gpt2' adapter.*only 'hf_llama'"),
+    "activation": (lambda: converted(tiny_llama(hidden_act="gelu")), "activation is 'gelu'.*hidden_act='silu'"),
+    "plain experts": (lambda: with_plain_experts(converted()), "plain silu FFNs.*SiLU-gated"),
+}

@@ -1,0 +1,74 @@
+"""Mixtral export: both layouts load with from_pretrained and reproduce our logits and greedy continuation; what
+Mixtral cannot express is refused before anything is written.
+"""
+
+import json
+
+import pytest
+from transformers import (
+    MistralConfig,
+    MistralForCausalLM,
+)
+
+from upcycle.export.mixtral import export_mixtral
+
+from .helpers import REFUSALS, SIZES, assert_refused, assert_round_trip, converted, tensor_names, tiny_llama
+
+
+# ---- round trips --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["legacy", "fused"])
+def test_round_trip(layout, tmp_path):
+    model = converted()
+    out = export_mixtral(model, tmp_path / "mixtral", layout=layout)
+    assert_round_trip(model, out, "MixtralForCausalLM")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_local_experts"], config["num_experts_per_tok"], config["intermediate_size"]) == (4, 2, 64)
+    note = json.loads((out / "upcycle_export.json").read_text())
+    assert note["layout"] == layout and note["source"]["adapter"] == "hf_llama"
+    assert note["convert"]["method"] == "sparse_upcycling"
+
+
+def test_layouts_name_tensors_as_documented(tmp_path):
+    model = converted()
+    legacy = tensor_names(export_mixtral(model, tmp_path / "legacy"))
+    fused = tensor_names(export_mixtral(model, tmp_path / "fused", layout="fused"))
+    assert "model.layers.2.block_sparse_moe.gate.weight" in legacy
+    assert {f"model.layers.0.block_sparse_moe.experts.3.{w}.weight" for w in ("w1", "w2", "w3")} <= legacy
+    assert {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.gate_up_proj"} <= fused
+    assert not any(".mlp." in name for name in legacy) and not any("block_sparse" in name for name in fused)
+
+
+def test_tied_embeddings_and_head_dim(tmp_path):
+    model = converted(tiny_llama(tie_word_embeddings=True, head_dim=16))
+    out = export_mixtral(model, tmp_path / "mixtral")
+    assert "lm_head.weight" not in tensor_names(out)
+    assert_round_trip(model, out, "MixtralForCausalLM")
+
+
+def test_mistral_sliding_window(tmp_path):
+    dense = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=4)).eval()  # shorter than the test sequences
+    model = converted(dense)
+    out = export_mixtral(model, tmp_path / "mixtral")
+    assert json.loads((out / "config.json").read_text())["sliding_window"] == 4
+    assert_round_trip(model, out, "MixtralForCausalLM")
+
+
+def test_overwrite(tmp_path):
+    model = converted()
+    out = export_mixtral(model, tmp_path / "mixtral")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_mixtral(model, out)
+    export_mixtral(model, out, layout="fused", overwrite=True)
+    assert json.loads((out / "upcycle_export.json").read_text())["layout"] == "fused"
+
+
+def test_unknown_layout(tmp_path):
+    with pytest.raises(ValueError, match="layout"):
+        export_mixtral(converted(), tmp_path / "out", layout="stacked")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals(case, tmp_path):
+    build, match = REFUSALS[case]
+    assert_refused(export_mixtral, build(), tmp_path, match)

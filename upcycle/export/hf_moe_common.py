@@ -1,0 +1,267 @@
+"""What the Hugging Face MoE exporters (Mixtral, Qwen2-MoE) share: reading a converted Llama-family model, the
+checks every target needs, the backbone tensors and config fields, and the atomic checkpoint writer.
+
+The backbone is copied unchanged: Llama, Mistral, Qwen2, Mixtral and Qwen2-MoE name their embeddings, attention,
+RMSNorms and LM head identically (``model.embed_tokens.weight [V, d]``,
+``model.layers.{i}.self_attn.{q,k,v,o}_proj.weight``, ``model.layers.{i}.{input,post_attention}_layernorm.weight
+[d]``, ``model.norm.weight [d]``, ``lm_head.weight [V, d]``) and compute them identically (pre-norm residual
+blocks, RoPE from ``rope_parameters``, grouped-query attention scaled by ``head_dim**-0.5``). Only ``mlp`` differs,
+and each exporter writes that part itself.
+
+Every check runs before anything is written, so a refused export leaves no directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.activations import from_hf
+from ..atomic import atomic_directory
+from ..layers import MoE, TopKRouter
+from .saving import DEFAULT_SHARD_BYTES
+from .shards import ShardWriter
+from .tokenizer_files import copy_tokenizer_files
+
+EXPORT_NOTE = "upcycle_export.json"
+SOURCE_TYPES = ("llama", "mistral", "qwen2")  # dense families whose attention the targets reproduce exactly
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+Tensors = Iterable[tuple[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A converted causal LM as the exporters read it."""
+
+    model: nn.Module  # e.g. LlamaForCausalLM with MoEFFN modules in place of some ``mlp``s
+    record: dict  # model.upcycle_record
+    moe: dict[int, MoE]  # decoder layer index -> its MoE layer; absent indices are still dense MLPs
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def dense_layers(self) -> list[int]:
+        return [i for i in range(len(self.layers)) if i not in self.moe]
+
+
+@dataclass(frozen=True)
+class RoutedShape:
+    """The routed-expert settings a target config holds once for the whole model."""
+
+    num_experts: int
+    top_k: int
+    d_hidden: int  # each expert's hidden width (intermediate size)
+    renormalize: bool
+
+
+def refuse(target: str, reason: str) -> ValueError:
+    return ValueError(f"cannot export to {target}: {reason}")
+
+
+def read_source(model: nn.Module, target: str) -> Source:
+    """The converted model's record and MoE layers, after checking it is a Llama-family causal LM."""
+    record = getattr(model, "upcycle_record", None)
+    if record is None:
+        raise refuse(target, "the model has no upcycle_record; export a model returned by upcycle.convert")
+    if record["adapter"] != "hf_llama":
+        raise refuse(
+            target,
+            f"the model was converted by the {record['adapter']!r} adapter, but {target} stores a Llama-style "
+            "decoder (RMSNorm, RoPE attention, SwiGLU experts); only 'hf_llama' models (Llama / Mistral / Qwen2) "
+            "can be exported",
+        )
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SOURCE_TYPES or not hasattr(model, "lm_head"):
+        raise refuse(
+            target,
+            f"the source is {type(model).__name__} (model_type {model_type!r}); exports need a *ForCausalLM of "
+            f"one of {SOURCE_TYPES}, whose attention the target reproduces exactly",
+        )
+    if not record["layers"]:
+        raise refuse(target, "the model has no MoE layer (the layer selection of upcycle.convert matched none)")
+    moe = {}
+    for name, spec in record["layers"].items():
+        module = model.get_submodule(name)
+        moe[spec["index"]] = getattr(module, "moe", module)  # MoEFFN wraps the MoE
+    return Source(model, record, moe)
+
+
+def routed_problem(moe: MoE, target: str) -> str | None:
+    """Why one MoE layer's router or experts cannot be written as ``target``'s top-k SwiGLU experts, or None."""
+    router, experts = moe.router, moe.experts
+    if not isinstance(router, TopKRouter):
+        return (
+            f"its router is {type(router).__name__}, not token-choice top-k; {target} sends each token to its "
+            "top-k experts by softmax probability (convert with router type 'topk')"
+        )
+    if router.unit_weights:
+        return (
+            f"its router gives every chosen expert weight 1 (unit_weights, as neuron_split / MoEfication do); "
+            f"{target} weights experts by their softmax probabilities (convert with sparse_upcycling)"
+        )
+    if router.capacity_factor is not None:
+        return (
+            f"its router drops tokens above a per-expert capacity (capacity_factor={router.capacity_factor}); "
+            f"{target} has no capacity limit (convert with router_capacity_factor=None)"
+        )
+    if router.gate.bias is not None:
+        return f"its router has a bias; {target}'s router is a bias-free linear layer (remove router.gate.bias)"
+    if not (experts.gated and experts.activation == "silu"):
+        kind = f"{'gated' if experts.gated else 'plain'} {experts.activation}"
+        return f"its experts are {kind} FFNs; {target}'s experts are SiLU-gated: down(silu(gate·x) ⊙ up·x)"
+    biases = [n for n in ("b_up", "b_gate", "b_down") if getattr(experts, n) is not None]
+    if biases:
+        return (
+            f"its experts have biases ({', '.join(biases)}, from a source with mlp_bias=True); {target}'s expert "
+            "projections have none"
+        )
+    if experts.shared_bias is not None:
+        return f"its experts add a shared output bias (shared_bias); {target} has no such bias"
+    if experts.norm_weight is not None:
+        return f"its experts normalise their hidden units (hidden LayerNorm); {target}'s experts have no norm"
+    return None
+
+
+def routed_shape(source: Source, target: str) -> RoutedShape:
+    """Check every MoE layer's routed part, and that they agree on what the target config holds only once."""
+    for index, moe in sorted(source.moe.items()):
+        problem = routed_problem(moe, target)
+        if problem:
+            raise refuse(target, f"layer {index}: {problem}")
+    values = {
+        "num_experts": {i: m.experts.num_experts for i, m in source.moe.items()},
+        "top_k": {i: m.router.top_k for i, m in source.moe.items()},
+        "d_hidden": {i: m.experts.d_hidden for i, m in source.moe.items()},
+        "renormalize": {i: m.router.renormalize for i, m in source.moe.items()},
+    }
+    return RoutedShape(**{field: single_value(target, field, per_layer) for field, per_layer in values.items()})
+
+
+def single_value(target: str, what: str, per_layer: dict[int, Any]) -> Any:
+    distinct = set(per_layer.values())
+    if len(distinct) != 1:
+        raise refuse(target, f"MoE layers differ in {what} ({per_layer}); {target}'s config holds one value")
+    return distinct.pop()
+
+
+def check_backbone(source: Source, target: str, biased: tuple[str, ...]) -> None:
+    """Refuse a non-SiLU source and attention biases the target has no tensor for (``biased``: those it has)."""
+    if from_hf(source.config.hidden_act) != "silu":
+        raise refuse(
+            target,
+            f"the source activation is {source.config.hidden_act!r}, but {target}'s MLPs and experts compute "
+            "silu(gate·x) ⊙ up·x; only SiLU-gated sources (hidden_act='silu') can be exported",
+        )
+    attention = source.layers[0].self_attn  # every layer is built from the same config
+    extra = [p for p in ATTENTION if getattr(attention, p).bias is not None and p not in biased]
+    if extra:
+        allowed = f"only {', '.join(biased)} have biases" if biased else "no projection has a bias"
+        raise refuse(
+            target,
+            f"the source attention projections {extra} have biases (e.g. Llama attention_bias=True), but in "
+            f"{target}'s attention {allowed}",
+        )
+
+
+def attention_windows(config: Any) -> tuple[int | None, list[str]]:
+    """(sliding window, per-layer attention type) of the dense source.
+
+    Llama: no window. Mistral: ``sliding_window`` (when set) on every layer. Qwen2: ``layer_types`` says which.
+    """
+    count = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        layer_types = ["sliding_attention" if window else "full_attention"] * count
+    return (window if "sliding_attention" in layer_types else None), list(layer_types)
+
+
+def is_tied(model: nn.Module) -> bool:
+    return model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def backbone_config(source: Source) -> dict[str, Any]:
+    """Config fields Llama and the MoE targets share (same names, same meaning)."""
+    c = source.config
+    dtype = next(source.model.parameters()).dtype
+    return {
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
+        "rope_parameters": dict(c.rope_parameters), "hidden_act": "silu",
+        "attention_dropout": c.attention_dropout, "initializer_range": c.initializer_range,
+        "tie_word_embeddings": is_tied(source.model),  # what the weights do, whatever the flag says
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+        "dtype": str(dtype).removeprefix("torch."),
+    }  # fmt: skip
+
+
+def backbone_tensors(source: Source, zero_qkv_bias: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Everything but the MLPs, under the shared names; the LM head only when it is not tied to the embeddings.
+
+    ``zero_qkv_bias``: add zero q/k/v biases where the source has none (Qwen2-family attention has them).
+    """
+    tied = is_tied(source.model)
+    for name, tensor in source.model.state_dict().items():
+        if ".mlp." in name or (tied and name == "lm_head.weight"):
+            continue
+        yield name, tensor
+    if zero_qkv_bias:
+        for i, layer in enumerate(source.layers):
+            for projection in ATTENTION[:3]:
+                linear = getattr(layer.self_attn, projection)
+                if linear.bias is None:
+                    zeros = torch.zeros(linear.out_features, dtype=linear.weight.dtype)
+                    yield f"model.layers.{i}.self_attn.{projection}.bias", zeros
+
+
+def export_note(source: Source, target: str, **extra: Any) -> dict:
+    """Provenance written next to the checkpoint (transformers ignores it)."""
+    return {
+        "format": target,
+        **extra,
+        "source": {
+            "adapter": source.record["adapter"],
+            "class": source.record["source"].get("class"),
+            "model_type": source.config.model_type,
+        },
+        "moe_layers": sorted(source.moe),
+        "dense_layers": source.dense_layers,
+        "convert": source.record["convert"],
+    }
+
+
+def write_checkpoint(directory: str | Path, config: Any, tensors: Tensors, source: Source, note: dict,
+                     overwrite: bool) -> Path:  # fmt: skip
+    """config.json (+ generation_config.json), safetensors shards and the export note, renamed into place at once."""
+    directory = Path(directory)
+    with atomic_directory(directory, overwrite=overwrite) as staging:
+        with ShardWriter(staging, DEFAULT_SHARD_BYTES) as writer:
+            for name, tensor in tensors:
+                writer.add(name, tensor)
+        config.save_pretrained(staging)
+        generation = getattr(source.model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(staging)  # same bos / eos / pad for generate()
+        (staging / EXPORT_NOTE).write_text(json.dumps(note, indent=2, default=str) + "\n")
+        copy_tokenizer_files(source.model, staging)
+    return directory
+
+
+def expert_slice(stacked: torch.Tensor, j: int) -> torch.Tensor:
+    """Expert j's matrix as its own tensor: safetensors refuses tensors that share storage with another."""
+    return stacked[j].detach().clone()
