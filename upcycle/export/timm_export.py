@@ -9,7 +9,7 @@ entrypoint with timm's registry (at once if timm is imported, else the moment it
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
+import importlib.machinery
 import json
 import sys
 from pathlib import Path
@@ -68,18 +68,23 @@ def _register() -> None:
 
 
 class _RegisterAfterTimmImport(importlib.abc.MetaPathFinder):
-    """Runs ``_register`` right after ``import timm`` finishes, so importing upcycle does not import timm."""
+    """Runs ``_register`` right after ``import timm`` finishes, so importing upcycle does not import timm.
+
+    It stays on ``sys.meta_path`` until timm has really been executed: libraries probe ``find_spec("timm")`` only
+    to test availability (transformers does), and those probes must not use it up.
+    """
 
     def find_spec(self, name, path, target=None):
         if name != "timm":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)  # the ordinary finder, without recursing here
         if spec is not None and spec.loader is not None:
             run_module = spec.loader.exec_module
 
             def exec_then_register(module) -> None:
                 run_module(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 _register()
 
             spec.loader.exec_module = exec_then_register
