@@ -45,11 +45,7 @@ def _recipe_overrides(args: argparse.Namespace) -> dict:
     if args.layers is not None:
         named = ("all", "every_other", "last_half")
         overrides["layers"] = args.layers if args.layers in named else [int(i) for i in args.layers.split(",")]
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)  # numbers, booleans and strings as YAML reads them
+    overrides.update(_key_values(args.set))
     return overrides
 
 
@@ -86,6 +82,67 @@ def _cmd_export(args: argparse.Namespace) -> int:
     path = export(load(args.directory), args.out, format=args.format, overwrite=args.overwrite, **options)
     print(f"wrote {path} ({args.format})")
     return 0
+
+
+def _train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="dataset name (upcycle list datasets)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the training split")
+    parser.add_argument("--out", required=True, help="run folder: checkpoints, metrics.csv, curves.png, model/")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
+    parser.add_argument("--config", help="recipe YAML (its 'train' section); flags override it")
+    parser.add_argument("--batch-size", type=int, dest="batch_size", help="global batch (default 64)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast (faster on CPUs with bf16)")
+    parser.add_argument("--freeze", choices=["none", "all_but_routers", "experts"], help="what stays fixed")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any training option, e.g. --set warmup=0.1 --set load_balancing=0.01")  # fmt: skip
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    keys = ["data", "steps", "epochs", "batch_size", "lr", "precision", "freeze", "seed"]
+    overrides = {key: getattr(args, key) for key in keys}
+    overrides.update(_key_values(args.set))
+    return overrides
+
+
+def _key_values(items: list[str]) -> dict:
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        values[key] = yaml.safe_load(value)  # numbers, booleans and strings as YAML reads them
+    return values
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .sources import load_source
+    from .train import train
+
+    model = load_source(args.directory)
+    summary = train(model, args.config, args.out, resume=args.resume, **_train_overrides(args))
+    _print_summary(summary)
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import pretrain
+
+    summary = pretrain(args.arch, args.out, args.config, resume=args.resume, **_train_overrides(args))
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in summary["val"].items())
+        print(f"validation after {summary['steps']} steps: {metrics}")
+        print(f"model: {summary['out']}/model   curves: {summary.get('curves')}")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -164,6 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=_cmd_export)
 
+    train = commands.add_parser(
+        "train", help="fine-tune a model (resumable; runs under torchrun for several processes)",
+        description="DIRECTORY: a folder written by upcycle (convert / train / pretrain) or any SOURCE.",
+    )  # fmt: skip
+    train.add_argument("directory")
+    _train_flags(train)
+    train.set_defaults(func=_cmd_train)
+
+    pretrain = commands.add_parser(
+        "pretrain", help="train a dense model from scratch (presets: vit_t, vit_s, convnext_t, lm_tiny, ...)",
+        description="ARCH: a preset (vit_t, vit_s, convnext_t, lm_tiny, lm_tiny_parallel) or timm:NAME.",
+    )  # fmt: skip
+    pretrain.add_argument("arch")
+    _train_flags(pretrain)
+    pretrain.set_defaults(func=_cmd_pretrain)
+
     listing = commands.add_parser("list", help="list methods, adapters, routers and expert backends")
     listing.add_argument(
         "what", nargs="?", default="all", choices=["all", "methods", "adapters", "routers", "backends"]
@@ -186,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as error:
         print(f"upcycle: error: {error}", file=sys.stderr)
         return 2
 

@@ -116,5 +116,83 @@ def _explain(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def to_yaml(config: BaseModel) -> str:
-    return yaml.safe_dump({"convert": config.model_dump()}, sort_keys=False)
+def to_yaml(config: BaseModel, section: str = "convert") -> str:
+    return yaml.safe_dump({section: config.model_dump(mode="json")}, sort_keys=False)
+
+
+class AuxLossConfig(StrictModel):
+    load_balancing: float = Field(0.01, ge=0, description="Switch load-balancing coefficient (top-k routers)")
+    z_loss: float = Field(0.001, ge=0, description="ST-MoE router z-loss coefficient")
+    sparsity: float = Field(0.0, ge=0, description="activation-sparsity coefficient on FFN activations (D2DMoE)")
+    sparsity_kind: Literal["hoyer", "l1"] = Field("hoyer", description="squared Hoyer or L1")
+    sparsity_ramp: float = Field(0.5, ge=0, le=1, description="fraction of training over which sparsity ramps up")
+
+
+class TrainConfig(StrictModel):
+    """One training run: the same loop pre-trains dense models and fine-tunes MoE models."""
+
+    data: str = Field(..., description="dataset name (upcycle.data.list_datasets())")
+    steps: int | None = Field(None, ge=1, description="optimizer steps; exactly one of steps / epochs")
+    epochs: float | None = Field(None, gt=0, description="passes over the training split")
+    batch_size: int = Field(64, ge=1, description="global batch (all processes, all accumulation micro-steps)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final LR as a fraction of the peak (cosine)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decay; never on norms, biases, temperatures")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup: float = Field(0.05, ge=0, description="warm-up steps, or a fraction of all steps when < 1")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warm-up")
+    router_lr_scale: float = Field(1.0, gt=0, description="router LR = lr × this")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise LR decay (None: off)")
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm (None: off)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast on CPU and GPU")
+    aux: AuxLossConfig = Field(default_factory=AuxLossConfig)
+    freeze: Literal["none", "all_but_routers", "experts"] = Field("none", description="what stays fixed")
+    ema: float | None = Field(None, gt=0, lt=1, description="EMA decay of the weights (None: off)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="image classification")
+    mixup: float = Field(0.0, ge=0, description="Mixup alpha (0: off)")
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0: off)")
+    augment: bool = Field(True, description="train-time crop/flip where the dataset allows")
+    seq_len: int = Field(128, ge=2, description="tokens per packed sequence (text)")
+    eval_every: int | None = Field(None, ge=1, description="validate every N steps (None: at the end only)")
+    eval_batches: int | None = Field(None, ge=1, description="cap on validation batches (None: the whole split)")
+    checkpoint_every: int = Field(200, ge=1, description="write a resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+    log_every: int = Field(10, ge=1, description="metrics row every N steps")
+    seed: int = Field(0, description="every random choice of the run derives from it")
+    device: str = Field("auto", description="auto, cpu or cuda")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps and epochs")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        return self
+
+
+def load_train_config(source: str | Path | dict | TrainConfig | None = None, **overrides) -> TrainConfig:
+    """A training config from YAML (its ``train`` section), a dict or an object, with keyword overrides."""
+    if isinstance(source, TrainConfig):
+        data = source.model_dump()
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        data = dict(loaded.get("train", loaded))
+    else:
+        data = dict(source or {})
+    aux = dict(data.pop("aux", {}) or {})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in AuxLossConfig.model_fields:
+            aux[key] = value
+        else:
+            data[key] = value
+    try:
+        return TrainConfig(**data, aux=aux)
+    except ValidationError as error:
+        raise ValueError(_explain(error).replace("conversion config", "training config")) from None

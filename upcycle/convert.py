@@ -84,6 +84,19 @@ def convert(
     return target
 
 
+def ensure_record(model: nn.Module) -> dict:
+    """The model's conversion record; a dense model gets one with no MoE layers, so it saves and loads the same way."""
+    record = getattr(model, "upcycle_record", None)
+    if record is None:
+        adapter = find_adapter(model)
+        record = json_pure({
+            "version": RECORD_VERSION, "adapter": adapter.name, "source": adapter.describe(model),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "convert": None, "layers": {},
+        })  # fmt: skip
+        model.upcycle_record = record
+    return record
+
+
 def json_pure(record: dict) -> dict:
     """The record exactly as it reads back from config.json (tuples become lists), or a clear error."""
     try:

@@ -23,7 +23,7 @@ from torch import nn
 from ..adapters import get_adapter
 from ..adapters.base import FFNSite
 from ..atomic import atomic_directory
-from ..convert import RECORD_VERSION
+from ..convert import RECORD_VERSION, ensure_record
 from ..layers import build_moe
 from .shards import ShardWriter, read_weights
 from .tokenizer_files import copy_tokenizer_files
@@ -34,9 +34,7 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 def save(model: nn.Module, directory: str | Path, overwrite: bool = False,
          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:  # fmt: skip
-    record = getattr(model, "upcycle_record", None)
-    if record is None:
-        raise ValueError("this model was not produced by upcycle.convert (no upcycle_record); nothing to save")
+    record = ensure_record(model)
     check_rebuild(model)
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as staging:
@@ -50,7 +48,8 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False,
 
 def write_record(directory: Path, record: dict) -> None:
     (directory / CONFIG).write_text(json.dumps(record, indent=2) + "\n")
-    (directory / RECIPE).write_text(yaml.safe_dump({"convert": record["convert"]}, sort_keys=False))
+    if record.get("convert") is not None:  # a dense model (e.g. after upcycle pretrain) has no recipe
+        (directory / RECIPE).write_text(yaml.safe_dump({"convert": record["convert"]}, sort_keys=False))
 
 
 def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:

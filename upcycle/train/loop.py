@@ -1,0 +1,202 @@
+"""The training loop every model shares: dense pre-training, MoE fine-tuning, router-only and sparsity stages.
+
+Determinism: before each optimizer step every random generator is reseeded from (seed, step, rank), and the data
+order comes from a resumable sampler, so a run interrupted at any point and resumed from its last checkpoint ends
+with exactly the weights of an uninterrupted run. The same code runs under ``torchrun`` with DDP.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+
+from ..adapters import find_adapter, get_adapter
+from ..config import TrainConfig, load_train_config, to_yaml
+from ..export.saving import load_weights
+from ..layers import collect_aux_losses
+from . import distributed
+from .checkpoint import latest_checkpoint, restore_rng_states, save_checkpoint
+from .metrics_log import MetricsLog
+from .optim import build_optimizer, build_scheduler
+from .sampler import ResumableBatchSampler
+from .sparsity import SparsityPenalty, ramp
+from .stages import EMA, apply_freeze
+from .tasks import make_task
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def seed_step(seed: int, step: int, rank: int) -> torch.Generator:
+    """Reseed every generator for this step; returns a generator for batch-level randomness (Mixup)."""
+    value = (seed * 1_000_003 + step) * 64 + rank
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    return torch.Generator().manual_seed(value)
+
+
+def batches(dataset, indices_per_batch, device) -> list[dict]:
+    return [_to(default_collate([dataset[i] for i in indices]), device) for indices in indices_per_batch]
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train(model: nn.Module, config: TrainConfig | dict | str | Path, out: str | Path, resume: bool = False,
+          progress: bool = True, **overrides) -> dict:  # fmt: skip
+    """Train ``model`` in place; checkpoints, metrics and the final model go to ``out``. Returns a summary."""
+    cfg = load_train_config(config, **overrides)
+    out = Path(out)
+    context = distributed.setup(cfg.device)
+    try:
+        return _run(model, cfg, out, resume, progress, context)
+    finally:
+        distributed.teardown(context)
+
+
+def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, context) -> dict:
+    record = getattr(model, "upcycle_record", None)
+    adapter = get_adapter(record["adapter"]) if record else find_adapter(model)
+    task = make_task(model, adapter, cfg)
+    train_set, val_set = task.dataset("train"), task.dataset("val")
+    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, context.rank, context.world,
+                                    cfg.grad_accum)  # fmt: skip
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
+
+    checkpoints = out / "checkpoints"
+    if not resume and checkpoints.exists() and any(checkpoints.glob("step-*")):
+        raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
+    apply_freeze(model, cfg.freeze)
+    model.to(context.device)
+    sparsity = SparsityPenalty(model, adapter, cfg.aux.sparsity_kind) if cfg.aux.sparsity else None
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, total, cfg)
+    ema = EMA(model, cfg.ema) if cfg.ema else None
+
+    start = 0
+    if resume:
+        checkpoint = latest_checkpoint(checkpoints)
+        if checkpoint is not None:
+            load_weights(model, checkpoint.model, checkpoint.path)  # a checkpoint of another model fails clearly
+            optimizer.load_state_dict(checkpoint.trainer["optimizer"])
+            scheduler.load_state_dict(checkpoint.trainer["scheduler"])
+            sampler.load_state_dict(checkpoint.trainer["sampler"])
+            restore_rng_states(checkpoint.trainer["rng"])
+            if ema is not None and checkpoint.ema is not None:
+                ema.load_state_dict(checkpoint.ema)
+            start = checkpoint.step
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train.yaml").write_text(to_yaml(cfg, "train"))
+    log = MetricsLog(out, context.is_main, resume_step=start)
+    network = DistributedDataParallel(model, find_unused_parameters=True) if context.distributed else model
+    autocast = torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not (progress and context.is_main),
+               desc="train", unit="step", dynamic_ncols=True)  # fmt: skip
+    window: dict[str, list[float]] = {}
+    window_start, window_items = time.perf_counter(), 0
+    model.train()
+    for step in bar:
+        generator = seed_step(cfg.seed, step, context.rank)
+        micro_batches = batches(train_set, sampler.next_step(), context.device)
+        optimizer.zero_grad(set_to_none=True)
+        step_metrics: dict[str, float] = {}
+        for i, batch in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1 or not context.distributed
+            with network.no_sync() if not sync else nullcontext(), autocast:
+                loss, metrics = task.loss(network, batch, generator)
+                objective = loss + _aux_objective(model, cfg, metrics)
+                if sparsity is not None:
+                    penalty, zeros = sparsity.take()
+                    objective = objective + cfg.aux.sparsity * ramp(step, total, cfg.aux.sparsity_ramp) * penalty
+                    metrics.update(sparsity=zeros)
+            (objective / len(micro_batches)).backward()
+            metrics["loss"] = float(loss)
+            for key, value in metrics.items():
+                step_metrics[key] = step_metrics.get(key, 0.0) + value / len(micro_batches)
+        if not math.isfinite(step_metrics["loss"]):
+            raise TrainingDiverged(
+                f"the loss became {step_metrics['loss']} at step {step + 1}; the last good checkpoint in "
+                f"{checkpoints} is kept (lower --lr, use --grad-clip, or check the data)"
+            )
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+
+        for key, value in step_metrics.items():
+            window.setdefault(key, []).append(value)
+        window_items += cfg.batch_size * (cfg.seq_len if task.metric == "perplexity" else 1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            averaged = distributed.mean_across({k: sum(v) / len(v) for k, v in window.items()}, context)
+            elapsed = time.perf_counter() - window_start
+            averaged.update(lr=scheduler.get_last_lr()[0], items_per_s=window_items / max(elapsed, 1e-9))
+            log.log(done, "train", averaged)
+            bar.set_postfix({k: f"{averaged[k]:.4g}" for k in ("loss", task.metric, "items_per_s") if k in averaged})
+            window, window_start, window_items = {}, time.perf_counter(), 0
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
+            log.log(done, "val", _evaluate(model, task, val_set, cfg, context, autocast))
+        if done % cfg.checkpoint_every == 0 or done == total:
+            if context.is_main:
+                trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "sampler": sampler.state_dict()}  # fmt: skip
+                save_checkpoint(checkpoints, done, model, trainer, ema.state_dict() if ema else None,
+                                cfg.keep_checkpoints)  # fmt: skip
+            distributed.barrier(context)
+
+    if sparsity is not None:
+        sparsity.close()
+    final = _evaluate(model, task, val_set, cfg, context, autocast)
+    log.log(total, "val", final)
+    log.close()
+    summary = {"steps": total, "val": final, "out": str(out)}
+    if context.is_main:
+        if ema is not None:
+            model.load_state_dict({**model.state_dict(), **ema.state_dict()})
+        from ..export import save
+
+        save(model.cpu(), out / "model", overwrite=True)
+        summary["curves"] = str(log.plot(task.metric))
+    return summary
+
+
+def _aux_objective(model: nn.Module, cfg: TrainConfig, metrics: dict) -> torch.Tensor:
+    aux = collect_aux_losses(model)
+    total = torch.zeros(())
+    for name, coefficient in (("load_balancing", cfg.aux.load_balancing), ("z_loss", cfg.aux.z_loss)):
+        if name in aux and coefficient:
+            total = total + coefficient * aux[name].float()
+            metrics[name] = float(aux[name])
+    metrics["aux"] = float(total)
+    return total
+
+
+def _evaluate(model, task, dataset, cfg: TrainConfig, context, autocast) -> dict:
+    """Validation on the whole split (or ``eval_batches`` batches), each process a shard, averaged."""
+    was_training = model.training
+    model.eval()
+    size = min(cfg.batch_size, 256)
+    starts = list(range(0, len(dataset), size))[: cfg.eval_batches]
+    mine = starts[context.rank :: context.world]
+    batch_iter = (batches(dataset, [list(range(s, min(s + size, len(dataset))))], context.device)[0] for s in mine)
+    with torch.no_grad(), autocast:
+        result = task.evaluate(model, batch_iter)
+    model.train(was_training)
+    return distributed.mean_across(result, context)

@@ -1,0 +1,123 @@
+"""What a training run optimises and reports, per kind of model: image classification (cross-entropy with label
+smoothing / Mixup / CutMix, top-1 accuracy) and causal language modelling (next-token cross-entropy, perplexity).
+
+The adapter's ``task`` picks the class; the task knows which dataset options the model needs (input size and
+channels of a vision model, the tokenizer of a language model) and how to call the model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ImageClassification:
+    metric = "accuracy"
+
+    def __init__(self, model: nn.Module, adapter, config):
+        inputs = adapter.example_inputs(model, batch=1)["x"]
+        self.channels, self.image_size = inputs.shape[1], inputs.shape[-1]
+        self.num_classes = model.num_classes
+        self.config = config
+
+    def dataset(self, split: str):
+        from ..data import load_dataset
+
+        data = load_dataset(
+            self.config.data, split, image_size=self.image_size, channels=self.channels,
+            augment=self.config.augment and split == "train", seed=self.config.seed,
+        )  # fmt: skip
+        if data.info.num_classes != self.num_classes:
+            raise ValueError(
+                f"the model predicts {self.num_classes} classes but {self.config.data} has {data.info.num_classes}; "
+                "build or convert a model with the right head (e.g. upcycle pretrain ... --data NAME)"
+            )
+        return data
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        from ..data.mixing import mix_batch, soft_cross_entropy
+
+        c = self.config
+        hard_labels = batch["labels"]
+        if c.mixup or c.cutmix:
+            batch = mix_batch(batch, self.num_classes, c.mixup, c.cutmix, 1.0, generator)
+        logits = model(batch["x"])
+        loss = soft_cross_entropy(logits.float(), batch["labels"], c.label_smoothing)
+        accuracy = (logits.argmax(-1) == hard_labels).float().mean()
+        return loss, {"accuracy": float(accuracy)}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches) -> dict:
+        correct = total = 0
+        for batch in batches:
+            logits = model(batch["x"])
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            total += batch["labels"].numel()
+        return {"accuracy": correct / max(total, 1)}
+
+
+class CausalLM:
+    metric = "perplexity"
+
+    def __init__(self, model: nn.Module, adapter, config):
+        self.config = config
+        self.vocab_size = model.config.vocab_size
+        self.tokenizer = _tokenizer_for(model)
+
+    def dataset(self, split: str):
+        from ..data import load_dataset
+
+        return load_dataset(self.config.data, split, tokenizer=self.tokenizer, seq_len=self.config.seq_len,
+                            seed=self.config.seed)  # fmt: skip
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        loss = next_token_loss(model, batch["input_ids"])
+        return loss, {"perplexity": math.exp(min(float(loss), 50.0))}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches) -> dict:
+        total = count = 0.0
+        for batch in batches:
+            tokens = batch["input_ids"][:, 1:].numel()
+            total += float(next_token_loss(model, batch["input_ids"])) * tokens
+            count += tokens
+        mean = total / max(count, 1)
+        return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from tokens ≤ t. ids [b, t]."""
+    out = model(input_ids=ids)
+    logits = out.logits if hasattr(out, "logits") else out  # [b, t, V]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def _tokenizer_for(model: nn.Module):
+    """The byte-level tokenizer for byte-vocabulary models, else the checkpoint's own tokenizer."""
+    from ..data.tokenizers import ByteTokenizer
+
+    byte = ByteTokenizer()
+    if model.config.vocab_size == byte.vocab_size:
+        return byte
+    origin = getattr(model, "upcycle_origin", None)
+    if origin is None or not (Path(origin) / "tokenizer_config.json").is_file():
+        raise ValueError(
+            f"the model's vocabulary ({model.config.vocab_size}) is not the byte vocabulary and no tokenizer files "
+            "came with it; load it from its Hugging Face folder so its tokenizer is found"
+        )
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(origin)
+
+
+TASKS = {"image_classification": ImageClassification, "causal_lm": CausalLM}
+
+
+def make_task(model: nn.Module, adapter, config):
+    if adapter.task not in TASKS:
+        raise ValueError(f"training {adapter.task} models is not supported yet; supported: {sorted(TASKS)}")
+    return TASKS[adapter.task](model, adapter, config)
