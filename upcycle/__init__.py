@@ -18,6 +18,7 @@ from .export import export, load, save  # noqa: E402
 from .export.timm_export import register_with_timm  # noqa: E402
 from .layers import list_backends, list_routers  # noqa: E402
 from .recycling import list_methods  # noqa: E402
+from .stream import convert_streaming  # noqa: E402
 from .verify import verify  # noqa: E402
 
 register_with_timm()
@@ -27,6 +28,7 @@ __all__ = [
     "ConvertConfig",
     "__version__",
     "convert",
+    "convert_streaming",
     "export",
     "list_adapters",
     "list_backends",

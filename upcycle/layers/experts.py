@@ -42,6 +42,7 @@ class Experts(nn.Module):
         shared_bias: bool = False,
         backend: str = "grouped",
         hidden_norm_eps: float | None = None,
+        initialize: bool = True,
     ):
         super().__init__()
         if num_experts < 1:
@@ -66,7 +67,8 @@ class Experts(nn.Module):
         self.hidden_norm_eps = hidden_norm_eps  # None: no hidden LayerNorm
         self.norm_weight = nn.Parameter(torch.ones(e, h)) if hidden_norm_eps is not None else None
         self.norm_bias = nn.Parameter(torch.zeros(e, h)) if hidden_norm_eps is not None else None
-        self.reset_parameters()
+        if initialize:  # recycling methods overwrite every tensor and skip this (~30% of conversion time)
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Per-expert ``nn.Linear`` default init (Kaiming-uniform weights, uniform biases)."""

@@ -40,11 +40,12 @@ class SparseUpcyclingOptions(StrictModel):
 
 
 def experts_for(dense: DenseFFN, num_experts: int, d_hidden: int, shared_bias: bool = False) -> Experts:
-    """Empty experts with the dense FFN's kind (activation, gating, biases, hidden norm) and dtype."""
+    """Experts of the dense FFN's kind (activation, gating, biases, hidden norm) and dtype, left uninitialised:
+    the caller fills every tensor from the dense weights."""
     experts = Experts(
         num_experts, dense.d_model, d_hidden, activation=dense.activation, gated=dense.gated,
         bias=(dense.b_up is not None, dense.b_down is not None and not shared_bias), shared_bias=shared_bias,
-        hidden_norm_eps=None if dense.hidden_norm is None else dense.hidden_norm[2],
+        hidden_norm_eps=None if dense.hidden_norm is None else dense.hidden_norm[2], initialize=False,
     )  # fmt: skip
     return experts.to(dense.w_up.dtype)
 

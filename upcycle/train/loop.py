@@ -47,8 +47,16 @@ def seed_step(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
-def batches(dataset, indices_per_batch, device) -> list[dict]:
-    return [_to(default_collate([dataset[i] for i in indices]), device) for indices in indices_per_batch]
+def batches(dataset, indices_per_batch, device, seed: int | None = None) -> list[dict]:
+    """Collated micro-batches. With ``seed``, each example's augmentation is drawn from (seed, example index), so
+    it does not depend on which process or micro-batch fetches it (1 process and N processes see the same data)."""
+
+    def fetch(index: int) -> dict:
+        if seed is not None:
+            torch.manual_seed(seed * 1_000_003 + index)
+        return dataset[index]
+
+    return [_to(default_collate([fetch(i) for i in indices]), device) for indices in indices_per_batch]
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -111,8 +119,8 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
     window_start, window_items = time.perf_counter(), 0
     model.train()
     for step in bar:
-        generator = seed_step(cfg.seed, step, context.rank)
-        micro_batches = batches(train_set, sampler.next_step(), context.device)
+        micro_batches = batches(train_set, sampler.next_step(), context.device, seed=(cfg.seed + 1) * 1_000_003 + step)
+        generator = seed_step(cfg.seed, step, context.rank)  # after fetching: dropout, noise and Mixup per process
         optimizer.zero_grad(set_to_none=True)
         step_metrics: dict[str, float] = {}
         for i, batch in enumerate(micro_batches):
@@ -125,7 +133,7 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
                     objective = objective + cfg.aux.sparsity * ramp(step, total, cfg.aux.sparsity_ramp) * penalty
                     metrics.update(sparsity=zeros)
             (objective / len(micro_batches)).backward()
-            metrics["loss"] = float(loss)
+            metrics["loss"] = float(loss.detach())
             for key, value in metrics.items():
                 step_metrics[key] = step_metrics.get(key, 0.0) + value / len(micro_batches)
         if not math.isfinite(step_metrics["loss"]):

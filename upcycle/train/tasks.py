@@ -50,14 +50,10 @@ class ImageClassification:
         accuracy = (logits.argmax(-1) == hard_labels).float().mean()
         return loss, {"accuracy": float(accuracy)}
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, batches) -> dict:
-        correct = total = 0
-        for batch in batches:
-            logits = model(batch["x"])
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            total += batch["labels"].numel()
-        return {"accuracy": correct / max(total, 1)}
+        from ..eval import accuracy
+
+        return {"accuracy": accuracy(model, batches)}
 
 
 class CausalLM:
@@ -78,15 +74,11 @@ class CausalLM:
         loss = next_token_loss(model, batch["input_ids"])
         return loss, {"perplexity": math.exp(min(float(loss), 50.0))}
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, batches) -> dict:
-        total = count = 0.0
-        for batch in batches:
-            tokens = batch["input_ids"][:, 1:].numel()
-            total += float(next_token_loss(model, batch["input_ids"])) * tokens
-            count += tokens
-        mean = total / max(count, 1)
-        return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+        from ..eval import perplexity
+
+        value = perplexity(model, batches)
+        return {"loss": math.log(value), "perplexity": value}
 
 
 def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

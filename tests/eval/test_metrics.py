@@ -1,0 +1,147 @@
+"""Accuracy, perplexity and embedding fidelity against manual computation on tiny synthetic loaders."""
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import upcycle
+from upcycle.adapters import find_adapter
+from upcycle.eval import accuracy, embedding_fidelity, perplexity
+from upcycle.eval.metrics import mean_pool
+
+
+class PassThroughClassifier(nn.Module):
+    """Logits = the image's channels at pixel (0, 0): the test decides every prediction."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.dropout = nn.Dropout(0.9)  # would scramble logits if the metric left train mode on
+
+    def forward(self, x):  # [B, C, H, W] -> [B, C]
+        return self.dropout(self.scale * x[:, :, 0, 0])
+
+
+class BigramLM(nn.Module):
+    """Plain tensor-returning LM: logits at position t depend only on token t."""
+
+    def __init__(self, vocab=11, hf_style=False):
+        super().__init__()
+        self.table = nn.Embedding(vocab, vocab)
+        self.hf_style = hf_style
+
+    def forward(self, input_ids):  # [B, T] -> [B, T, vocab]
+        logits = self.table(input_ids)
+        return SimpleNamespace(logits=logits) if self.hf_style else logits
+
+
+def image_batches(sizes, classes=3):
+    return [{"x": torch.randn(n, classes, 2, 2), "labels": torch.randint(0, classes, (n,))} for n in sizes]
+
+
+def test_accuracy_matches_manual_and_weights_examples():
+    batches = image_batches([4, 4, 2])  # a short last batch weighs 2 examples, not a third
+    model = PassThroughClassifier().train()
+    correct = sum(int((b["x"][:, :, 0, 0].argmax(-1) == b["labels"]).sum()) for b in batches)
+    assert accuracy(model, batches) == correct / 10
+    assert model.training and model.dropout.training  # mode restored
+    # a custom forward is what gets scored: negated logits predict the least likely class
+    wrong = sum(int((b["x"][:, :, 0, 0].argmin(-1) == b["labels"]).sum()) for b in batches)
+    assert accuracy(model, batches, lambda m, inputs: -m(inputs["x"])) == wrong / 10
+
+
+def test_accuracy_through_a_dataloader_and_bf16():
+    data = [{"x": torch.eye(3)[i % 3].view(3, 1, 1).expand(3, 2, 2).clone(), "labels": torch.tensor(i % 3)}
+            for i in range(7)]  # fmt: skip
+    loader = DataLoader(data, batch_size=3)
+    model = PassThroughClassifier()
+    assert accuracy(model, loader) == 1.0
+    assert accuracy(model, loader, bf16=True) == 1.0
+    assert accuracy(model, loader, max_batches=1) == 1.0
+    flipped = [{**item, "labels": (item["labels"] + 1) % 3} for item in data]
+    assert accuracy(model, DataLoader(flipped, batch_size=3)) == 0.0
+
+
+def manual_perplexity(model, batches):
+    nll, count = 0.0, 0
+    for batch in batches:
+        ids = batch["input_ids"]
+        logits = model.table(ids).detach().log_softmax(-1)
+        for b in range(ids.shape[0]):
+            for t in range(ids.shape[1] - 1):
+                if batch.get("attention_mask") is None or batch["attention_mask"][b, t + 1]:
+                    nll -= float(logits[b, t, ids[b, t + 1]])
+                    count += 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.parametrize("hf_style", [False, True])
+def test_perplexity_matches_manual(hf_style):
+    model = BigramLM(hf_style=hf_style)
+    batches = [{"input_ids": torch.randint(0, 11, (2, 5))}, {"input_ids": torch.randint(0, 11, (1, 7))}]
+    assert perplexity(model, batches) == pytest.approx(manual_perplexity(model, batches), rel=1e-5)
+
+
+def test_perplexity_ignores_padding():
+    model = BigramLM()
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    batches = [{"input_ids": torch.randint(0, 11, (2, 6)), "attention_mask": mask}]
+    assert perplexity(model, batches) == pytest.approx(manual_perplexity(model, batches), rel=1e-5)
+
+
+def test_uniform_logits_give_the_vocabulary_size():
+    model = BigramLM()
+    nn.init.zeros_(model.table.weight)
+    assert perplexity(model, [{"input_ids": torch.randint(0, 11, (3, 9))}]) == pytest.approx(11.0, rel=1e-6)
+
+
+def test_perplexity_of_a_hf_model_equals_its_own_loss(dense_llama):
+    model = dense_llama
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert perplexity(model, [{"input_ids": ids}]) == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    assert perplexity(model, [{"input_ids": ids}], find_adapter(model)) == pytest.approx(
+        math.exp(float(loss)), rel=1e-5
+    )
+
+
+def test_fidelity_of_a_model_with_itself_is_one_and_a_different_model_is_not(dense_vit):
+    vit = dense_vit
+    loader = [{"x": torch.randn(2, 3, 32, 32)} for _ in range(2)]
+    assert embedding_fidelity(vit, vit, loader) == pytest.approx(1.0, abs=1e-6)
+    other = copy.deepcopy(vit)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    assert embedding_fidelity(other, vit, loader) < 0.99
+
+
+class Negated(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **inputs):
+        return SimpleNamespace(logits=-self.inner(**inputs).logits)
+
+
+def test_fidelity_of_an_upcycled_lm_and_of_outputs(dense_llama):
+    dense = dense_llama
+    moe = upcycle.convert(dense, "sparse_upcycling", num_experts=4, top_k=2, progress=False)
+    loader = [{"input_ids": torch.randint(0, 97, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}]
+    assert embedding_fidelity(moe, dense, loader) == pytest.approx(1.0, abs=1e-5)  # copies: dense-equivalent
+    logits = lambda model, inputs: model(**inputs).logits  # noqa: E731
+    assert embedding_fidelity(Negated(dense), dense, loader, logits) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_mean_pool_skips_masked_tokens():
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])  # [1, 3, 2]
+    assert torch.equal(mean_pool(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[0.5, 0.5]]))
+    assert torch.equal(mean_pool(hidden), hidden.mean(1))
+    assert mean_pool(torch.ones(2, 4, 3, 3)).shape == (2, 4)  # channels-first grid

@@ -1,0 +1,78 @@
+"""Parameter counts by hand: total, active (top-k, slots, dynamic), routers, shared parts, tied weights."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import upcycle
+from upcycle.eval import count_parameters
+from upcycle.layers import FFN, Experts, MoE, SoftMoERouter, TopKRouter
+
+from .helpers import FixedRouter
+
+D, H, E = 8, 6, 4
+PER_EXPERT = H * D + H + D * H + D  # w_up, b_up, w_down, b_down = 110
+
+
+def model_with(router, **moe_kwargs):
+    return nn.Sequential(nn.Linear(D, D), MoE(router, Experts(E, D, H), **moe_kwargs))
+
+
+def test_top2_of_4_by_hand():
+    counts = count_parameters(model_with(TopKRouter(D, E, top_k=2)))
+    dense, router = D * D + D, D * E  # the Linear; the bias-free gate
+    assert counts["experts_total"] == E * PER_EXPERT == 440
+    assert counts["experts_active"] == 2 * PER_EXPERT
+    assert counts["router"] == router
+    assert counts["total"] == dense + router + E * PER_EXPERT
+    assert counts["active"] == dense + router + 2 * PER_EXPERT
+    assert counts["shared"] == 0
+
+
+def test_slot_router_uses_every_expert():
+    counts = count_parameters(model_with(SoftMoERouter(D, E, slots_per_expert=2)))
+    assert counts["experts_active"] == counts["experts_total"] == E * PER_EXPERT
+    assert counts["router"] == E * 2 * D  # slot queries
+    assert counts["active"] == counts["total"]
+
+
+def test_dynamic_router_reports_all_experts_unless_measured():
+    model = model_with(FixedRouter(D, E, torch.zeros(1, 2, dtype=torch.long)))
+    assert count_parameters(model)["experts_active"] == E * PER_EXPERT
+    assert count_parameters(model, experts_per_token=1.5)["experts_active"] == 1.5 * PER_EXPERT
+    assert count_parameters(model, experts_per_token={"1": 1.0})["experts_active"] == PER_EXPERT
+    # a fixed top-k layer ignores a measured figure
+    assert count_parameters(model_with(TopKRouter(D, E, top_k=2)), 1.0)["experts_active"] == 2 * PER_EXPERT
+
+
+def test_shared_expert_gate_and_bias_count_as_shared_and_active():
+    experts = Experts(E, D, H, bias=(True, False), shared_bias=True)
+    model = MoE(TopKRouter(D, E, top_k=1), experts, shared_expert=FFN(D, 5), shared_expert_gate=True)
+    counts = count_parameters(model)
+    routed = H * D + H + D * H  # no per-expert b_down: it is the shared bias
+    shared = D + (D * 5 + 5 + 5 * D + D) + D  # shared bias + shared FFN + sigmoid gate
+    assert counts["experts_total"] == E * routed
+    assert counts["shared"] == shared
+    assert counts["active"] == counts["total"] - E * routed + routed
+
+
+def test_converted_llama_with_tied_embeddings(dense_llama):
+    dense = copy.deepcopy(dense_llama)
+    dense.config.tie_word_embeddings = True
+    dense.lm_head.weight = dense.model.embed_tokens.weight
+    moe = upcycle.convert(dense, "sparse_upcycling", num_experts=4, top_k=2, progress=False)
+    counts = count_parameters(moe)
+    experts = 3 * 4 * 3 * 32 * 64  # layers × experts × (gate, up, down) × d × h, no biases
+    assert counts["experts_total"] == experts
+    assert counts["router"] == 3 * 32 * 4
+    assert counts["total"] == sum(p.numel() for p in dense.parameters()) - 3 * 3 * 32 * 64 + experts + 3 * 32 * 4
+    assert counts["active"] == counts["total"] - experts // 2
+    assert counts["total"] < sum(p.numel() for p in moe.state_dict().values())  # the tied head counted once
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_active_scales_with_k(k):
+    counts = count_parameters(model_with(TopKRouter(D, E, top_k=k)))
+    assert counts["experts_active"] == k * PER_EXPERT
