@@ -17,11 +17,13 @@ from .convert import convert  # noqa: E402
 from .export import export, load, save  # noqa: E402
 from .export.timm_export import register_with_timm  # noqa: E402
 from .layers import list_backends, list_routers  # noqa: E402
+from .models import register_on_transformers_import  # noqa: E402
 from .recycling import list_methods  # noqa: E402
 from .stream import convert_streaming  # noqa: E402
 from .verify import verify  # noqa: E402
 
 register_with_timm()
+register_on_transformers_import()  # transformers' Auto classes learn model_type "upcycle_lm" when they load
 
 __version__ = "0.1.0"
 __all__ = [

@@ -145,6 +145,25 @@ def _print_summary(summary: dict) -> None:
         print(f"model: {summary['out']}/model   curves: {summary.get('curves')}")
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.report import evaluate_model
+    from .sources import load_source
+
+    result = evaluate_model(load_source(args.directory), args.data, args.split, args.batch_size, args.max_batches,
+                            out=args.out)  # fmt: skip
+    metric = "accuracy" if "accuracy" in result else "perplexity"
+    params = result["parameters"]
+    print(f"{args.data}/{args.split}: {metric} {result[metric]:.4f} on {result['examples']} examples")
+    print(f"MACs per sample {result['macs_per_sample'] / 1e6:.2f} M; parameters {params['total'] / 1e6:.2f} M "
+          f"total, {params['active'] / 1e6:.2f} M active")  # fmt: skip
+    for name, layer in result.get("routing", {}).items():
+        print(f"  {name}: entropy {layer['entropy']:.3f}/{layer['max_entropy']:.3f}, dead experts "
+              f"{layer['dead_experts']}, dropped pairs {layer['dropped_pairs']:.3f}")  # fmt: skip
+    if args.out:
+        print(f"wrote {args.out}/eval.json" + (" and expert_load.png" if "expert_load_png" in result else ""))
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     import upcycle
 
@@ -160,6 +179,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"routers: {', '.join(upcycle.list_routers())}")
     if args.what in ("backends", "all"):
         print(f"backends: {', '.join(upcycle.list_backends())}")
+    if args.what in ("datasets", "all"):
+        from .data import list_datasets
+
+        print(f"datasets: {', '.join(list_datasets())}")
     return 0
 
 
@@ -236,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("arch")
     _train_flags(pretrain)
     pretrain.set_defaults(func=_cmd_pretrain)
+
+    evaluation = commands.add_parser("eval", help="held-out metric, MACs, parameters and routing statistics")
+    evaluation.add_argument("directory", help="a folder written by upcycle, or any SOURCE")
+    evaluation.add_argument("--data", required=True, help="dataset name (upcycle list datasets)")
+    evaluation.add_argument("--split", default="test", choices=["val", "test"])
+    evaluation.add_argument("--batch-size", type=int, default=64)
+    evaluation.add_argument("--max-batches", type=int, help="cap, for a quick look")
+    evaluation.add_argument("--out", help="folder for eval.json and expert_load.png")
+    evaluation.set_defaults(func=_cmd_eval)
 
     listing = commands.add_parser("list", help="list methods, adapters, routers and expert backends")
     listing.add_argument(

@@ -144,9 +144,12 @@ def load_hf_directory(path: str | Path, allow_pickle: bool = False) -> nn.Module
 def _model_class(config):
     import transformers
 
+    from .models import get_model_class
+
     for name in config.architectures or []:
-        if hasattr(transformers, name):
-            return getattr(transformers, name)
+        model_class = getattr(transformers, name, None) or get_model_class(name)
+        if model_class is not None:
+            return model_class
     return transformers.AutoModel
 
 

@@ -7,7 +7,9 @@ from torch import nn
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+    """A transformers model: its class, or a base class (upcycle.models' UpcycleLM derives from PreTrainedModel),
+    is defined in transformers."""
+    return hasattr(model, "config") and any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
 
 
 def base_prefix(model: nn.Module) -> str:
@@ -36,9 +38,12 @@ class HFAdapterMixin:
     def rebuild(self, description: dict) -> nn.Module:
         import transformers
 
+        from ..models import get_model_class
+
+        # upcycle's own classes first: loading them registers their model_type with AutoConfig
+        model_class = get_model_class(description["class"]) or getattr(transformers, description["class"], None)
+        if model_class is None:
+            raise ValueError(f"neither transformers nor upcycle.models has a model class {description['class']!r}")
         config_dict = dict(description["config"])
         config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-        model_class = getattr(transformers, description["class"], None)
-        if model_class is None:
-            raise ValueError(f"transformers has no model class {description['class']!r}")
         return model_class(config)
