@@ -49,22 +49,27 @@ def build_dense(arch: str, num_classes: int | None = None, seed: int = 0, **over
         return UpcycleLMForCausalLM(UpcycleLMConfig(**{**preset["lm"], **overrides}))
 
 
-def pretrain(arch: str, out: str | Path, config=None, resume: bool = False, progress: bool = True, **overrides) -> dict:
-    """Build ``arch`` for the dataset's classes and train it with the shared loop; the model lands in out/model."""
+def pretrain(arch: str, out: str | Path, config=None, resume: bool = False, progress: bool = True,
+             model: dict | None = None, **overrides) -> dict:  # fmt: skip
+    """Build ``arch`` for the dataset's classes and train it with the shared loop; the model lands in out/model.
+
+    ``model``: architecture overrides (e.g. ``{"depth": 4}``); ``overrides``: training options."""
     from .data import load_dataset
     from .train import train
 
     cfg = load_train_config(config, **overrides)
-    info = load_dataset(cfg.data, "train").info if not arch.startswith("lm") else None
-    model = build_dense(arch, num_classes=getattr(info, "num_classes", None), seed=cfg.seed)
-    return train(model, cfg, out, resume=resume, progress=progress)
+    info = load_dataset(cfg.data, "train").info
+    dense = build_dense(arch, num_classes=info.num_classes if info.kind == "image" else None, seed=cfg.seed,
+                        **(model or {}))  # fmt: skip
+    return train(dense, cfg, out, resume=resume, progress=progress)
 
 
-def cached_pretrained(arch: str, config=None, progress: bool = True, **overrides) -> Path:
+def cached_pretrained(arch: str, config=None, progress: bool = True, model: dict | None = None, **overrides) -> Path:
     """The folder of a dense ``arch`` pre-trained with this recipe, trained now if no cached copy exists."""
     cfg = load_train_config(config, **overrides)
-    key = hashlib.sha256(json.dumps({"arch": arch, "train": cfg.model_dump(mode="json")}, sort_keys=True).encode())
-    out = cache_root() / "pretrained" / f"{arch}-{cfg.data}-{key.hexdigest()[:12]}"
+    description = {"arch": arch, "model": model or {}, "train": cfg.model_dump(mode="json")}
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_root() / "pretrained" / f"{arch.replace(':', '-')}-{cfg.data}-{key}"
     if not (out / "model" / "config.json").is_file():
-        pretrain(arch, out, cfg, resume=True, progress=progress)  # resume: an interrupted run continues
+        pretrain(arch, out, cfg, resume=True, progress=progress, model=model)  # resume: an interrupted run goes on
     return out / "model"

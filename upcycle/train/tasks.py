@@ -47,7 +47,7 @@ class ImageClassification:
             batch = mix_batch(batch, self.num_classes, c.mixup, c.cutmix, 1.0, generator)
         logits = model(batch["x"])
         loss = soft_cross_entropy(logits.float(), batch["labels"], c.label_smoothing)
-        accuracy = (logits.argmax(-1) == hard_labels).float().mean()
+        accuracy = (logits.detach().argmax(-1) == hard_labels).float().mean()
         return loss, {"accuracy": float(accuracy)}
 
     def evaluate(self, model: nn.Module, batches) -> dict:
@@ -72,7 +72,7 @@ class CausalLM:
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         loss = next_token_loss(model, batch["input_ids"])
-        return loss, {"perplexity": math.exp(min(float(loss), 50.0))}
+        return loss, {"perplexity": math.exp(min(float(loss.detach()), 50.0))}
 
     def evaluate(self, model: nn.Module, batches) -> dict:
         from ..eval import perplexity
