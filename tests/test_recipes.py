@@ -1,0 +1,24 @@
+"""Every YAML recipe shipped in recipes/ validates against the config models."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from upcycle.config import load_convert_config, load_train_config
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_validates(path):
+    sections = yaml.safe_load(path.read_text())
+    assert set(sections) <= {"train", "convert"}, f"{path.name}: unknown sections {set(sections)}"
+    if "train" in sections:
+        load_train_config(path)
+    if "convert" in sections:
+        load_convert_config(path)
+
+
+def test_there_are_recipes():
+    assert RECIPES
