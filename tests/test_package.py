@@ -14,6 +14,7 @@ from upcycle.cli import main
 
 def test_registries():
     assert upcycle.list_routers() == ["soft", "topk"]
+    assert {m["name"] for m in upcycle.list_methods()} >= {"sparse_upcycling", "neuron_split"}
     assert upcycle.list_backends() == ["eager", "grouped"]
 
 
@@ -50,6 +51,11 @@ def test_cli_rejects_unknown_benchmark(capsys):
         main(["bench", "nope"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_cli_rounds_only_for_the_layers_benchmark(capsys):
+    assert main(["bench", "convert", "--quick", "--rounds", "2"]) == 2
+    assert "--rounds applies to the layers benchmark only" in capsys.readouterr().err
 
 
 def test_atomic_write_replaces_whole_file(tmp_path: Path):

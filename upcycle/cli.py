@@ -189,6 +189,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
+    if args.rounds and args.name != "layers":
+        raise ValueError("--rounds applies to the layers benchmark only")
     module = importlib.import_module(f"upcycle.bench.{args.name}")
     options = {"rounds": args.rounds} if args.rounds else {}
     result = module.run(out=args.out, quick=args.quick, **options)
