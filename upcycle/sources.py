@@ -59,7 +59,8 @@ def is_upcycle_directory(path: Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return "adapter" in json.loads(config.read_text()) and "layers" in json.loads(config.read_text())
+        record = json.loads(config.read_text())
+        return "adapter" in record and "layers" in record
     except json.JSONDecodeError:
         return False
 

@@ -28,7 +28,7 @@ def evaluate_model(
     out: str | Path | None = None,
 ) -> dict:
     from ..config import TrainConfig
-    from ..train.loop import batches
+    from ..train.loop import held_out_batches
     from ..train.tasks import make_task
 
     if split not in ("val", "test"):
@@ -37,14 +37,13 @@ def evaluate_model(
     adapter = get_adapter(record["adapter"]) if record else find_adapter(model)
     task = make_task(model, adapter, TrainConfig(data=data, steps=1, augment=False, seq_len=seq_len))
     dataset = task.dataset(split)
-    starts = list(range(0, len(dataset), batch_size))[:max_batches]
 
     def loader():
-        for start in starts:
-            yield batches(dataset, [list(range(start, min(start + batch_size, len(dataset))))], "cpu")[0]
+        return held_out_batches(dataset, batch_size, "cpu", max_batches)
 
     model.eval()
-    result = {"data": data, "split": split, "examples": min(len(dataset), len(starts) * batch_size)}
+    batch_count = -(-len(dataset) // batch_size) if max_batches is None else max_batches
+    result = {"data": data, "split": split, "examples": min(len(dataset), batch_count * batch_size)}
     result.update(task.evaluate(model, loader()))
     first = next(iter(loader()))
     inputs = {k: v[:8] for k, v in first.items() if k != "labels"}

@@ -59,6 +59,14 @@ def batches(dataset, indices_per_batch, device, seed: int | None = None) -> list
     return [_to(default_collate([fetch(i) for i in indices]), device) for indices in indices_per_batch]
 
 
+def held_out_batches(dataset, size: int, device, max_batches: int | None = None, rank: int = 0, world: int = 1):
+    """Contiguous batches of ``size`` over a held-out split, at most ``max_batches``; process ``rank`` of ``world``
+    takes every world-th batch. A generator, so each call walks the split afresh."""
+    starts = list(range(0, len(dataset), size))[:max_batches]
+    for start in starts[rank::world]:
+        yield batches(dataset, [list(range(start, min(start + size, len(dataset))))], device)[0]
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -201,9 +209,7 @@ def _evaluate(model, task, dataset, cfg: TrainConfig, context, autocast) -> dict
     was_training = model.training
     model.eval()
     size = min(cfg.batch_size, 256)
-    starts = list(range(0, len(dataset), size))[: cfg.eval_batches]
-    mine = starts[context.rank :: context.world]
-    batch_iter = (batches(dataset, [list(range(s, min(s + size, len(dataset))))], context.device)[0] for s in mine)
+    batch_iter = held_out_batches(dataset, size, context.device, cfg.eval_batches, context.rank, context.world)
     with torch.no_grad(), autocast:
         result = task.evaluate(model, batch_iter)
     model.train(was_training)
