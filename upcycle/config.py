@@ -161,7 +161,9 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1, description="metrics row every N steps")
     seed: int = Field(0, description="every random choice of the run derives from it")
     device: str = Field("auto", description="auto, cpu or cuda")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp replicates the model, fsdp shards it (large LMs)"
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -169,6 +171,8 @@ class TrainConfig(StrictModel):
             raise ValueError("give exactly one of steps and epochs")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.strategy == "fsdp" and self.ema:
+            raise ValueError("ema is not supported with strategy fsdp (the average would need the full weights)")
         return self
 
 

@@ -105,7 +105,7 @@ def test_checkpoints_keep_the_newest_and_skip_damaged_ones(tmp_path):
     for step in (2, 4, 6):
         with torch.no_grad():
             model.weight.fill_(step)
-        save_checkpoint(tmp_path, step, model, {"note": step}, None, keep=2)
+        save_checkpoint(tmp_path, step, model.state_dict(), {"note": step}, None, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000006"]
     assert latest_checkpoint(tmp_path).step == 6
     weights = tmp_path / "step-00000006" / "model.safetensors"
@@ -117,3 +117,14 @@ def test_checkpoints_keep_the_newest_and_skip_damaged_ones(tmp_path):
     assert torch.equal(checkpoint.model["weight"], torch.full((2, 3), 4.0))
     assert any("damaged" in str(w.message) for w in caught)
     assert math.isclose(float(checkpoint.model["weight"][0, 0]), 4.0)
+
+
+def test_train_config_refusals():
+    with pytest.raises(ValueError, match="exactly one of steps and epochs"):
+        load_train_config(data="digits")
+    with pytest.raises(ValueError, match="not divisible by grad_accum"):
+        _config(batch_size=10, grad_accum=4)
+    with pytest.raises(ValueError, match="ema is not supported with strategy fsdp"):
+        _config(strategy="fsdp", ema=0.99)
+    with pytest.raises(ValueError, match="strategy"):
+        _config(strategy="zero3")

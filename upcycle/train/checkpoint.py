@@ -1,7 +1,7 @@
 """Resumable training checkpoints, written atomically and verified on load.
 
     <out>/checkpoints/step-00000200/
-        model.safetensors     the (unwrapped) model's tensors
+        model.safetensors     the model's full tensors (unwrapped; gathered from the shards under FSDP)
         ema.safetensors       EMA weights, when EMA is on
         trainer.pt            optimizer, scheduler, sampler position, RNG states, step (read with weights_only=True)
         manifest.json         step + size and SHA-256 of every file above: written last, so it marks completeness
@@ -23,10 +23,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from ..atomic import atomic_directory
-from ..export.saving import unique_state
 
 MANIFEST = "manifest.json"
 
@@ -62,11 +60,12 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, trainer_state: dict,
+def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict,
                     ema_state: dict[str, torch.Tensor] | None, keep: int) -> Path:  # fmt: skip
+    """Write ``step``'s checkpoint; ``model_state`` holds full tensors, each storage once (``unique_state``)."""
     path = root / f"step-{step:08d}"
     with atomic_directory(path, overwrite=True) as staging:
-        save_file(unique_state(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        save_file(model_state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         if ema_state is not None:
             save_file(ema_state, str(staging / "ema.safetensors"), metadata={"format": "pt"})
         torch.save({**trainer_state, "step": step, "rng": rng_states()}, staging / "trainer.pt")

@@ -2,7 +2,8 @@
 
 Determinism: before each optimizer step every random generator is reseeded from (seed, step, rank), and the data
 order comes from a resumable sampler, so a run interrupted at any point and resumed from its last checkpoint ends
-with exactly the weights of an uninterrupted run. The same code runs under ``torchrun`` with DDP.
+with exactly the weights of an uninterrupted run. The same code runs under ``torchrun`` with DDP or FSDP
+(``strategy``).
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
@@ -24,7 +23,7 @@ from ..adapters import find_adapter, get_adapter
 from ..config import TrainConfig, load_train_config, to_yaml
 from ..export.saving import load_weights
 from ..layers import collect_aux_losses
-from . import distributed
+from . import distributed, sharding
 from .checkpoint import latest_checkpoint, restore_rng_states, save_checkpoint
 from .metrics_log import MetricsLog
 from .optim import build_optimizer, build_scheduler
@@ -98,27 +97,27 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
     apply_freeze(model, cfg.freeze)
     model.to(context.device)
     sparsity = SparsityPenalty(model, adapter, cfg.aux.sparsity_kind) if cfg.aux.sparsity else None
-    optimizer = build_optimizer(model, cfg)
+    checkpoint = latest_checkpoint(checkpoints) if resume else None
+    if checkpoint is not None:  # weights go in before sharding; a checkpoint of another model fails clearly
+        load_weights(model, checkpoint.model, checkpoint.path)
+    network = sharding.wrap(model, cfg.strategy, context)
+    optimizer = build_optimizer(model, cfg)  # after wrap: under FSDP it must hold the shards
     scheduler = build_scheduler(optimizer, total, cfg)
     ema = EMA(model, cfg.ema) if cfg.ema else None
 
     start = 0
-    if resume:
-        checkpoint = latest_checkpoint(checkpoints)
-        if checkpoint is not None:
-            load_weights(model, checkpoint.model, checkpoint.path)  # a checkpoint of another model fails clearly
-            optimizer.load_state_dict(checkpoint.trainer["optimizer"])
-            scheduler.load_state_dict(checkpoint.trainer["scheduler"])
-            sampler.load_state_dict(checkpoint.trainer["sampler"])
-            restore_rng_states(checkpoint.trainer["rng"])
-            if ema is not None and checkpoint.ema is not None:
-                ema.load_state_dict(checkpoint.ema)
-            start = checkpoint.step
+    if checkpoint is not None:
+        sharding.load_optimizer_state(model, optimizer, checkpoint.trainer["optimizer"])
+        scheduler.load_state_dict(checkpoint.trainer["scheduler"])
+        sampler.load_state_dict(checkpoint.trainer["sampler"])
+        restore_rng_states(checkpoint.trainer["rng"])
+        if ema is not None and checkpoint.ema is not None:
+            ema.load_state_dict(checkpoint.ema)
+        start = checkpoint.step
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train.yaml").write_text(to_yaml(cfg, "train"))
     log = MetricsLog(out, context.is_main, resume_step=start)
-    network = DistributedDataParallel(model, find_unused_parameters=True) if context.distributed else model
     autocast = torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     bar = tqdm(range(start, total), initial=start, total=total, disable=not (progress and context.is_main),
@@ -132,8 +131,8 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
         optimizer.zero_grad(set_to_none=True)
         step_metrics: dict[str, float] = {}
         for i, batch in enumerate(micro_batches):
-            sync = i == len(micro_batches) - 1 or not context.distributed
-            with network.no_sync() if not sync else nullcontext(), autocast:
+            sync = i == len(micro_batches) - 1
+            with sharding.gradient_sync(network, cfg.strategy, sync), autocast:
                 loss, metrics = task.loss(network, batch, generator)
                 objective = loss + _aux_objective(model, cfg, metrics)
                 if sparsity is not None:
@@ -170,10 +169,12 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
             log.log(done, "val", _evaluate(model, task, val_set, cfg, context, autocast))
         if done % cfg.checkpoint_every == 0 or done == total:
+            if context.is_main or sharding.is_sharded(model):  # gathering shards takes every process
+                model_state = sharding.full_model_state(model)
+                trainer = {"optimizer": sharding.full_optimizer_state(model, optimizer),
+                           "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}  # fmt: skip
             if context.is_main:
-                trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "sampler": sampler.state_dict()}  # fmt: skip
-                save_checkpoint(checkpoints, done, model, trainer, ema.state_dict() if ema else None,
+                save_checkpoint(checkpoints, done, model_state, trainer, ema.state_dict() if ema else None,
                                 cfg.keep_checkpoints)  # fmt: skip
             distributed.barrier(context)
 
@@ -183,12 +184,13 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
     log.log(total, "val", final)
     log.close()
     summary = {"steps": total, "val": final, "out": str(out)}
+    whole = sharding.gathered_model(model, context)  # under FSDP a rebuilt, unsharded copy on the main process
     if context.is_main:
         if ema is not None:
-            model.load_state_dict({**model.state_dict(), **ema.state_dict()})
+            whole.load_state_dict({**whole.state_dict(), **ema.state_dict()})
         from ..export import save
 
-        save(model.cpu(), out / "model", overwrite=True)
+        save(whole.cpu(), out / "model", overwrite=True)
         summary["curves"] = str(log.plot(task.metric))
     return summary
 
@@ -209,7 +211,9 @@ def _evaluate(model, task, dataset, cfg: TrainConfig, context, autocast) -> dict
     was_training = model.training
     model.eval()
     size = min(cfg.batch_size, 256)
-    batch_iter = held_out_batches(dataset, size, context.device, cfg.eval_batches, context.rank, context.world)
+    # Under FSDP every process must run the same forwards (each gathers shards from all), so each takes every batch.
+    rank, world = (0, 1) if sharding.is_sharded(model) else (context.rank, context.world)
+    batch_iter = held_out_batches(dataset, size, context.device, cfg.eval_batches, rank, world)
     with torch.no_grad(), autocast:
         result = task.evaluate(model, batch_iter)
     model.train(was_training)
