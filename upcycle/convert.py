@@ -59,14 +59,18 @@ def convert(
     target = model if inplace else copy.deepcopy(model)
     sites = adapter.ffn_sites(target)
     chosen = select_layers(len(sites), cfg.layers)
-    recycle = get_method(cfg.method).fn
+    method = get_method(cfg.method)
+    contexts = [{}] * len(chosen)
+    if method.prepare is not None:  # whole-model work (calibration, a predecessor) before any FFN is replaced
+        contexts = [{"context": c} for c in method.prepare(target, adapter, [sites[i] for i in chosen], cfg)]
     generator = torch.Generator().manual_seed(cfg.seed)
     layers = {}
-    for index in tqdm(chosen, desc=f"{cfg.method}", unit="layer", disable=not progress, leave=False):
+    for index, context in tqdm(zip(chosen, contexts, strict=True), total=len(chosen), desc=f"{cfg.method}",
+                               unit="layer", disable=not progress, leave=False):  # fmt: skip
         site = sites[index]
         dense = adapter.read_ffn(target, site)
         try:
-            moe = recycle(dense, cfg, generator)
+            moe = method.fn(dense, cfg, generator, **context)
         except ValueError as error:
             raise ValueError(f"{site.name}: {error}") from None
         moe.experts.backend = cfg.backend

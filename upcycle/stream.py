@@ -369,6 +369,10 @@ def convert_streaming(
     ``max_shard_bytes`` bounds the output shard held in memory, hence most of the peak memory.
     """
     cfg = load_convert_config(config, **overrides)
+    if get_method(cfg.method).prepare is not None:
+        raise ValueError(
+            f"method {cfg.method!r} looks at the whole model first (calibration); convert without streaming"
+        )
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     source = read_source(source_dir)
     if out_dir.resolve() == source_dir.resolve():

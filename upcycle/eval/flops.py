@@ -17,10 +17,11 @@ dropped and replaced by
 
 * experts: executed (token, expert) pairs × per-pair cost, per pair ``3·d·h`` (gated) or ``2·d·h`` (plain).
   Sparse routing counts only pairs whose ``mask`` is on (capacity drops, dynamic-k); slot routing (Soft MoE) runs
-  each expert on its ``s`` slots per example, ``b·S`` "pairs". The hidden LayerNorm (EVA-02) is elementwise: zero.
-* routers: what the counter measured inside the router (the top-k gate is ``d·e`` per token; Soft MoE logits are
-  ``n·S·d`` per example), plus for slot routing the dispatch ``S·n·d`` and combine ``n·S·d`` mixes per example,
-  which the experts module runs.
+  each expert on its ``s`` slots per example, ``b·S`` "pairs". Dual-path experts (SpheroMoE) charge each group at
+  its own width: ``b·s·(e_c·cost(h) + e_u·cost(h_u))``. The hidden LayerNorm (EVA-02) is elementwise: zero.
+* routers: what the counter measured inside the router (the top-k gate is ``d·e`` per token; Soft MoE and
+  SpheroMoE logits are ``n·S·d`` per example, SpheroMoE's optional key projection ``d²`` per token), plus for slot
+  routing the dispatch ``S·n·d`` and combine ``n·S·d`` mixes per example, which the experts module runs.
 * shared experts: what the counter measured inside the shared expert and its gate (dense, every token).
 
 The result is independent of the backend (eager, grouped, a GPU kernel).
@@ -38,7 +39,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..adapters import find_adapter
-from ..layers import FFN, MoE, moe_layers
+from ..layers import FFN, DualPathExperts, Experts, MoE, moe_layers
 from ..layers.routing import Routing
 from ._common import (
     Forward,
@@ -120,10 +121,18 @@ class _Meter:
 
 
 # ---- MoE layers, analytically --------------------------------------------------------------------------------------
-def pair_macs(moe: MoE) -> int:
+def pair_macs(experts: Experts) -> int:
     """MACs of one expert on one token (or slot): up (+ gate) projection d·h each, down projection h·d."""
-    experts = moe.experts
     return (3 if experts.gated else 2) * experts.d_model * experts.d_hidden
+
+
+def expert_macs(experts: Experts | DualPathExperts, routing: Routing) -> int:
+    """MACs the experts spend on one call: executed pairs × per-pair cost; dual-path groups at their own widths
+    (every expert of a slot router gets ``b·s`` slots)."""
+    if isinstance(experts, DualPathExperts):
+        slots_per_expert = routing.dispatch.shape[0] * routing.slots_per_expert  # b·s
+        return slots_per_expert * sum(group.num_experts * pair_macs(group) for group in experts.groups())
+    return routed_work(routing, experts.d_model)[0] * pair_macs(experts)
 
 
 def routed_work(routing: Routing, d_model: int) -> tuple[int, int]:
@@ -136,11 +145,12 @@ def routed_work(routing: Routing, d_model: int) -> tuple[int, int]:
 
 
 class _MoETally:
-    """Per MoE layer: tokens, executed pairs and slot-mixing MACs summed over the calls of one forward."""
+    """Per MoE layer: tokens, executed pairs, expert and slot-mixing MACs summed over the calls of one forward."""
 
     def __init__(self) -> None:
         self.tokens: dict[str, int] = defaultdict(int)
         self.pairs: dict[str, int] = defaultdict(int)
+        self.experts: dict[str, int] = defaultdict(int)
         self.mixing: dict[str, int] = defaultdict(int)
         self._handles: list = []
 
@@ -154,6 +164,7 @@ class _MoETally:
         x = args[0] if args else kwargs["x"]
         self.tokens[name] += x.numel() // moe.d_model
         self.pairs[name] += pairs
+        self.experts[name] += expert_macs(moe.experts, moe.last_routing)
         self.mixing[name] += mixing
 
     def remove(self) -> None:
@@ -237,7 +248,8 @@ def _dense_ffn_macs(model: nn.Module, moe: MoE, tokens: int) -> float | None:
     hidden = dense_hidden(model, moe)
     if hidden is None:
         return None
-    return tokens * (3 if moe.experts.gated else 2) * moe.d_model * hidden
+    experts = moe.experts.core if isinstance(moe.experts, DualPathExperts) else moe.experts  # the dense FFN's kind
+    return tokens * (3 if experts.gated else 2) * moe.d_model * hidden
 
 
 def _outer_moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -264,7 +276,7 @@ def _moe_layer_report(name: str, moe: MoE, meter: _Meter, tally: _MoETally) -> d
     return {
         "tokens": tally.tokens[name],
         "pairs": tally.pairs[name],
-        "experts": tally.pairs[name] * pair_macs(moe),
+        "experts": tally.experts[name],
         "routers": meter.macs(f"{name}.router") + tally.mixing[name],
         "shared_experts": meter.macs(f"{name}.shared_expert") + meter.macs(f"{name}.shared_expert_gate"),
         "measured": meter.macs(name),

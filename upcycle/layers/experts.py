@@ -92,6 +92,11 @@ class Experts(nn.Module):
             "hidden_norm_eps": self.hidden_norm_eps,
         }  # fmt: skip
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> Experts:
+        """Inverse of :meth:`spec` (also after a JSON round trip, which turns the bias pair into a list)."""
+        return cls(**{**spec, "bias": tuple(spec["bias"])})
+
     @property
     def backend(self) -> str:
         return self._backend
@@ -118,13 +123,16 @@ class Experts(nn.Module):
             )
         return linear(hidden, self.w_down[i], None if self.b_down is None else self.b_down[i])
 
-    def forward_stacked(self, xs: torch.Tensor) -> torch.Tensor:
-        """Expert i on its own rows ``xs[i]``: ``[e, m, d] -> [e, m, d]`` with batched matmuls."""
+    def forward_stacked(self, xs: torch.Tensor, hidden_dropout: float = 0.0) -> torch.Tensor:
+        """Expert i on its own rows ``xs[i]``: ``[e, m, d] -> [e, m, d]`` with batched matmuls. ``hidden_dropout``:
+        dropout on the hidden units where timm's ``Mlp`` has ``drop1`` (the caller passes 0 outside training)."""
         hidden = _batched_linear(xs, self.w_up, self.b_up)  # [e, m, h]
         if self.w_gate is None:
             hidden = self.act(hidden)
         else:
             hidden = self.act(_batched_linear(xs, self.w_gate, self.b_gate)) * hidden
+        if hidden_dropout:
+            hidden = F.dropout(hidden, hidden_dropout)
         if self.norm_weight is not None:
             hidden = F.layer_norm(hidden, hidden.shape[-1:], eps=self.hidden_norm_eps)
             hidden = hidden * self.norm_weight.unsqueeze(1) + self.norm_bias.unsqueeze(1)
@@ -142,13 +150,17 @@ class Experts(nn.Module):
             y = self._forward_slots(x, routing)
         return y if self.shared_bias is None else y + self.shared_bias
 
-    def _forward_slots(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        b, _, d = x.shape
-        e, s = self.num_experts, routing.slots_per_expert
-        slots = torch.einsum("bnS,bnd->bSd", routing.dispatch.to(x.dtype), x)  # [b, e*s, d]
+    def forward_slots(self, slots: torch.Tensor, slots_per_expert: int, hidden_dropout: float = 0.0) -> torch.Tensor:
+        """Expert ``j // s`` on slot j of every example: ``[b, e*s, d] -> [b, e*s, d]`` (no mixing, no shared bias)."""
+        b, _, d = slots.shape
+        e, s = self.num_experts, slots_per_expert
         per_expert = slots.reshape(b, e, s, d).transpose(0, 1).reshape(e, b * s, d)
-        out = self.forward_stacked(per_expert)  # [e, b*s, d]
-        out = out.reshape(e, b, s, d).transpose(0, 1).reshape(b, e * s, d)
+        out = self.forward_stacked(per_expert, hidden_dropout)  # [e, b*s, d]
+        return out.reshape(e, b, s, d).transpose(0, 1).reshape(b, e * s, d)
+
+    def _forward_slots(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        slots = torch.einsum("bnS,bnd->bSd", routing.dispatch.to(x.dtype), x)  # [b, e*s, d]
+        out = self.forward_slots(slots, routing.slots_per_expert)
         return torch.einsum("bnS,bSd->bnd", routing.combine.to(out.dtype), out)  # [b, n, d]
 
     def extra_repr(self) -> str:

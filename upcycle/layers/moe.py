@@ -7,6 +7,8 @@ or flat tokens ``[t, d]``. Sparse routers see all tokens flattened to ``[t, d]``
 The layer returns only the output tensor (so it can replace an FFN inside timm / transformers blocks) and keeps the
 latest :class:`Routing` on ``self.last_routing``; ``collect_aux_losses(model)`` reads them explicitly.
 Shared expert: a dense FFN every token passes through, optionally scaled by ``sigmoid(w·x)`` (Qwen2-MoE).
+The experts are an :class:`Experts` or, behind a slot router, :class:`DualPathExperts` (SpheroMoE's core and
+universal groups); the layer reads only their ``num_experts`` and ``d_model``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .dual_experts import DualPathExperts
 from .experts import Experts
 from .ffn import FFN
 from .routers.base import Router
@@ -24,7 +27,7 @@ class MoE(nn.Module):
     def __init__(
         self,
         router: Router,
-        experts: Experts,
+        experts: Experts | DualPathExperts,
         shared_expert: FFN | None = None,
         shared_expert_gate: bool = False,
     ):
@@ -90,10 +93,12 @@ def build_moe(spec: dict) -> MoE:
 
     router_args = dict(spec["router"])
     router = build_router(router_args.pop("name"), **router_args)
-    experts_args = dict(spec["experts"])
-    experts_args["bias"] = tuple(experts_args["bias"])
+    # specs saved before dual-path experts existed have no "type": they are plain Experts
+    experts_spec = spec["experts"]
+    is_dual = experts_spec.get("type") == "dual_path"
+    experts = DualPathExperts.from_spec(experts_spec) if is_dual else Experts.from_spec(experts_spec)
     shared = None if spec.get("shared_expert") is None else FFN(**spec["shared_expert"])
-    layer = MoE(router, Experts(**experts_args), shared, bool(spec.get("shared_expert_gate")))
+    layer = MoE(router, experts, shared, bool(spec.get("shared_expert_gate")))
     for name, buffer in spec.get("buffers", {}).items():
         layer.register_buffer(name, torch.zeros(buffer["shape"], dtype=getattr(torch, buffer["dtype"])))
     return layer

@@ -5,8 +5,11 @@ Written for obviousness: one token, one vector, one expert at a time, reading th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from .dual_experts import DualPathExperts
 from .experts import Experts
 from .routing import Routing
 
@@ -42,6 +45,24 @@ def naive_sparse_moe(experts: Experts, x: torch.Tensor, routing: Routing) -> tor
 
 def naive_slot_moe(experts: Experts, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """x [b, n, d] -> [b, n, d] for slot routing, one example and one slot at a time."""
+    y = _naive_slots(lambda i, v: expert_on_vector(experts, i, v), x, routing)
+    return y if experts.shared_bias is None else y + experts.shared_bias
+
+
+def naive_dual_path_moe(experts: DualPathExperts, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """x [b, n, d] -> [b, n, d] for dual-path experts: expert i < e_c is core expert i, else universal i - e_c."""
+
+    def expert(i: int, v: torch.Tensor) -> torch.Tensor:
+        if i < experts.num_core:
+            return expert_on_vector(experts.core, i, v)
+        return expert_on_vector(experts.universal, i - experts.num_core, v)
+
+    return _naive_slots(expert, x, routing)
+
+
+def _naive_slots(expert: Callable[[int, torch.Tensor], torch.Tensor], x: torch.Tensor, routing: Routing):
+    """Slot j of each example mixes its tokens by ``dispatch[:, :, j]`` and runs through ``expert(j // s, ·)``;
+    each token mixes the slot outputs by its ``combine`` row."""
     b, n, _ = x.shape
     s = routing.slots_per_expert
     out = []
@@ -49,9 +70,8 @@ def naive_slot_moe(experts: Experts, x: torch.Tensor, routing: Routing) -> torch
         slot_outputs = []
         for slot in range(routing.dispatch.shape[-1]):
             slot_input = (routing.dispatch[example, :, slot].unsqueeze(-1) * x[example]).sum(0)  # [d]
-            slot_outputs.append(expert_on_vector(experts, slot // s, slot_input))
+            slot_outputs.append(expert(slot // s, slot_input))
         slot_outputs = torch.stack(slot_outputs)  # [S, d]
         tokens = [(routing.combine[example, token].unsqueeze(-1) * slot_outputs).sum(0) for token in range(n)]
-        y = torch.stack(tokens)
-        out.append(y if experts.shared_bias is None else y + experts.shared_bias)
+        out.append(torch.stack(tokens))
     return torch.stack(out)

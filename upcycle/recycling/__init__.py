@@ -1,7 +1,9 @@
 """Recycling methods: dense FFN weights -> an MoE layer. Each is a small registered function with its paper.
 
 A method has the signature ``fn(dense: DenseFFN, config: ConvertConfig, generator: torch.Generator) -> MoE`` and
-may register a pydantic model for its options (``config.options``), which the config validates.
+may register a pydantic model for its options (``config.options``), which the config validates. A method that
+needs to look at the whole model first (calibration statistics, a predecessor checkpoint) registers ``prepare``:
+``prepare(model, adapter, sites, config) -> [context per site]``, and then receives ``context=`` per layer.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ class Method:
     paper: str
     description: str
     options_model: type[BaseModel] | None
+    prepare: Callable | None = None
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, paper: str, description: str, options: type[BaseModel] | None = None):
+def register_method(name: str, paper: str, description: str, options: type[BaseModel] | None = None,
+                    prepare: Callable | None = None):  # fmt: skip
     def decorator(fn: Callable) -> Callable:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        _METHODS[name] = Method(name, fn, paper, description, options)
+        _METHODS[name] = Method(name, fn, paper, description, options, prepare)
         return fn
 
     return decorator
@@ -51,6 +55,6 @@ def list_methods() -> list[dict[str, str]]:
     ]
 
 
-from . import split, upcycle  # noqa: E402,F401  (registration side effect)
+from . import jetpack, split, upcycle  # noqa: E402,F401  (registration side effect)
 
 __all__ = ["DenseFFN", "Method", "get_method", "list_methods", "register_method"]

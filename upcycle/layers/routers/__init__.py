@@ -1,8 +1,17 @@
 """Routers, registered by name: ``build_router("topk", d_model=..., num_experts=..., top_k=2)``."""
 
-from . import soft, topk  # noqa: F401  (registration side effect)
+from . import soft, sphero, topk  # noqa: F401  (registration side effect)
 from .base import Router, build_router, list_routers, register_router
 from .soft import SoftMoERouter
+from .sphero import SpheroMoERouter
 from .topk import TopKRouter
 
-__all__ = ["Router", "SoftMoERouter", "TopKRouter", "build_router", "list_routers", "register_router"]
+__all__ = [
+    "Router",
+    "SoftMoERouter",
+    "SpheroMoERouter",
+    "TopKRouter",
+    "build_router",
+    "list_routers",
+    "register_router",
+]
