@@ -4,7 +4,8 @@ Presets (Fashion-MNIST is our "ImageNet-21k": 28×28 grey images, patch 4 -> 49 
     vit_xs      ViT, d 128, 4 blocks, 4 heads, FFN 512 (sized for CPU budgets: ~3× cheaper than vit_t)
     vit_t       ViT, d 192, 6 blocks, 3 heads, FFN 768 (a ViT-T-like width)
     vit_s       ViT, d 384, 6 blocks, 6 heads, FFN 1536 (the wider "S" predecessor MoE Jetpack recycles from)
-    convnext_t  ConvNeXt-Atto layout (dims 40-320, depths 2-2-6-2), 1×1 conv stem input of 1 channel
+    convnext_t  ConvNeXt-Atto layout (dims 40-320, depths 2-2-6-2), 1 input channel at 32 px (the
+                recorded input size: 4 stages need ≥ 32 px)
     lm_tiny / lm_tiny_parallel   upcycle's own byte-level LM, d 256, 4 layers, sequential / parallel blocks
 Any ``timm:ARCH`` works too. ``cached_pretrained`` trains a preset once per (preset, data, recipe) and reuses it.
 """
@@ -25,7 +26,8 @@ PRESETS: dict[str, dict] = {
     "vit_xs": {"timm": "vit_tiny_patch16_224", "kwargs": {**VIT, "depth": 4, "embed_dim": 128, "num_heads": 4}},
     "vit_t": {"timm": "vit_tiny_patch16_224", "kwargs": {**VIT, "embed_dim": 192, "num_heads": 3}},
     "vit_s": {"timm": "vit_small_patch16_224", "kwargs": {**VIT, "embed_dim": 384, "num_heads": 6}},
-    "convnext_t": {"timm": "convnext_atto", "kwargs": {"in_chans": 1}},
+    "convnext_t": {"timm": "convnext_atto", "kwargs": {"in_chans": 1,
+                                                       "pretrained_cfg_overlay": {"input_size": [1, 32, 32]}}},
     "lm_tiny": {"lm": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
                        "num_attention_heads": 4, "num_key_value_heads": 2, "parallel_attention": False}},
     "lm_tiny_parallel": {"lm": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,

@@ -73,7 +73,8 @@ class TimmAdapterMixin:
         patch_embed = getattr(model, "patch_embed", None)
         if patch_embed is not None and getattr(patch_embed, "img_size", None):
             height, width = patch_embed.img_size
-        channels = getattr(patch_embed, "proj", nn.Conv2d(channels, 1, 1)).in_channels if patch_embed else channels
+        stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # patch embedding or CNN stem
+        channels = stem.in_channels if stem is not None else channels
         return {"x": torch.randn(batch, channels, height, width, generator=generator)}
 
     def outputs(self, model: nn.Module, inputs: dict) -> torch.Tensor:

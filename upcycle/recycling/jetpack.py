@@ -16,9 +16,10 @@ set by importance averaged over the MoE layers) or ``sampled`` (released code: p
 outside the MoE layers (patch embedding, attention, norms, head) stay those of the model being converted.
 
 The layer (METHODS.md §2.2): dual-path experts, E_core core experts of hidden width h and E_univ universal
-experts of width h / ``universal_ratio``, one slot each by default, under the SpheroMoE router (or Soft MoE for
-the component ablation). Defaults follow the paper: E_core ≈ n/2 and E_univ ≈ n for n tokens per example. The
-sampled index sets are saved with the model as buffers (a seed is not portable across devices).
+experts of width h / ``universal_ratio``, one slot each by default (``router.slots_per_expert``), under the
+SpheroMoE router (or Soft MoE for the component ablation: ``slot_router=soft``). Defaults follow the paper:
+E_core ≈ n/2 and E_univ ≈ n for n tokens per example. The sampled index sets are saved with the model as
+buffers (a seed is not portable across devices).
 """
 
 from __future__ import annotations
@@ -60,14 +61,12 @@ class JetpackOptions(StrictModel):
     core_hidden: int | None = Field(None, ge=1, description="h (default: the model's FFN width; half of it when "
                                                             "sampling from the model itself)")  # fmt: skip
     universal_ratio: int = Field(4, ge=1, description="universal expert width = h / this")
-    slots_per_expert: int = Field(1, ge=1, description="slots each expert processes per example")
-    router: Literal["sphero", "soft"] = Field("sphero", description="SpheroMoE, or Soft MoE (component ablation)")
+    slot_router: Literal["sphero", "soft"] = Field("sphero", description="SpheroMoE, or Soft MoE (ablation)")
     key_projection: bool = Field(False, description="learnable key projection (paper Alg. 1; released code: none)")
     key_norm: bool = Field(True, description="L2-normalise keys (released code; paper text keeps their scale)")
     temperatures: Literal["one", "two"] = Field("two", description="one shared or dispatch + combine temperatures")
     temperature_init: float = Field(0.5, gt=0, description="initial temperature (released code: 0.5)")
     combine: Literal["softmax", "entmax15"] = Field("softmax", description="combine over slots (released: entmax15)")
-    noise_std: float = Field(0.0, ge=0, description="Gaussian noise on router logits, training only")
     expert_dropout: float = Field(0.0, ge=0, lt=1, description="expert regularisation probability")
     dropout_variant: Literal["paper", "released"] = Field("paper", description="per-expert drop, or the code's")
     calibration_data: str = Field("fashion_mnist", description="dataset whose train images calibrate (never test)")
@@ -107,20 +106,21 @@ def prepare(model, adapter, sites, config) -> list[LayerSource]:
     images = calibration_images(source_model, source_adapter, options)
     statistics = collect_ffn_statistics(source_model, images, sites=[s.name for s in paired],
                                         coactivation=options.strategy == "graph", adapter=source_adapter)  # fmt: skip
-    d_model = adapter.read_ffn(model, sites[0]).d_model
-    shared = None
-    if options.channels == "shared":  # one channel set for all layers: the residual stream's channels are global
-        mean_importance = torch.stack([statistics[s.name].channel_importance for s in paired]).mean(0)
-        shared = channel_selection(mean_importance, d_model, 1, "shared")[0]
-    return [
-        LayerSource(
-            source_adapter.read_ffn(source_model, s),
-            statistics[s.name],
-            shared,
-            max(1, statistics[s.name].tokens // images.shape[0]),
-        )
-        for s in paired
-    ]
+    sources = [source_adapter.read_ffn(source_model, s) for s in paired]
+    widths = [adapter.read_ffn(model, site).d_model for site in sites]
+    # One channel set per residual stream (all of a ViT; one per ConvNeXt stage), by importance averaged over its
+    # MoE layers: the layers of one stream read the same channels.
+    streams: dict[int, list[torch.Tensor]] = {}
+    for dense, s in zip(sources, paired, strict=True):
+        streams.setdefault(dense.d_model, []).append(statistics[s.name].channel_importance)
+    layer_sources = []
+    for dense, s, width in zip(sources, paired, widths, strict=True):
+        shared = None
+        if options.channels == "shared":
+            shared = channel_selection(torch.stack(streams[dense.d_model]).mean(0), width, 1, "shared")[0]
+        tokens = max(1, statistics[s.name].tokens // images.shape[0])
+        layer_sources.append(LayerSource(dense, statistics[s.name], shared, tokens))
+    return layer_sources
 
 
 def calibration_images(model, adapter, options: JetpackOptions) -> torch.Tensor:
@@ -142,7 +142,10 @@ def moe_jetpack(dense: DenseFFN, config, generator: torch.Generator, context: La
     e_univ = n if options.universal_experts is None else options.universal_experts
     source = dense if options.strategy == "copy" else context.dense
     h_source = source.d_hidden
-    h = options.core_hidden or (dense.d_hidden if h_source > dense.d_hidden else h_source // 2)
+    # Default width: the model's own FFN width, except when sampling the model's own units (whole copies would not
+    # differ), then half of them.
+    sampling_itself = options.strategy != "copy" and h_source == dense.d_hidden
+    h = options.core_hidden or (h_source // 2 if sampling_itself else dense.d_hidden)
     h_univ = max(1, h // options.universal_ratio)
     if h > h_source:
         raise ValueError(f"core_hidden {h} is wider than the source FFN's {h_source} hidden units")
@@ -167,7 +170,7 @@ def moe_jetpack(dense: DenseFFN, config, generator: torch.Generator, context: La
     fill(experts.core, source, core_units, None if channels is None else channels[:e_core])
     if univ_units is not None:
         fill(experts.universal, source, univ_units, None if channels is None else channels[e_core:])
-    layer = MoE(build_router(options, dense.d_model, e_core + e_univ, generator), experts)
+    layer = MoE(build_router(options, config.router, dense.d_model, e_core + e_univ, generator), experts)
     layer.register_buffer("core_hidden_units", core_units)
     if univ_units is not None:
         layer.register_buffer("universal_hidden_units", univ_units)
@@ -202,13 +205,14 @@ def fill(experts, source: DenseFFN, hidden: torch.Tensor, channels: torch.Tensor
             target.copy_(tensor)
 
 
-def build_router(options: JetpackOptions, d_model: int, num_experts: int, generator: torch.Generator):
-    if options.router == "soft":
-        return soft_router(d_model, num_experts, options.slots_per_expert, generator)
+def build_router(options: JetpackOptions, recipe_router, d_model: int, num_experts: int, generator: torch.Generator):
+    """The slot router; ``slots_per_expert`` and ``noise_std`` come from the recipe's router section."""
+    if options.slot_router == "soft":
+        return soft_router(d_model, num_experts, recipe_router.slots_per_expert, generator)
     router = SpheroMoERouter(
-        d_model, num_experts, slots_per_expert=options.slots_per_expert, key_projection=options.key_projection,
+        d_model, num_experts, slots_per_expert=recipe_router.slots_per_expert, key_projection=options.key_projection,
         key_norm=options.key_norm, temperatures=options.temperatures, temperature_init=options.temperature_init,
-        noise_std=options.noise_std, combine=options.combine,
+        noise_std=recipe_router.noise_std, combine=options.combine,
     )  # fmt: skip
     with torch.no_grad():  # drawn from the conversion's generator, so a conversion is reproducible
         torch.nn.init.orthogonal_(router.slot_queries, generator=generator)
