@@ -105,3 +105,7 @@ def test_bad_input(predecessor, tmp_path):
         jetpack(vit(32), predecessor, core_hidden=300)
     with pytest.raises(ValueError, match="strategy"):
         jetpack(vit(32), predecessor, strategy="magic")
+    lm = build_dense("lm_tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1)  # fmt: skip
+    with pytest.raises(ValueError, match="moe_jetpack recycles vision models"):
+        jetpack(lm)

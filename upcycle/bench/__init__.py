@@ -1,3 +1,3 @@
 """Benchmarks: each writes ``results/<name>.json`` (summary, rows, command, machine) and PNG plots."""
 
-BENCHMARKS = ("layers", "convert")
+BENCHMARKS = ("layers", "convert", "jetpack")

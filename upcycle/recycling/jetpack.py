@@ -90,6 +90,9 @@ def prepare(model, adapter, sites, config) -> list[LayerSource]:
     from ..sources import load_source
 
     options = JetpackOptions(**config.options)
+    if adapter.task != "image_classification":
+        raise ValueError(f"moe_jetpack recycles vision models (it calibrates on images); {adapter.name} models are "
+                         f"{adapter.task.replace('_', ' ')} models: use sparse_upcycling or neuron_split")  # fmt: skip
     source_model, source_adapter = model, adapter
     if options.predecessor is not None:
         source_model = load_source(options.predecessor)

@@ -1,0 +1,237 @@
+"""``upcycle bench jetpack``: MoE Jetpack's Table 1 (arXiv 2406.04801) at a scale two CPU cores can run.
+
+Pre-training (cached under ``$UPCYCLE_CACHE/pretrained``; our "ImageNet-21k" is Fashion-MNIST): a small ViT "T"
+(the model being fine-tuned) and a 2× wider ViT "S" of the same depth (the predecessor MoE Jetpack samples experts
+from, as the paper fills ViT-T experts from ViT-S). Then every column is fine-tuned on each downstream set
+(MNIST 5k, sklearn digits) with one recipe (same epochs, augmentation, optimiser):
+
+    dense_scratch      ViT-T, random init
+    dense_pretrained   ViT-T from its Fashion-MNIST checkpoint (fresh head)
+    softmoe_scratch    ViT-T with Soft MoE in the last half of the blocks (one slot per token, experts as wide as
+                       MoE Jetpack's expert MACs allow), all weights at random init
+    jetpack            ViT-T checkpoint + SpheroMoE dual-path layers in the last half, experts sampled by
+                       activation importance out of ViT-S's FFNs (calibrated on the downstream train split)
+
+Test accuracy is read once per run, after training; every choice (the ablation's defaults, the convergence
+epochs) uses the validation split. The ablation (one downstream set, one seed) varies the recycling strategy under
+SpheroMoE, Soft MoE vs SpheroMoE on the same recycled experts, and the paper-vs-released-code switches.
+Convergence speed-up: epochs Soft MoE from scratch needs to reach its final validation accuracy, divided by the
+epochs MoE Jetpack needs to reach the same accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .common import write_results
+
+VIT = {"img_size": 28, "patch_size": 4, "in_chans": 1, "mlp_ratio": 4.0}
+
+
+@dataclass(frozen=True)
+class Scale:
+    target: dict  # ViT-T overrides of the vit_xs preset
+    predecessor: dict  # ViT-S overrides
+    pretrain: dict  # training options of both pre-training runs
+    finetune: dict  # training options shared by every fine-tuning run
+    datasets: tuple[str, ...] = ("mnist5k", "digits")
+    seeds: tuple[int, ...] = (0, 1)
+    ablation_data: str = "mnist5k"
+    calibration_images: int = 512
+    ablations: dict[str, dict] = field(default_factory=dict)
+
+
+ABLATIONS = {  # name -> moe_jetpack options on top of the defaults (importance, SpheroMoE, paper switches)
+    "strategy=graph": {"strategy": "graph"},
+    "strategy=uniform": {"strategy": "uniform"},
+    "strategy=random": {"strategy": "random"},
+    "strategy=copy (sparse upcycling)": {"strategy": "copy"},
+    "router=soft (Soft MoE + recycling)": {"slot_router": "soft"},
+    "key_norm=off (paper text)": {"key_norm": False},
+    "key_projection=on (paper Alg. 1)": {"key_projection": True},
+    "combine=entmax15 (released code)": {"combine": "entmax15"},
+    "temperatures=one": {"temperatures": "one"},
+    "expert_dropout=0.1 paper": {"expert_dropout": 0.1, "dropout_variant": "paper"},
+    "expert_dropout=0.1 released": {"expert_dropout": 0.1, "dropout_variant": "released"},
+}
+
+FINETUNE = {"batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup": 0.1, "label_smoothing": 0.1,
+            "augment": True, "precision": "fp32"}  # fmt: skip
+FULL = Scale(
+    target={**VIT, "embed_dim": 64, "depth": 4, "num_heads": 2},
+    predecessor={**VIT, "embed_dim": 128, "depth": 4, "num_heads": 4},
+    pretrain={"data": "fashion_mnist", "epochs": 3, "batch_size": 64, "lr": 1e-3, "label_smoothing": 0.1},
+    finetune={**FINETUNE, "epochs": 12},
+    ablations=ABLATIONS,
+)
+QUICK = Scale(
+    target={**VIT, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    predecessor={**VIT, "embed_dim": 64, "depth": 2, "num_heads": 2},
+    pretrain={"data": "fashion_mnist", "steps": 40, "batch_size": 64, "lr": 1e-3},
+    finetune={**FINETUNE, "epochs": 2},
+    seeds=(0,),
+    calibration_images=64,
+    ablations={k: ABLATIONS[k] for k in ("strategy=copy (sparse upcycling)", "router=soft (Soft MoE + recycling)")},
+)
+COLUMNS = ("dense_scratch", "dense_pretrained", "softmoe_scratch", "jetpack")
+
+
+def pretrained(scale: Scale, progress: bool) -> dict[str, Path]:
+    from ..pretrain import cached_pretrained
+
+    return {
+        name: cached_pretrained("vit_xs", scale.pretrain, progress=progress, model=overrides)
+        for name, overrides in (("target", scale.target), ("predecessor", scale.predecessor))
+    }
+
+
+def build_column(column: str, scale: Scale, checkpoints: dict[str, Path], data: str, seed: int,
+                 options: dict | None = None) -> torch.nn.Module:  # fmt: skip
+    """The model a column fine-tunes, built deterministically from ``seed``."""
+    import upcycle
+
+    from ..layers import moe_layers
+    from ..pretrain import build_dense
+
+    if column in ("dense_scratch", "softmoe_scratch"):
+        model = build_dense("vit_xs", num_classes=10, seed=seed, **scale.target)
+    else:
+        model = upcycle.load(checkpoints["target"])
+        torch.manual_seed(seed)
+        model.reset_classifier(10)  # a new task gets a fresh head
+    model.train()
+    if column.startswith("dense"):
+        return model
+    hidden = model.blocks[0].mlp.fc1.out_features
+    recipe = {"layers": "last_half", "seed": seed, "calibration_data": data,
+              "calibration_images": scale.calibration_images}  # fmt: skip
+    if column == "softmoe_scratch":
+        # Soft MoE with one single-slot expert per token; hidden width 3/4·H matches the expert MACs of the dual
+        # path (n/2 experts of H + n of H/4 = n·3H/4).
+        tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+        recipe.update(strategy="copy", slot_router="soft", core_experts=tokens, universal_experts=0,
+                      core_hidden=hidden * 3 // 4)  # fmt: skip
+        moe = upcycle.convert(model, "moe_jetpack", progress=False, **recipe)
+        for _, layer in moe_layers(moe):
+            layer.experts.core.reset_parameters()  # from scratch: no weight comes from the dense FFN
+        return moe
+    recipe.update(predecessor=str(checkpoints["predecessor"]), **(options or {}))
+    return upcycle.convert(model, "moe_jetpack", progress=False, **recipe)
+
+
+def finetune(model, data: str, scale: Scale, seed: int, workdir: Path) -> dict:
+    """Fine-tune with the shared recipe; validation every epoch, test once at the end."""
+    from ..data import load_dataset
+    from ..eval.report import evaluate_model
+    from ..train import train
+
+    steps_per_epoch = max(1, len(load_dataset(data, "train")) // scale.finetune["batch_size"])
+    recipe = {**scale.finetune, "data": data, "seed": seed, "eval_every": steps_per_epoch,
+              "log_every": steps_per_epoch, "checkpoint_every": 10**9}  # fmt: skip
+    start = time.perf_counter()
+    summary = train(model, recipe, workdir, progress=False)
+    seconds = time.perf_counter() - start
+    curve = [row for row in _read_rows(workdir / "metrics.csv") if row["split"] == "val"]
+    test = evaluate_model(model, data, "test", batch_size=256)
+    return {
+        "val_curve": [float(row["accuracy"]) for row in curve],
+        "val": summary["val"]["accuracy"],
+        "test": test["accuracy"],
+        "macs_per_image": test["macs_per_sample"],
+        "parameters": test["parameters"]["total"],
+        "active_parameters": test["parameters"]["active"],
+        "train_seconds": round(seconds, 1),
+        "images_per_second": round(len(curve) * steps_per_epoch * scale.finetune["batch_size"] / seconds, 1),
+    }
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def epochs_to_reach(curve: list[float], target: float) -> int | None:
+    """1-based epoch at which ``curve`` first reaches ``target`` (None: never)."""
+    return next((epoch for epoch, value in enumerate(curve, 1) if value >= target - 1e-9), None)
+
+
+def summarize(rows: list[dict], scale: Scale) -> dict:
+    summary: dict = {}
+    speedups = []
+    for data in scale.datasets:
+        curves = {}
+        for column in COLUMNS:
+            runs = [r for r in rows if r["data"] == data and r["column"] == column and r["kind"] == "main"]
+            tests = [r["test"] for r in runs]
+            summary[f"{data}.{column}"] = round(statistics.mean(tests), 4)
+            summary[f"{data}.{column}.spread"] = round((max(tests) - min(tests)) / 2, 4)
+            curves[column] = [statistics.mean(values) for values in zip(*(r["val_curve"] for r in runs), strict=True)]
+        target = curves["softmoe_scratch"][-1]
+        soft_epochs = epochs_to_reach(curves["softmoe_scratch"], target)
+        jetpack_epochs = epochs_to_reach(curves["jetpack"], target)
+        speedup = None if jetpack_epochs is None else soft_epochs / jetpack_epochs
+        summary[f"{data}.convergence_speedup"] = None if speedup is None else round(speedup, 2)
+        if speedup is not None:
+            speedups.append(speedup)
+        summary[f"{data}.ordering_holds"] = (
+            summary[f"{data}.jetpack"] > summary[f"{data}.dense_pretrained"] > summary[f"{data}.softmoe_scratch"]
+        )
+    summary["convergence_speedup"] = round(max(speedups), 2) if speedups else None
+    ablation = {r["variant"]: r for r in rows if r["kind"] == "ablation"}
+    if ablation:
+        summary["ablation_val"] = {name: round(r["val"], 4) for name, r in ablation.items()}
+        summary["ablation_test"] = {name: round(r["test"], 4) for name, r in ablation.items()}
+        summary["ablation_best_by_val"] = max(ablation, key=lambda name: ablation[name]["val"])
+        copy = ablation.get("strategy=copy (sparse upcycling)")
+        if copy is not None:
+            summary["importance_ge_sparse_upcycling"] = (
+                ablation["default (importance, SpheroMoE)"]["test"] >= copy["test"]
+            )
+    return summary
+
+
+def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool = True) -> dict:
+    from .jetpack_plots import plot_ablation, plot_curves
+
+    scale = QUICK if quick else FULL
+    began = time.perf_counter()
+    checkpoints = pretrained(scale, progress)
+    pretrain_seconds = time.perf_counter() - began
+    plan = [("main", data, column, seed, None, None) for data in scale.datasets for seed in scale.seeds
+            for column in COLUMNS]  # fmt: skip
+    plan += [("ablation", scale.ablation_data, "jetpack", scale.seeds[0], name, options)
+             for name, options in scale.ablations.items()]  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        bar = tqdm(plan, desc="jetpack bench", unit="run", disable=not progress)
+        for index, (kind, data, column, seed, variant, options) in enumerate(bar):
+            bar.set_postfix_str(f"{data} {variant or column} seed {seed}")
+            model = build_column(column, scale, checkpoints, data, seed, options)
+            result = finetune(model, data, scale, seed, Path(scratch) / f"run-{index}")
+            rows.append({"kind": kind, "data": data, "column": column, "seed": seed, "variant": variant, **result})
+            if kind == "main" and column == "jetpack" and data == scale.ablation_data and seed == scale.seeds[0]:
+                rows.append({**rows[-1], "kind": "ablation", "variant": "default (importance, SpheroMoE)"})
+    summary = summarize(rows, scale)
+    summary["pretrain_seconds"] = round(pretrain_seconds, 1)
+    summary["finetune_seconds"] = round(time.perf_counter() - began - pretrain_seconds, 1)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    curves_png, ablation_png = out / "jetpack_curves.png", out / "jetpack_ablation.png"
+    plot_curves(rows, scale.datasets, COLUMNS, curves_png)
+    plot_ablation([r for r in rows if r["kind"] == "ablation"], ablation_png)
+    path = write_results(
+        out, "jetpack", summary, rows, quick=quick, seeds=list(scale.seeds),
+        scale={"target": scale.target, "predecessor": scale.predecessor, "pretrain": scale.pretrain,
+               "finetune": scale.finetune, "calibration_images": scale.calibration_images},
+        reproduce="make install data && .venv/bin/upcycle bench jetpack" + (" --quick" if quick else ""),
+    )  # fmt: skip
+    return {"summary": summary, "json": str(path), "png": f"{curves_png}, {ablation_png}"}

@@ -1,0 +1,68 @@
+"""Plots of ``upcycle bench jetpack``: validation accuracy per epoch for each column, and the ablation bars."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+
+LABELS = {"dense_scratch": "dense, scratch", "dense_pretrained": "dense, pre-trained",
+          "softmoe_scratch": "Soft MoE, scratch", "jetpack": "MoE Jetpack"}  # fmt: skip
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def plot_curves(rows: list[dict], datasets, columns, path: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
+    for ax, data in zip(axes[0], datasets, strict=True):
+        for column in columns:
+            runs = [r for r in rows if r["kind"] == "main" and r["data"] == data and r["column"] == column]
+            curves = list(zip(*(r["val_curve"] for r in runs), strict=True))
+            mean = [statistics.mean(values) for values in curves]
+            low, high = [min(values) for values in curves], [max(values) for values in curves]
+            epochs = range(1, len(mean) + 1)
+            ax.plot(epochs, mean, marker="o", markersize=3, label=LABELS[column])
+            ax.fill_between(epochs, low, high, alpha=0.15)
+        ax.set_title(f"{data}: validation accuracy ({len(runs)} seeds, band = min–max)", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("MoE Jetpack vs dense and Soft MoE at equal epochs (CPU scale)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_ablation(rows: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    rows = sorted(rows, key=lambda r: r["val"])
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(rows) + 1.5))
+    positions = range(len(rows))
+    ax.barh([p - 0.2 for p in positions], [r["val"] for r in rows], height=0.38, label="validation (chooses)")
+    ax.barh([p + 0.2 for p in positions], [r["test"] for r in rows], height=0.38, label="test (reported)")
+    ax.set_yticks(list(positions), [r["variant"] for r in rows], fontsize=8)
+    low = min(min(r["val"], r["test"]) for r in rows) if rows else 0.0
+    ax.set_xlim(max(0.0, low - 0.05), 1.0)
+    ax.set_xlabel("accuracy")
+    where = f"{rows[0]['data']}, seed {rows[0]['seed']}" if rows else "-"
+    ax.set_title(f"MoE Jetpack ablation ({where})", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
