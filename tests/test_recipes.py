@@ -22,3 +22,17 @@ def test_recipe_validates(path):
 
 def test_there_are_recipes():
     assert RECIPES
+
+
+def test_jetpack_recipe_is_what_the_benchmark_runs():
+    from upcycle.bench import jetpack
+
+    path = Path(__file__).parent.parent / "recipes" / "jetpack_mnist5k.yaml"
+    train = load_train_config(path)
+    expected = load_train_config({**jetpack.FULL.finetune, "data": "mnist5k"})
+    ignored = {"eval_every", "log_every"}  # the benchmark sets them per dataset
+    assert {k: v for k, v in train.model_dump().items() if k not in ignored} == {
+        k: v for k, v in expected.model_dump().items() if k not in ignored
+    }
+    convert = load_convert_config(path)
+    assert convert.options["calibration_images"] == jetpack.FULL.calibration_images

@@ -1,6 +1,7 @@
 """``upcycle pretrain``: dense checkpoints we train ourselves, since no real ViT / ConvNeXt weights exist offline.
 
 Presets (Fashion-MNIST is our "ImageNet-21k": 28×28 grey images, patch 4 -> 49 tokens + class token):
+    vit_xxs     ViT, d 64, 4 blocks, 2 heads, FFN 256 (the "T" of the MoE Jetpack benchmark; vit_xs is its "S")
     vit_xs      ViT, d 128, 4 blocks, 4 heads, FFN 512 (sized for CPU budgets: ~3× cheaper than vit_t)
     vit_t       ViT, d 192, 6 blocks, 3 heads, FFN 768 (a ViT-T-like width)
     vit_s       ViT, d 384, 6 blocks, 6 heads, FFN 1536 (the wider "S" predecessor MoE Jetpack recycles from)
@@ -23,6 +24,7 @@ from .sources import cache_root, load_timm
 
 VIT = {"img_size": 28, "patch_size": 4, "in_chans": 1, "depth": 6, "mlp_ratio": 4.0}
 PRESETS: dict[str, dict] = {
+    "vit_xxs": {"timm": "vit_tiny_patch16_224", "kwargs": {**VIT, "depth": 4, "embed_dim": 64, "num_heads": 2}},
     "vit_xs": {"timm": "vit_tiny_patch16_224", "kwargs": {**VIT, "depth": 4, "embed_dim": 128, "num_heads": 4}},
     "vit_t": {"timm": "vit_tiny_patch16_224", "kwargs": {**VIT, "embed_dim": 192, "num_heads": 3}},
     "vit_s": {"timm": "vit_small_patch16_224", "kwargs": {**VIT, "embed_dim": 384, "num_heads": 6}},

@@ -34,13 +34,11 @@ from tqdm.auto import tqdm
 
 from .common import write_results
 
-VIT = {"img_size": 28, "patch_size": 4, "in_chans": 1, "mlp_ratio": 4.0}
-
 
 @dataclass(frozen=True)
 class Scale:
-    target: dict  # ViT-T overrides of the vit_xs preset
-    predecessor: dict  # ViT-S overrides
+    target: tuple[str, dict]  # ViT-T: a pre-training preset and architecture overrides
+    predecessor: tuple[str, dict]  # ViT-S, of the same depth
     pretrain: dict  # training options of both pre-training runs
     finetune: dict  # training options shared by every fine-tuning run
     datasets: tuple[str, ...] = ("mnist5k", "digits")
@@ -67,15 +65,15 @@ ABLATIONS = {  # name -> moe_jetpack options on top of the defaults (importance,
 FINETUNE = {"batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup": 0.1, "label_smoothing": 0.1,
             "augment": True, "precision": "fp32"}  # fmt: skip
 FULL = Scale(
-    target={**VIT, "embed_dim": 64, "depth": 4, "num_heads": 2},
-    predecessor={**VIT, "embed_dim": 128, "depth": 4, "num_heads": 4},
+    target=("vit_xxs", {}),  # d 64, 4 blocks, FFN 256
+    predecessor=("vit_xs", {}),  # d 128, 4 blocks, FFN 512
     pretrain={"data": "fashion_mnist", "epochs": 3, "batch_size": 64, "lr": 1e-3, "label_smoothing": 0.1},
     finetune={**FINETUNE, "epochs": 12},
     ablations=ABLATIONS,
 )
 QUICK = Scale(
-    target={**VIT, "embed_dim": 32, "depth": 2, "num_heads": 2},
-    predecessor={**VIT, "embed_dim": 64, "depth": 2, "num_heads": 2},
+    target=("vit_xxs", {"embed_dim": 32, "depth": 2}),
+    predecessor=("vit_xxs", {"depth": 2}),
     pretrain={"data": "fashion_mnist", "steps": 40, "batch_size": 64, "lr": 1e-3},
     finetune={**FINETUNE, "epochs": 2},
     seeds=(0,),
@@ -89,8 +87,8 @@ def pretrained(scale: Scale, progress: bool) -> dict[str, Path]:
     from ..pretrain import cached_pretrained
 
     return {
-        name: cached_pretrained("vit_xs", scale.pretrain, progress=progress, model=overrides)
-        for name, overrides in (("target", scale.target), ("predecessor", scale.predecessor))
+        name: cached_pretrained(arch, scale.pretrain, progress=progress, model=overrides)
+        for name, (arch, overrides) in (("target", scale.target), ("predecessor", scale.predecessor))
     }
 
 
@@ -103,7 +101,8 @@ def build_column(column: str, scale: Scale, checkpoints: dict[str, Path], data: 
     from ..pretrain import build_dense
 
     if column in ("dense_scratch", "softmoe_scratch"):
-        model = build_dense("vit_xs", num_classes=10, seed=seed, **scale.target)
+        arch, overrides = scale.target
+        model = build_dense(arch, num_classes=10, seed=seed, **overrides)
     else:
         model = upcycle.load(checkpoints["target"])
         torch.manual_seed(seed)
