@@ -36,14 +36,23 @@ from .common import write_results
 
 
 @dataclass(frozen=True)
-class Scale:
-    target: tuple[str, dict]  # ViT-T: a pre-training preset and architecture overrides
-    predecessor: tuple[str, dict]  # ViT-S, of the same depth
+class Family:
+    """One model family of the table: the model fine-tuned ("T"), its wider predecessor ("S"), where MoE goes."""
+
+    name: str
+    target: tuple[str, dict]  # a pre-training preset (or timm:ARCH) and architecture overrides
+    predecessor: tuple[str, dict]  # the same depth, wider
+    layers: str | list[int]  # which FFNs become MoE layers
+    datasets: tuple[str, ...]
+    seeds: tuple[int, ...]
     pretrain: dict  # training options of both pre-training runs
+
+
+@dataclass(frozen=True)
+class Scale:
+    families: tuple[Family, ...]
     finetune: dict  # training options shared by every fine-tuning run
-    datasets: tuple[str, ...] = ("mnist5k", "digits")
-    seeds: tuple[int, ...] = (0, 1)
-    ablation_data: str = "mnist5k"
+    ablation_data: str = "mnist5k"  # on the first family, its first seed
     calibration_images: int = 512
     ablations: dict[str, dict] = field(default_factory=dict)
 
@@ -62,46 +71,70 @@ ABLATIONS = {  # name -> moe_jetpack options on top of the defaults (importance,
     "expert_dropout=0.1 released": {"expert_dropout": 0.1, "dropout_variant": "released"},
 }
 
+PRETRAIN = {"data": "fashion_mnist", "epochs": 3, "batch_size": 64, "lr": 1e-3, "label_smoothing": 0.1}
+CONVNEXT_32PX = {"in_chans": 1, "pretrained_cfg_overlay": {"input_size": [1, 32, 32]}}
 FINETUNE = {"batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup": 0.1, "label_smoothing": 0.1,
-            "augment": True, "precision": "fp32"}  # fmt: skip
+            "augment": True, "precision": "fp32", "epochs": 12}  # fmt: skip
 FULL = Scale(
-    target=("vit_xxs", {}),  # d 64, 4 blocks, FFN 256
-    predecessor=("vit_xs", {}),  # d 128, 4 blocks, FFN 512
-    pretrain={"data": "fashion_mnist", "epochs": 3, "batch_size": 64, "lr": 1e-3, "label_smoothing": 0.1},
-    finetune={**FINETUNE, "epochs": 12},
+    families=(
+        # d 64 / FFN 256 sampled from d 128 / FFN 512, both 4 blocks: MoE in blocks 2-3
+        Family("vit", ("vit_xxs", {}), ("vit_xs", {}), "last_half", ("mnist5k", "digits"), (0, 1), PRETRAIN),
+        # ConvNeXt-Atto sampled from ConvNeXt-Pico (1.6× wider, same depths 2-2-6-2): MoE in the third stage's six
+        # blocks, where a 32 px image is 2×2 positions (the fourth stage has one)
+        Family(
+            "convnext",
+            ("convnext_t", {}),
+            ("timm:convnext_pico", CONVNEXT_32PX),
+            list(range(4, 10)),
+            ("mnist5k",),
+            (0,),
+            {**PRETRAIN, "epochs": 2},
+        ),
+    ),
+    finetune=FINETUNE,
     ablations=ABLATIONS,
 )
 QUICK = Scale(
-    target=("vit_xxs", {"embed_dim": 32, "depth": 2}),
-    predecessor=("vit_xxs", {"depth": 2}),
-    pretrain={"data": "fashion_mnist", "steps": 40, "batch_size": 64, "lr": 1e-3},
+    families=(
+        Family(
+            "vit",
+            ("vit_xxs", {"embed_dim": 32, "depth": 2}),
+            ("vit_xxs", {"depth": 2}),
+            "last_half",
+            ("mnist5k", "digits"),
+            (0,),
+            {**PRETRAIN, "epochs": None, "steps": 40},
+        ),
+    ),
     finetune={**FINETUNE, "epochs": 2},
-    seeds=(0,),
     calibration_images=64,
-    ablations={k: ABLATIONS[k] for k in ("strategy=copy (sparse upcycling)", "router=soft (Soft MoE + recycling)")},
+    ablations={k: ABLATIONS[k] for k in ("strategy=copy (sparse upcycling)",)},
 )
 COLUMNS = ("dense_scratch", "dense_pretrained", "softmoe_scratch", "jetpack")
+DEFAULT_VARIANT = "default (importance, SpheroMoE)"
 
 
-def pretrained(scale: Scale, progress: bool) -> dict[str, Path]:
+def pretrained(family: Family, progress: bool) -> dict[str, Path]:
     from ..pretrain import cached_pretrained
 
     return {
-        name: cached_pretrained(arch, scale.pretrain, progress=progress, model=overrides)
-        for name, (arch, overrides) in (("target", scale.target), ("predecessor", scale.predecessor))
+        name: cached_pretrained(arch, family.pretrain, progress=progress, model=overrides)
+        for name, (arch, overrides) in (("target", family.target), ("predecessor", family.predecessor))
     }
 
 
-def build_column(column: str, scale: Scale, checkpoints: dict[str, Path], data: str, seed: int,
-                 options: dict | None = None) -> torch.nn.Module:  # fmt: skip
+def build_column(column: str, family: Family, checkpoints: dict[str, Path], data: str, seed: int,
+                 calibration_images: int, options: dict | None = None) -> torch.nn.Module:  # fmt: skip
     """The model a column fine-tunes, built deterministically from ``seed``."""
     import upcycle
 
+    from ..adapters import find_adapter
+    from ..convert import select_layers
     from ..layers import moe_layers
     from ..pretrain import build_dense
 
     if column in ("dense_scratch", "softmoe_scratch"):
-        arch, overrides = scale.target
+        arch, overrides = family.target
         model = build_dense(arch, num_classes=10, seed=seed, **overrides)
     else:
         model = upcycle.load(checkpoints["target"])
@@ -110,15 +143,14 @@ def build_column(column: str, scale: Scale, checkpoints: dict[str, Path], data: 
     model.train()
     if column.startswith("dense"):
         return model
-    hidden = model.blocks[0].mlp.fc1.out_features
-    recipe = {"layers": "last_half", "seed": seed, "calibration_data": data,
-              "calibration_images": scale.calibration_images}  # fmt: skip
+    recipe = {"layers": family.layers, "seed": seed, "calibration_data": data, "calibration_images": calibration_images}
     if column == "softmoe_scratch":
-        # Soft MoE with one single-slot expert per token; hidden width 3/4·H matches the expert MACs of the dual
-        # path (n/2 experts of H + n of H/4 = n·3H/4).
-        tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-        recipe.update(strategy="copy", slot_router="soft", core_experts=tokens, universal_experts=0,
-                      core_hidden=hidden * 3 // 4)  # fmt: skip
+        # Soft MoE: one single-slot expert per token (no universal path); hidden width 3/4·H matches the expert MACs
+        # of MoE Jetpack's dual path (n/2 experts of H + n of H/4 = n·3H/4).
+        adapter = find_adapter(model)
+        sites = adapter.ffn_sites(model)
+        hidden = adapter.read_ffn(model, sites[select_layers(len(sites), family.layers)[0]]).d_hidden
+        recipe.update(strategy="copy", slot_router="soft", universal_experts=0, core_hidden=hidden * 3 // 4)
         moe = upcycle.convert(model, "moe_jetpack", progress=False, **recipe)
         for _, layer in moe_layers(moe):
             layer.experts.core.reset_parameters()  # from scratch: no weight comes from the dense FFN
@@ -164,27 +196,34 @@ def epochs_to_reach(curve: list[float], target: float) -> int | None:
 
 
 def summarize(rows: list[dict], scale: Scale) -> dict:
+    """Mean ± half-range test accuracy per (family, set, column); the ViT keys carry no family prefix."""
     summary: dict = {}
     speedups = []
-    for data in scale.datasets:
-        curves = {}
-        for column in COLUMNS:
-            runs = [r for r in rows if r["data"] == data and r["column"] == column and r["kind"] == "main"]
-            tests = [r["test"] for r in runs]
-            summary[f"{data}.{column}"] = round(statistics.mean(tests), 4)
-            summary[f"{data}.{column}.spread"] = round((max(tests) - min(tests)) / 2, 4)
-            curves[column] = [statistics.mean(values) for values in zip(*(r["val_curve"] for r in runs), strict=True)]
-        target = curves["softmoe_scratch"][-1]
-        soft_epochs = epochs_to_reach(curves["softmoe_scratch"], target)
-        jetpack_epochs = epochs_to_reach(curves["jetpack"], target)
-        speedup = None if jetpack_epochs is None else soft_epochs / jetpack_epochs
-        summary[f"{data}.convergence_speedup"] = None if speedup is None else round(speedup, 2)
-        if speedup is not None:
-            speedups.append(speedup)
-        summary[f"{data}.ordering_holds"] = (
-            summary[f"{data}.jetpack"] > summary[f"{data}.dense_pretrained"] > summary[f"{data}.softmoe_scratch"]
-        )
-    summary["convergence_speedup"] = round(max(speedups), 2) if speedups else None
+    for family in scale.families:
+        for data in family.datasets:
+            prefix = data if family is scale.families[0] else f"{family.name}.{data}"
+            curves = {}
+            for column in COLUMNS:
+                runs = [r for r in rows if (r["family"], r["data"], r["column"], r["kind"]) ==
+                        (family.name, data, column, "main")]  # fmt: skip
+                tests = [r["test"] for r in runs]
+                summary[f"{prefix}.{column}"] = round(statistics.mean(tests), 4)
+                summary[f"{prefix}.{column}.spread"] = round((max(tests) - min(tests)) / 2, 4)
+                curves[column] = [statistics.mean(v) for v in zip(*(r["val_curve"] for r in runs), strict=True)]
+            target = curves["softmoe_scratch"][-1]
+            jetpack_epochs = epochs_to_reach(curves["jetpack"], target)
+            speedup = (
+                None if jetpack_epochs is None else epochs_to_reach(curves["softmoe_scratch"], target) / jetpack_epochs
+            )
+            summary[f"{prefix}.convergence_speedup"] = None if speedup is None else round(speedup, 2)
+            if speedup is not None and family is scale.families[0]:
+                speedups.append(speedup)
+            summary[f"{prefix}.ordering_holds"] = (
+                summary[f"{prefix}.jetpack"]
+                > summary[f"{prefix}.dense_pretrained"]
+                > summary[f"{prefix}.softmoe_scratch"]
+            )
+    summary["convergence_speedup"] = round(max(speedups), 2) if speedups else None  # the paper's "up to"
     ablation = {r["variant"]: r for r in rows if r["kind"] == "ablation"}
     if ablation:
         summary["ablation_val"] = {name: round(r["val"], 4) for name, r in ablation.items()}
@@ -192,9 +231,7 @@ def summarize(rows: list[dict], scale: Scale) -> dict:
         summary["ablation_best_by_val"] = max(ablation, key=lambda name: ablation[name]["val"])
         copy = ablation.get("strategy=copy (sparse upcycling)")
         if copy is not None:
-            summary["importance_ge_sparse_upcycling"] = (
-                ablation["default (importance, SpheroMoE)"]["test"] >= copy["test"]
-            )
+            summary["importance_ge_sparse_upcycling"] = ablation[DEFAULT_VARIANT]["test"] >= copy["test"]
     return summary
 
 
@@ -203,34 +240,39 @@ def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool 
 
     scale = QUICK if quick else FULL
     began = time.perf_counter()
-    checkpoints = pretrained(scale, progress)
+    checkpoints = {family.name: pretrained(family, progress) for family in scale.families}
     pretrain_seconds = time.perf_counter() - began
-    plan = [("main", data, column, seed, None, None) for data in scale.datasets for seed in scale.seeds
-            for column in COLUMNS]  # fmt: skip
-    plan += [("ablation", scale.ablation_data, "jetpack", scale.seeds[0], name, options)
+    first = scale.families[0]
+    plan = [("main", family, data, column, seed, None, None) for family in scale.families
+            for data in family.datasets for seed in family.seeds for column in COLUMNS]  # fmt: skip
+    plan += [("ablation", first, scale.ablation_data, "jetpack", first.seeds[0], name, options)
              for name, options in scale.ablations.items()]  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         bar = tqdm(plan, desc="jetpack bench", unit="run", disable=not progress)
-        for index, (kind, data, column, seed, variant, options) in enumerate(bar):
-            bar.set_postfix_str(f"{data} {variant or column} seed {seed}")
-            model = build_column(column, scale, checkpoints, data, seed, options)
+        for index, (kind, family, data, column, seed, variant, options) in enumerate(bar):
+            bar.set_postfix_str(f"{family.name} {data} {variant or column} seed {seed}")
+            model = build_column(column, family, checkpoints[family.name], data, seed, scale.calibration_images,
+                                 options)  # fmt: skip
             result = finetune(model, data, scale, seed, Path(scratch) / f"run-{index}")
-            rows.append({"kind": kind, "data": data, "column": column, "seed": seed, "variant": variant, **result})
-            if kind == "main" and column == "jetpack" and data == scale.ablation_data and seed == scale.seeds[0]:
-                rows.append({**rows[-1], "kind": "ablation", "variant": "default (importance, SpheroMoE)"})
+            row = {"kind": kind, "family": family.name, "data": data, "column": column, "seed": seed,
+                   "variant": variant, **result}  # fmt: skip
+            rows.append(row)
+            if (kind, family, data, column, seed) == ("main", first, scale.ablation_data, "jetpack", first.seeds[0]):
+                rows.append({**row, "kind": "ablation", "variant": DEFAULT_VARIANT})
     summary = summarize(rows, scale)
     summary["pretrain_seconds"] = round(pretrain_seconds, 1)
     summary["finetune_seconds"] = round(time.perf_counter() - began - pretrain_seconds, 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     curves_png, ablation_png = out / "jetpack_curves.png", out / "jetpack_ablation.png"
-    plot_curves(rows, scale.datasets, COLUMNS, curves_png)
+    plot_curves(rows, COLUMNS, curves_png)
     plot_ablation([r for r in rows if r["kind"] == "ablation"], ablation_png)
+    families = {f.name: {"target": f.target, "predecessor": f.predecessor, "layers": f.layers, "seeds": f.seeds,
+                         "pretrain": f.pretrain} for f in scale.families}  # fmt: skip
     path = write_results(
-        out, "jetpack", summary, rows, quick=quick, seeds=list(scale.seeds),
-        scale={"target": scale.target, "predecessor": scale.predecessor, "pretrain": scale.pretrain,
-               "finetune": scale.finetune, "calibration_images": scale.calibration_images},
+        out, "jetpack", summary, rows, quick=quick, families=families, finetune=scale.finetune,
+        calibration_images=scale.calibration_images,
         reproduce="make install data && .venv/bin/upcycle bench jetpack" + (" --quick" if quick else ""),
     )  # fmt: skip
     return {"summary": summary, "json": str(path), "png": f"{curves_png}, {ablation_png}"}

@@ -25,19 +25,25 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_curves(rows: list[dict], datasets, columns, path: Path) -> None:
+def plot_curves(rows: list[dict], columns, path: Path) -> None:
+    """One panel per (family, downstream set): validation accuracy per epoch, mean over seeds with a min–max band."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
-    for ax, data in zip(axes[0], datasets, strict=True):
+    panels = list(dict.fromkeys((r["family"], r["data"]) for r in rows if r["kind"] == "main"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (family, data) in zip(axes[0], panels, strict=True):
         for column in columns:
-            runs = [r for r in rows if r["kind"] == "main" and r["data"] == data and r["column"] == column]
+            runs = [
+                r
+                for r in rows
+                if r["kind"] == "main" and (r["family"], r["data"], r["column"]) == (family, data, column)
+            ]
             curves = list(zip(*(r["val_curve"] for r in runs), strict=True))
             mean = [statistics.mean(values) for values in curves]
             low, high = [min(values) for values in curves], [max(values) for values in curves]
             epochs = range(1, len(mean) + 1)
             ax.plot(epochs, mean, marker="o", markersize=3, label=LABELS[column])
             ax.fill_between(epochs, low, high, alpha=0.15)
-        ax.set_title(f"{data}: validation accuracy ({len(runs)} seeds, band = min–max)", fontsize=9)
+        ax.set_title(f"{family} on {data}: validation accuracy ({len(runs)} seed(s), band = min–max)", fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)

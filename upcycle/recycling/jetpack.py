@@ -56,7 +56,8 @@ class JetpackOptions(StrictModel):
     )
     predecessor: str | None = Field(None, description="a wider dense model to sample experts from (SOURCE)")
     channels: Literal["shared", "sampled"] = Field("shared", description="model channels from a wider predecessor")
-    core_experts: int | None = Field(None, ge=1, description="E_core (default: half the tokens per example)")
+    core_experts: int | None = Field(None, ge=1, description="E_core (default: n/2 for n tokens per example; n "
+                                                             "without universal experts)")  # fmt: skip
     universal_experts: int | None = Field(None, ge=0, description="E_univ (default: the tokens per example)")
     core_hidden: int | None = Field(None, ge=1, description="h (default: the model's FFN width; half of it when "
                                                             "sampling from the model itself)")  # fmt: skip
@@ -141,8 +142,8 @@ def calibration_images(model, adapter, options: JetpackOptions) -> torch.Tensor:
 def moe_jetpack(dense: DenseFFN, config, generator: torch.Generator, context: LayerSource) -> MoE:
     options = JetpackOptions(**config.options)
     n = context.tokens_per_example
-    e_core = options.core_experts or max(1, round(n / 2))
     e_univ = n if options.universal_experts is None else options.universal_experts
+    e_core = options.core_experts or (max(1, round(n / 2)) if e_univ else n)  # no universal path: Soft MoE's n
     source = dense if options.strategy == "copy" else context.dense
     h_source = source.d_hidden
     # Default width: the model's own FFN width, except when sampling the model's own units (whole copies would not
