@@ -22,6 +22,8 @@ epochs MoE Jetpack needs to reach the same accuracy.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import statistics
 import tempfile
@@ -235,7 +237,27 @@ def summarize(rows: list[dict], scale: Scale) -> dict:
     return summary
 
 
-def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool = True) -> dict:
+def progress_file(scale: Scale) -> Path:
+    """Where finished runs are appended, one JSON line each, under a key of everything that shapes a result."""
+    from ..sources import cache_root
+
+    key = hashlib.sha256(repr(scale).encode()).hexdigest()[:12]
+    path = cache_root() / "bench" / f"jetpack-{key}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def finished_runs(scale: Scale) -> dict[str, dict]:
+    path = progress_file(scale)
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    keys = ("kind", "family", "data", "column", "seed", "variant")
+    return {json.dumps({k: row[k] for k in keys}, sort_keys=True): row for row in rows}
+
+
+def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool = True, fresh: bool = False) -> dict:
+    """Run the benchmark; finished runs of an interrupted one are reused unless ``fresh``."""
     from .jetpack_plots import plot_ablation, plot_curves
 
     scale = QUICK if quick else FULL
@@ -247,22 +269,38 @@ def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool 
             for data in family.datasets for seed in family.seeds for column in COLUMNS]  # fmt: skip
     plan += [("ablation", first, scale.ablation_data, "jetpack", first.seeds[0], name, options)
              for name, options in scale.ablations.items()]  # fmt: skip
+    if fresh:
+        progress_file(scale).unlink(missing_ok=True)
+    done = finished_runs(scale)  # runs of an interrupted benchmark with this exact scale are not repeated
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         bar = tqdm(plan, desc="jetpack bench", unit="run", disable=not progress)
         for index, (kind, family, data, column, seed, variant, options) in enumerate(bar):
             bar.set_postfix_str(f"{family.name} {data} {variant or column} seed {seed}")
-            model = build_column(column, family, checkpoints[family.name], data, seed, scale.calibration_images,
-                                 options)  # fmt: skip
-            result = finetune(model, data, scale, seed, Path(scratch) / f"run-{index}")
-            row = {"kind": kind, "family": family.name, "data": data, "column": column, "seed": seed,
-                   "variant": variant, **result}  # fmt: skip
+            key = {
+                "kind": kind,
+                "family": family.name,
+                "data": data,
+                "column": column,
+                "seed": seed,
+                "variant": variant,
+            }
+            row = done.get(json.dumps(key, sort_keys=True))
+            if row is None:
+                start = time.perf_counter()
+                model = build_column(column, family, checkpoints[family.name], data, seed, scale.calibration_images,
+                                     options)  # fmt: skip
+                row = {**key, **finetune(model, data, scale, seed, Path(scratch) / f"run-{index}")}
+                row["run_seconds"] = round(time.perf_counter() - start, 1)  # conversion + training + evaluation
+                with open(progress_file(scale), "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
             rows.append(row)
             if (kind, family, data, column, seed) == ("main", first, scale.ablation_data, "jetpack", first.seeds[0]):
                 rows.append({**row, "kind": "ablation", "variant": DEFAULT_VARIANT})
     summary = summarize(rows, scale)
     summary["pretrain_seconds"] = round(pretrain_seconds, 1)
-    summary["finetune_seconds"] = round(time.perf_counter() - began - pretrain_seconds, 1)
+    # the runs' own times, so a benchmark resumed after an interruption still reports its whole cost
+    summary["finetune_seconds"] = round(sum(r["run_seconds"] for r in rows if r["variant"] != DEFAULT_VARIANT), 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     curves_png, ablation_png = out / "jetpack_curves.png", out / "jetpack_ablation.png"
