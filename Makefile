@@ -32,7 +32,7 @@ lint: install
 	$(VENV)/bin/ruff format --check upcycle tests
 
 test: install lint data
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=10
 
 demo: install data
 	$(VENV)/bin/upcycle bench layers --quick --out out/demo
