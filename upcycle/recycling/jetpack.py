@@ -88,6 +88,7 @@ class LayerSource:
 
 def prepare(model, adapter, sites, config) -> list[LayerSource]:
     """Load the predecessor (if any), measure its FFNs on calibration images, and pair each site with its source."""
+    from ..adapters import find_adapter  # adapters import recycling: resolved at call time
     from ..sources import load_source
 
     options = JetpackOptions(**config.options)
@@ -97,8 +98,6 @@ def prepare(model, adapter, sites, config) -> list[LayerSource]:
     source_model, source_adapter = model, adapter
     if options.predecessor is not None:
         source_model = load_source(options.predecessor)
-        from ..adapters import find_adapter
-
         source_adapter = find_adapter(source_model)
     source_sites = source_adapter.ffn_sites(source_model)
     if len(source_sites) != len(adapter.ffn_sites(model)):
