@@ -99,10 +99,10 @@ def prepare(model, adapter, sites, config) -> list[LayerSource]:
     if options.predecessor is not None:
         source_model = load_source(options.predecessor)
         source_adapter = find_adapter(source_model)
-    source_sites = source_adapter.ffn_sites(source_model)
-    if len(source_sites) != len(adapter.ffn_sites(model)):
+    source_sites, model_sites = source_adapter.ffn_sites(source_model), adapter.ffn_sites(model)
+    if len(source_sites) != len(model_sites):
         raise ValueError(
-            f"the predecessor has {len(source_sites)} FFNs but the model has {len(adapter.ffn_sites(model))}; "
+            f"the predecessor has {len(source_sites)} FFNs but the model has {len(model_sites)}; "
             "layers are paired by index, so give a predecessor of the same depth"
         )
     paired = [source_sites[site.index] for site in sites]

@@ -134,7 +134,7 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
         step_metrics: dict[str, float] = {}
         for i, batch in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
-            with sharding.gradient_sync(network, cfg.strategy, sync), autocast:
+            with sharding.gradient_sync(network, sync), autocast:
                 loss, metrics = task.loss(network, batch, generator)
                 objective = loss + _aux_objective(model, cfg, metrics)
                 if sparsity is not None:

@@ -18,8 +18,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import Context
 
-STRATEGIES = ("ddp", "fsdp")
-
 
 def wrap(model: nn.Module, strategy: str, context: Context) -> nn.Module:
     """The module the training step calls. FSDP changes ``model`` in place (its parameters become shards)."""
@@ -60,13 +58,13 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def gradient_sync(network: nn.Module, strategy: str, enabled: bool):
+def gradient_sync(network: nn.Module, enabled: bool):
     """A context in which backward does (enabled) or does not (accumulation micro-steps) reduce gradients."""
     if enabled:
         return nullcontext()
     if isinstance(network, DistributedDataParallel):
         return network.no_sync()
-    if strategy == "fsdp" and is_sharded(network):
+    if is_sharded(network):
         return _fsdp_no_sync(network)
     return nullcontext()
 
