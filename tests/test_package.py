@@ -13,9 +13,9 @@ from upcycle.cli import main
 
 
 def test_registries():
-    assert upcycle.list_routers() == ["soft", "sphero", "topk"]
-    assert {m["name"] for m in upcycle.list_methods()} >= {"sparse_upcycling", "neuron_split"}
-    assert upcycle.list_backends() == ["eager", "grouped"]
+    assert upcycle.list_routers() == ["dynamic_k", "moefication", "soft", "sphero", "topk"]
+    assert {m["name"] for m in upcycle.list_methods()} >= {"sparse_upcycling", "neuron_split", "d2dmoe", "moefication"}
+    assert upcycle.list_backends() == ["eager", "grouped", "sorted"]
 
 
 def test_fresh_process_imports_timm_and_is_offline():
@@ -35,7 +35,7 @@ def test_fresh_process_imports_timm_and_is_offline():
 def test_cli_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "routers: soft, sphero, topk" in out and "backends: eager, grouped" in out
+    assert "routers: dynamic_k, moefication, soft, sphero, topk" in out and "backends: eager, grouped, sorted" in out
 
 
 def test_cli_help_lists_commands(capsys):

@@ -13,7 +13,11 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates(path):
     sections = yaml.safe_load(path.read_text())
-    assert set(sections) <= {"train", "convert"}, f"{path.name}: unknown sections {set(sections)}"
+    assert set(sections) <= {"train", "convert", "d2dmoe"}, f"{path.name}: unknown sections {set(sections)}"
+    if "d2dmoe" in sections:
+        from upcycle.d2dmoe import load_recipe
+
+        load_recipe(path)
     if "train" in sections:
         load_train_config(path)
     if "convert" in sections:
@@ -36,3 +40,12 @@ def test_jetpack_recipe_is_what_the_benchmark_runs():
     }
     convert = load_convert_config(path)
     assert convert.options["calibration_images"] == jetpack.FULL.calibration_images
+
+
+def test_d2dmoe_recipe_is_what_the_benchmark_runs():
+    from upcycle.bench import d2dmoe
+    from upcycle.d2dmoe import load_recipe
+
+    shipped = load_recipe(Path(__file__).parent.parent / "recipes" / "d2dmoe_vit_fashion_mnist.yaml")
+    bench = load_recipe({**d2dmoe.FULL.vit_recipe, "attention": d2dmoe.FULL.vit_attention})
+    assert shipped == bench

@@ -136,6 +136,22 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_d2dmoe(args: argparse.Namespace) -> int:
+    from .d2dmoe import load_recipe, run_d2dmoe
+    from .sources import load_source
+
+    recipe = load_recipe(args.recipe)
+    if args.set:
+        recipe = load_recipe({**recipe.model_dump(), **_key_values(args.set)})
+    summary = run_d2dmoe(load_source(args.source), recipe, args.out)
+    for method in recipe.methods:
+        fraction, point = summary[f"{method}.flops_fraction_at_1pt_drop"], summary[f"{method}.point_at_1pt_drop"]
+        knob = "tau" if method == "d2dmoe" else "k"
+        print(f"{method}: MACs fraction within 1 point of dense (val) = {fraction} at {knob} = {point}")
+    print(f"wrote {args.out}/summary.json and {summary['curves_png']}")
+    return 0
+
+
 def _print_summary(summary: dict) -> None:
     import os
 
@@ -261,6 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("arch")
     _train_flags(pretrain)
     pretrain.set_defaults(func=_cmd_pretrain)
+
+    d2dmoe = commands.add_parser(
+        "d2dmoe", help="D2DMoE / MoEfication: sparsify, split, fit routers, sweep tau / k (resumable stages)",
+        description="SOURCE: a dense model (timm:ARCH, a Hugging Face folder, a folder written by upcycle). Each "
+                    "stage writes a folder under --out; a rerun resumes at the first unfinished one.",
+    )  # fmt: skip
+    d2dmoe.add_argument("source")
+    d2dmoe.add_argument("--recipe", required=True, help="D2DMoE recipe YAML (its 'd2dmoe' section)")
+    d2dmoe.add_argument("--out", required=True, help="run folder (stages, sweeps, summary.json, curves.png)")
+    d2dmoe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe field, e.g. --set num_experts=32 --set 'taus=[0, 0.5]'")  # fmt: skip
+    d2dmoe.set_defaults(func=_cmd_d2dmoe)
 
     evaluation = commands.add_parser("eval", help="held-out metric, MACs, parameters and routing statistics")
     evaluation.add_argument("directory", help="a folder written by upcycle, or any SOURCE")

@@ -126,6 +126,9 @@ class AuxLossConfig(StrictModel):
     sparsity: float = Field(0.0, ge=0, description="activation-sparsity coefficient on FFN activations (D2DMoE)")
     sparsity_kind: Literal["hoyer", "l1"] = Field("hoyer", description="squared Hoyer or L1")
     sparsity_ramp: float = Field(0.5, ge=0, le=1, description="fraction of training over which sparsity ramps up")
+    router_fit: float = Field(
+        0.0, ge=0, description="fit routers to their experts' measured outputs (D2DMoE/MoEfication router stage)"
+    )
 
 
 class TrainConfig(StrictModel):

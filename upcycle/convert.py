@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, find_adapter, get_adapter
 from .config import ConvertConfig, LayerSelection, load_convert_config
-from .layers import describe_moe
+from .layers import describe_moe, moe_layers
 from .recycling import get_method
 
 RECORD_VERSION = 1
@@ -74,6 +74,7 @@ def convert(
         except ValueError as error:
             raise ValueError(f"{site.name}: {error}") from None
         moe.experts.backend = cfg.backend
+        moe.train(target.training)  # follow the host's mode: a dynamic-k router runs every expert in training mode
         adapter.install(target, site, moe)
         layers[site.name] = {"index": site.index, **describe_moe(moe)}
     record = {
@@ -99,6 +100,17 @@ def ensure_record(model: nn.Module) -> dict:
         })  # fmt: skip
         model.upcycle_record = record
     return record
+
+
+def sync_router_specs(model: nn.Module) -> None:
+    """Refresh each recorded layer's router spec from the live router: options set after conversion (the dynamic-k
+    ``tau``, ``top_k``, see ``set_tau`` / ``set_top_k``) are part of what a saved model must reload with."""
+    record = getattr(model, "upcycle_record", None) or {}
+    sites = record.get("layers", {})
+    for name, layer in moe_layers(model):
+        site = next((site for site in sites if name == site or name.startswith(f"{site}.")), None)
+        if site is not None:
+            sites[site]["router"] = json_pure(layer.router.spec())
 
 
 def json_pure(record: dict) -> dict:

@@ -73,7 +73,8 @@ def pretrain(arch: str, out: str | Path, config=None, resume: bool = False, prog
 def cached_pretrained(arch: str, config=None, progress: bool = True, model: dict | None = None, **overrides) -> Path:
     """The folder of a dense ``arch`` pre-trained with this recipe, trained now if no cached copy exists."""
     cfg = load_train_config(config, **overrides)
-    description = {"arch": arch, "model": model or {}, "train": cfg.model_dump(mode="json")}
+    # only what differs from the defaults: a training option added later does not orphan existing caches
+    description = {"arch": arch, "model": model or {}, "train": cfg.model_dump(mode="json", exclude_defaults=True)}
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
     out = cache_root() / "pretrained" / f"{arch.replace(':', '-')}-{cfg.data}-{key}"
     if not (out / "model" / "config.json").is_file():

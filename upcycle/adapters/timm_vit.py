@@ -1,5 +1,9 @@
 """timm ViT family: VisionTransformer (ViT, DeiT), Eva (EVA-02) and other models whose ``blocks[i].mlp`` is a timm
 ``Mlp``, ``SwiGLU`` or ``GluMlp`` (``SwiGLUPacked``). Tokens are ``[b, n, d]``; the FFN is channels-last.
+
+A ViT whose attention projections were replaced by ReLU MLPs (D2DMoE §3.4, :mod:`upcycle.d2dmoe.attention`) has
+those MLPs as FFN sites too, in forward order per block: ``attn.qkv.q``, ``.k``, ``.v``, ``attn.proj``, ``mlp``.
+Its description records the MLP width, and the rebuild replaces the projections again.
 """
 
 from __future__ import annotations
@@ -7,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..d2dmoe.attention import PROJECTIONS, has_mlp_projections, projection_hidden, replace_attention_projections
 from ..recycling.dense_ffn import DenseFFN
 from .activations import from_module
 from .base import Adapter, FFNSite, register_adapter, tensor_or_none
@@ -29,10 +34,28 @@ class TimmViTAdapter(TimmAdapterMixin, Adapter):
         )
 
     def ffn_sites(self, model: nn.Module) -> list[FFNSite]:
-        return [FFNSite(i, f"blocks.{i}.mlp") for i in range(len(model.blocks))]
+        names = []
+        for i, block in enumerate(model.blocks):
+            if has_mlp_projections(block):
+                names += [f"blocks.{i}.attn.{projection}" for projection in PROJECTIONS]
+            names.append(f"blocks.{i}.mlp")
+        return [FFNSite(index, name) for index, name in enumerate(names)]
 
     def read_ffn(self, model: nn.Module, site: FFNSite) -> DenseFFN:
         return read_timm_mlp(model.get_submodule(site.name))
+
+    def describe(self, model: nn.Module) -> dict:
+        description = super().describe(model)
+        hidden = projection_hidden(model)
+        if hidden is not None:
+            description["attention_projection_hidden"] = hidden
+        return description
+
+    def rebuild(self, description: dict) -> nn.Module:
+        model = super().rebuild(description)
+        if "attention_projection_hidden" in description:
+            replace_attention_projections(model, hidden=description["attention_projection_hidden"])
+        return model
 
 
 def read_timm_mlp(mlp: nn.Module) -> DenseFFN:

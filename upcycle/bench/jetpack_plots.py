@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 from pathlib import Path
+
+from .plotting import pyplot, save_figure
 
 LABELS = {"dense_scratch": "dense, scratch", "dense_pretrained": "dense, pre-trained",
           "softmoe_scratch": "Soft MoE, scratch", "jetpack": "MoE Jetpack"}  # fmt: skip
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
 def plot_curves(rows: list[dict], columns, path: Path) -> None:
     """One panel per (family, downstream set): validation accuracy per epoch, mean over seeds with a min–max band."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = list(dict.fromkeys((r["family"], r["data"]) for r in rows if r["kind"] == "main"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (family, data) in zip(axes[0], panels, strict=True):
@@ -50,12 +36,11 @@ def plot_curves(rows: list[dict], columns, path: Path) -> None:
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("MoE Jetpack vs dense and Soft MoE at equal epochs (CPU scale)", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_ablation(rows: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     rows = sorted(rows, key=lambda r: r["val"])
     fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(rows) + 1.5))
     positions = range(len(rows))
@@ -70,5 +55,4 @@ def plot_ablation(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -19,9 +19,10 @@ dropped and replaced by
   Sparse routing counts only pairs whose ``mask`` is on (capacity drops, dynamic-k); slot routing (Soft MoE) runs
   each expert on its ``s`` slots per example, ``b·S`` "pairs". Dual-path experts (SpheroMoE) charge each group at
   its own width: ``b·s·(e_c·cost(h) + e_u·cost(h_u))``. The hidden LayerNorm (EVA-02) is elementwise: zero.
-* routers: what the counter measured inside the router (the top-k gate is ``d·e`` per token; Soft MoE and
-  SpheroMoE logits are ``n·S·d`` per example, SpheroMoE's optional key projection ``d²`` per token), plus for slot
-  routing the dispatch ``S·n·d`` and combine ``n·S·d`` mixes per example, which the experts module runs.
+* routers: what the counter measured inside the router (the top-k gate is ``d·e`` per token, the D2DMoE /
+  MoEfication router MLP ``d·r + r·e`` with r its hidden width; Soft MoE and SpheroMoE logits are ``n·S·d`` per
+  example, SpheroMoE's optional key projection ``d²`` per token), plus for slot routing the dispatch ``S·n·d`` and
+  combine ``n·S·d`` mixes per example, which the experts module runs.
 * shared experts: what the counter measured inside the shared expert and its gate (dense, every token).
 
 The result is independent of the backend (eager, grouped, a GPU kernel).

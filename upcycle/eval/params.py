@@ -3,11 +3,11 @@
 * ``experts_total``: the routed experts' parameters (every tensor of an :class:`~upcycle.layers.Experts` with an
   expert axis: projections, their biases, the hidden norm). The experts' ``shared_bias`` is added to every token
   unweighted, so it counts as shared, not routed.
-* ``experts_active``: what one token reads of them. Fixed top-k router: k of e experts (the nominal k; a capacity
-  limit can only drop pairs). Slot router (Soft MoE): every expert, since each token mixes all slots.
-  Any other router (dynamic-k, thresholds, unknown): all experts unless the caller passes the measured average
-  ``experts_per_token`` (e.g. from :func:`~upcycle.eval.routing_report.collect_routing_stats`).
-* ``router``: router parameters (top-k gates, slot queries).
+* ``experts_active``: what one token reads of them. Fixed top-k router (top-k, MoEfication): k of e experts (the
+  nominal k; a capacity limit can only drop pairs). Slot router (Soft MoE): every expert, since each token mixes all
+  slots. Any other router (dynamic-k, thresholds, unknown): all experts unless the caller passes the measured
+  average ``experts_per_token`` (e.g. from :func:`~upcycle.eval.routing_report.collect_routing_stats`).
+* ``router``: router parameters (top-k gates, slot queries, router MLPs).
 * ``shared``: shared experts, their sigmoid gates and the experts' shared bias: used by every token.
 * ``active`` = ``total - experts_total + experts_active``: every non-routed parameter counts as used (embeddings
   included, as is the usual convention).
@@ -35,7 +35,7 @@ def _numel(tensors, seen: set[int]) -> int:
 def active_experts(moe: MoE, measured: float | None = None) -> float:
     """Experts one token uses in this layer: k (top-k), all (slots), or ``measured`` / all for anything else."""
     router = moe.router
-    if getattr(router, "registry_name", None) == "topk":
+    if getattr(router, "registry_name", None) in ("topk", "moefication"):
         return float(router.top_k)
     if router.kind == "slots":
         return float(router.num_experts)

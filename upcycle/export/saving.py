@@ -23,7 +23,7 @@ from torch import nn
 from ..adapters import get_adapter
 from ..adapters.base import FFNSite
 from ..atomic import atomic_directory
-from ..convert import RECORD_VERSION, ensure_record
+from ..convert import RECORD_VERSION, ensure_record, sync_router_specs
 from ..layers import build_moe
 from .shards import ShardWriter, read_weights
 from .tokenizer_files import copy_tokenizer_files
@@ -35,6 +35,7 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 def save(model: nn.Module, directory: str | Path, overwrite: bool = False,
          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:  # fmt: skip
     record = ensure_record(model)
+    sync_router_specs(model)
     check_rebuild(model)
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as staging:

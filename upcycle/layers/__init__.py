@@ -5,11 +5,14 @@ routing statistics."""
 from .backends import get_backend, list_backends, register_backend
 from .dual_experts import DualPathExperts
 from .entmax import entmax15
-from .experts import Experts
+from .experts import Experts, ExpertStatistics
 from .ffn import FFN
 from .losses import hoyer_sparsity, l1_sparsity, load_balancing_loss, router_z_loss
-from .moe import MoE, build_moe, collect_aux_losses, describe_moe, moe_layers, set_backend
+from .moe import MoE, build_moe, collect_aux_losses, describe_moe, moe_layers, set_backend, set_tau, set_top_k
 from .routers import (
+    DynamicKRouter,
+    MLPRouter,
+    MoEficationRouter,
     Router,
     SoftMoERouter,
     SpheroMoERouter,
@@ -24,8 +27,12 @@ from .statistics import routing_statistics
 __all__ = [
     "FFN",
     "DualPathExperts",
+    "DynamicKRouter",
+    "ExpertStatistics",
     "Experts",
+    "MLPRouter",
     "MoE",
+    "MoEficationRouter",
     "Router",
     "Routing",
     "SoftMoERouter",
@@ -48,4 +55,6 @@ __all__ = [
     "router_z_loss",
     "routing_statistics",
     "set_backend",
+    "set_tau",
+    "set_top_k",
 ]

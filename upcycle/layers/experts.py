@@ -20,6 +20,7 @@ Dimension letters: t tokens, b examples, n tokens per example, d model, h hidden
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,15 @@ from torch import nn
 from .activations import get_activation
 from .backends import get_backend
 from .routing import Routing
+
+_STATISTICS_BLOCK = 2**25  # elements of one group's outputs in per_expert_statistics (128 MB in fp32)
+
+
+class ExpertStatistics(NamedTuple):
+    """Per-token, per-expert measurements of a layer's experts (see :meth:`Experts.per_expert_statistics`)."""
+
+    output_norms: torch.Tensor  # [t, e] ‖expert_i(x)‖₂ without the shared bias
+    activation_sums: torch.Tensor  # [t, e] Σ of expert i's hidden activations
 
 
 class Experts(nn.Module):
@@ -126,17 +136,42 @@ class Experts(nn.Module):
     def forward_stacked(self, xs: torch.Tensor, hidden_dropout: float = 0.0) -> torch.Tensor:
         """Expert i on its own rows ``xs[i]``: ``[e, m, d] -> [e, m, d]`` with batched matmuls. ``hidden_dropout``:
         dropout on the hidden units where timm's ``Mlp`` has ``drop1`` (the caller passes 0 outside training)."""
-        hidden = _batched_linear(xs, self.w_up, self.b_up)  # [e, m, h]
+        return _batched_linear(self._hidden_stacked(xs, hidden_dropout), self.w_down, self.b_down)  # [e, m, d]
+
+    def _hidden_stacked(self, xs: torch.Tensor, hidden_dropout: float = 0.0, part: slice | None = None) -> torch.Tensor:
+        """The hidden units each expert feeds its down projection: ``[e, m, d] -> [e, m, h]``; with ``part``, only
+        those experts (``xs`` then holds rows for them alone)."""
+        hidden = _batched_linear(xs, _part(self.w_up, part), _part(self.b_up, part))  # [e, m, h]
         if self.w_gate is None:
             hidden = self.act(hidden)
         else:
-            hidden = self.act(_batched_linear(xs, self.w_gate, self.b_gate)) * hidden
+            hidden = self.act(_batched_linear(xs, _part(self.w_gate, part), _part(self.b_gate, part))) * hidden
         if hidden_dropout:
             hidden = F.dropout(hidden, hidden_dropout)
         if self.norm_weight is not None:
             hidden = F.layer_norm(hidden, hidden.shape[-1:], eps=self.hidden_norm_eps)
-            hidden = hidden * self.norm_weight.unsqueeze(1) + self.norm_bias.unsqueeze(1)
-        return _batched_linear(hidden, self.w_down, self.b_down)  # [e, m, d]
+            hidden = hidden * _part(self.norm_weight, part).unsqueeze(1) + _part(self.norm_bias, part).unsqueeze(1)
+        return hidden
+
+    def per_expert_statistics(self, x: torch.Tensor) -> ExpertStatistics:
+        """Every expert on every token of ``x [t, d]``: what routers trained apart from the backbone regress on.
+
+        ``output_norms [t, e]``: L2 norm of expert i's output, shared bias excluded (it runs whatever the router
+        picks): D2DMoE's target (arXiv 2310.04361, §3.3). ``activation_sums [t, e]``: sum of expert i's hidden
+        activations: MoEfication's target (arXiv 2110.01786, §3.2). Costs one dense FFN pass; callers that want
+        targets wrap it in ``torch.no_grad()``. Experts run in groups so the ``[c, t, d]`` outputs stay bounded
+        (every expert's output at once is e times the layer's: 512 experts on a ViT-B batch would be ~40 GB).
+        """
+        group = max(1, _STATISTICS_BLOCK // max(1, x.shape[0] * self.d_model))  # experts per group
+        norms, sums = [], []
+        for start in range(0, self.num_experts, group):
+            part = slice(start, min(start + group, self.num_experts))
+            xs = x.unsqueeze(0).expand(part.stop - part.start, -1, -1)  # [c, t, d]; each expert sees every token
+            hidden = self._hidden_stacked(xs, part=part)  # [c, t, h]
+            out = _batched_linear(hidden, self.w_down[part], _part(self.b_down, part))  # [c, t, d]
+            norms.append(out.norm(dim=-1))
+            sums.append(hidden.sum(-1))
+        return ExpertStatistics(torch.cat(norms).T, torch.cat(sums).T)  # [t, e] each
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Execute ``routing``: sparse takes ``x [t, d]``, dense (slots) takes ``x [b, n, d]``; same shape out."""
@@ -178,3 +213,8 @@ def _batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if bias is None:
         return torch.bmm(x, weight.transpose(1, 2))
     return torch.baddbmm(bias.unsqueeze(1).to(x.dtype), x, weight.transpose(1, 2).to(x.dtype))
+
+
+def _part(tensor: torch.Tensor | None, part: slice | None) -> torch.Tensor | None:
+    """Some experts' slice of a stacked ``[e, ...]`` tensor (all of it when ``part`` is None; None stays None)."""
+    return tensor if tensor is None or part is None else tensor[part]

@@ -123,3 +123,21 @@ def set_backend(model: nn.Module, name: str) -> None:
     """Switch the expert compute backend of every MoE layer of ``model``."""
     for _, layer in moe_layers(model):
         layer.experts.backend = name
+
+
+def set_tau(model: nn.Module, tau: float) -> None:
+    """Dynamic-k threshold τ of every D2DMoE router of ``model`` (one trained router, the whole compute curve)."""
+    _set_router_option(model, "tau", tau, "a dynamic-k router (convert with method d2dmoe)")
+
+
+def set_top_k(model: nn.Module, k: int) -> None:
+    """Experts per token of every fixed top-k router of ``model`` (top-k, MoEfication)."""
+    _set_router_option(model, "top_k", k, "a fixed top-k router")
+
+
+def _set_router_option(model: nn.Module, option: str, value, needed: str) -> None:
+    routers = [layer.router for _, layer in moe_layers(model) if hasattr(layer.router, option)]
+    if not routers:
+        raise ValueError(f"cannot set {option}: the model has no MoE layer with {needed}")
+    for router in routers:  # each setter validates and records the value in the router's spec
+        setattr(router, option, value)

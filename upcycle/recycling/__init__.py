@@ -55,6 +55,6 @@ def list_methods() -> list[dict[str, str]]:
     ]
 
 
-from . import jetpack, split, upcycle  # noqa: E402,F401  (registration side effect)
+from . import d2dmoe, jetpack, split, upcycle  # noqa: E402,F401  (registration side effect)
 
 __all__ = ["DenseFFN", "Method", "get_method", "list_methods", "register_method"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers import Router, SoftMoERouter, TopKRouter
+from ..layers import MLPRouter, Router, SoftMoERouter, TopKRouter, build_router
 
 
 def build_recipe_router(config, d_model: int, num_experts: int, generator: torch.Generator, **overrides) -> Router:
@@ -27,4 +27,11 @@ def soft_router(d_model: int, num_experts: int, slots_per_expert: int, generator
     router = SoftMoERouter(d_model, num_experts, slots_per_expert=slots_per_expert)
     with torch.no_grad():
         router.slot_queries.copy_(torch.randn(router.slot_queries.shape, generator=generator) * d_model**-0.5)
+    return router
+
+
+def mlp_router(name: str, d_model: int, num_experts: int, generator: torch.Generator, **arguments) -> MLPRouter:
+    """A D2DMoE / MoEfication router MLP (``"dynamic_k"`` or ``"moefication"``), weights drawn from ``generator``."""
+    router = build_router(name, d_model=d_model, num_experts=num_experts, **arguments)
+    router.initialize(generator)
     return router

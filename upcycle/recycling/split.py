@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..config import StrictModel
-from ..layers import MoE
+from ..layers import Experts, MoE, Router
 from . import register_method
 from .dense_ffn import DenseFFN
 from .routers import build_recipe_router
@@ -90,6 +90,28 @@ def _divisors(n: int, limit: int = 6) -> list[int]:
     return [d for d in range(2, n + 1) if n % d == 0][:limit]
 
 
+def split_experts(dense: DenseFFN, num_experts: int, options: NeuronSplitOptions,
+                  generator: torch.Generator) -> tuple[Experts, torch.Tensor]:  # fmt: skip
+    """The dense FFN's hidden units partitioned into ``num_experts`` experts, W_down's bias as the shared bias.
+    Returns the experts and the ``[e, h/e]`` dense units each holds (the layer's ``hidden_units`` provenance)."""
+    if dense.hidden_norm is not None:
+        raise ValueError("neuron split cannot divide an FFN with a LayerNorm over its hidden units")
+    groups = partition_hidden_units(dense, num_experts, options.partition, options.kmeans_iterations, generator)
+    experts = experts_for(dense, num_experts, groups.shape[1], shared_bias=dense.b_down is not None)
+    for i, units in enumerate(groups):
+        fill_expert(experts, i, dense, units)
+    if experts.shared_bias is not None:
+        experts.shared_bias.copy_(dense.b_down)
+    return experts, groups
+
+
+def split_moe(router: Router, experts: Experts, groups: torch.Tensor) -> MoE:
+    """The MoE layer of a neuron split, carrying which dense units each expert holds."""
+    moe = MoE(router, experts)
+    moe.register_buffer("hidden_units", groups, persistent=True)
+    return moe
+
+
 @register_method(
     "neuron_split",
     paper="https://arxiv.org/abs/2110.01786",
@@ -98,16 +120,6 @@ def _divisors(n: int, limit: int = 6) -> list[int]:
 )
 @torch.no_grad()
 def neuron_split(dense: DenseFFN, config, generator: torch.Generator) -> MoE:
-    options = NeuronSplitOptions(**config.options)
-    if dense.hidden_norm is not None:
-        raise ValueError("neuron split cannot divide an FFN with a LayerNorm over its hidden units")
-    groups = partition_hidden_units(dense, config.num_experts, options.partition, options.kmeans_iterations, generator)
-    experts = experts_for(dense, config.num_experts, groups.shape[1], shared_bias=dense.b_down is not None)
-    for i, units in enumerate(groups):
-        fill_expert(experts, i, dense, units)
-    if experts.shared_bias is not None:
-        experts.shared_bias.copy_(dense.b_down)
+    experts, groups = split_experts(dense, config.num_experts, NeuronSplitOptions(**config.options), generator)
     router = build_recipe_router(config, dense.d_model, config.num_experts, generator, unit_weights=True)
-    moe = MoE(router, experts)
-    moe.register_buffer("hidden_units", groups, persistent=True)  # which dense units each expert holds
-    return moe
+    return split_moe(router, experts, groups)

@@ -27,6 +27,7 @@ from . import distributed, sharding
 from .checkpoint import latest_checkpoint, restore_rng_states, save_checkpoint
 from .metrics_log import MetricsLog
 from .optim import build_optimizer, build_scheduler
+from .router_fit import RouterFit
 from .sampler import ResumableBatchSampler
 from .sparsity import SparsityPenalty, ramp
 from .stages import EMA, apply_freeze
@@ -99,6 +100,7 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
     apply_freeze(model, cfg.freeze)
     model.to(context.device)
     sparsity = SparsityPenalty(model, adapter, cfg.aux.sparsity_kind) if cfg.aux.sparsity else None
+    router_fit = RouterFit(model) if cfg.aux.router_fit else None
     checkpoint = latest_checkpoint(checkpoints) if resume else None
     if checkpoint is not None:  # weights go in before sharding; a checkpoint of another model fails clearly
         load_weights(model, checkpoint.model, checkpoint.path)
@@ -141,6 +143,10 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
                     penalty, zeros = sparsity.take()
                     objective = objective + cfg.aux.sparsity * ramp(step, total, cfg.aux.sparsity_ramp) * penalty
                     metrics.update(sparsity=zeros)
+                if router_fit is not None:
+                    fit = router_fit.take()
+                    objective = objective + cfg.aux.router_fit * fit
+                    metrics.update(router_fit=float(fit.detach()))
             (objective / len(micro_batches)).backward()
             metrics["loss"] = float(loss.detach())
             for key, value in metrics.items():
@@ -180,8 +186,9 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
                                 cfg.keep_checkpoints)  # fmt: skip
             distributed.barrier(context)
 
-    if sparsity is not None:
-        sparsity.close()
+    for hooks in (sparsity, router_fit):
+        if hooks is not None:
+            hooks.close()
     final = _evaluate(model, task, val_set, cfg, context, autocast)
     log.log(total, "val", final)
     log.close()

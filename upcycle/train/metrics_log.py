@@ -10,7 +10,7 @@ import csv
 import os
 from pathlib import Path
 
-FIELDS = ("step", "split", "loss", "accuracy", "perplexity", "lr", "items_per_s", "aux", "sparsity")
+FIELDS = ("step", "split", "loss", "accuracy", "perplexity", "lr", "items_per_s", "aux", "sparsity", "router_fit")
 
 
 class MetricsLog:

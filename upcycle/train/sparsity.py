@@ -10,19 +10,22 @@ from torch import nn
 
 from ..layers.losses import hoyer_sparsity, l1_sparsity
 
-_ACTIVATION_ATTRIBUTES = ("act", "act_fn", "intermediate_act_fn")
+ACTIVATION_ATTRIBUTES = ("act", "act_fn", "intermediate_act_fn")  # timm / GPT-2, Llama, BERT
 
 
-def activation_modules(model: nn.Module, adapter) -> list[nn.Module]:
-    """The activation module of every dense FFN the adapter knows (MoE layers have none)."""
-    modules = []
+def activation_attribute(ffn: nn.Module) -> str | None:
+    """The attribute of ``ffn`` that holds its activation module, if any."""
+    return next((a for a in ACTIVATION_ATTRIBUTES if isinstance(getattr(ffn, a, None), nn.Module)), None)
+
+
+def activation_modules(model: nn.Module, adapter) -> dict[str, nn.Module]:
+    """Site name -> the activation module of every dense FFN the adapter knows (MoE layers have none)."""
+    modules = {}
     for site in adapter.ffn_sites(model):
         ffn = model.get_submodule(site.name)
-        for attribute in _ACTIVATION_ATTRIBUTES:
-            module = getattr(ffn, attribute, None)
-            if isinstance(module, nn.Module):
-                modules.append(module)
-                break
+        attribute = activation_attribute(ffn)
+        if attribute is not None:
+            modules[site.name] = getattr(ffn, attribute)
     return modules
 
 
@@ -33,7 +36,7 @@ class SparsityPenalty:
         self.modules = activation_modules(model, adapter)
         if not self.modules:
             raise ValueError("activation sparsity needs dense FFNs with an activation module; this model has none")
-        self.handles = [m.register_forward_hook(self._keep) for m in self.modules]
+        self.handles = [m.register_forward_hook(self._keep) for m in self.modules.values()]
 
     def _keep(self, module, inputs, output) -> None:
         self.outputs.append(output)

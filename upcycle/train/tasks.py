@@ -1,5 +1,6 @@
 """What a training run optimises and reports, per kind of model: image classification (cross-entropy with label
-smoothing / Mixup / CutMix, top-1 accuracy) and causal language modelling (next-token cross-entropy, perplexity).
+smoothing / Mixup / CutMix, top-1 accuracy), causal language modelling (next-token cross-entropy, perplexity) and
+sequence classification with an encoder (which domain a text passage comes from; cross-entropy, accuracy).
 
 The adapter's ``task`` picks the class; the task knows which dataset options the model needs (input size and
 channels of a vision model, the tokenizer of a language model) and how to call the model.
@@ -81,6 +82,63 @@ class CausalLM:
         return {"loss": math.log(value), "perplexity": value}
 
 
+class SequenceClassification:
+    """An encoder with a classification head (e.g. ``BertForSequenceClassification``) on a text dataset whose items
+    carry a ``domain`` id (``text_mixture``): the label of a passage is the domain it was taken from."""
+
+    metric = "accuracy"
+
+    def __init__(self, model: nn.Module, adapter, config):
+        if not isinstance(getattr(model, "classifier", None), nn.Module):
+            raise ValueError(
+                f"{type(model).__name__} has no classification head; load the encoder for sequence classification "
+                "(e.g. BertForSequenceClassification.from_pretrained(folder, num_labels=3))"
+            )
+        self.config = config
+        self.num_classes = model.config.num_labels
+        self.tokenizer = _tokenizer_for(model)
+
+    def dataset(self, split: str):
+        from ..data import load_dataset
+
+        data = load_dataset(self.config.data, split, tokenizer=self.tokenizer, seq_len=self.config.seq_len,
+                            seed=self.config.seed)  # fmt: skip
+        domains = getattr(data.info, "domains", None)
+        if not domains:
+            raise ValueError(f"{self.config.data} has no domain labels to classify; use text_mixture")
+        if len(domains) != self.num_classes:
+            raise ValueError(
+                f"the model predicts {self.num_classes} classes but {self.config.data} has {len(domains)} domains; "
+                "load the encoder with a head of that many labels (num_labels)"
+            )
+        return DomainLabelled(data)
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        logits = model(input_ids=batch["input_ids"]).logits  # [b, classes]
+        loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.config.label_smoothing)
+        accuracy = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
+        return loss, {"accuracy": float(accuracy)}
+
+    def evaluate(self, model: nn.Module, batches) -> dict:
+        from ..eval import accuracy
+
+        return {"accuracy": accuracy(model, batches)}
+
+
+class DomainLabelled(torch.utils.data.Dataset):
+    """A text dataset's items with their ``domain`` as ``labels``: ``{"input_ids": [T], "labels": []}``."""
+
+    def __init__(self, data):
+        self.data, self.info = data, data.info
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.data[i]
+        return {"input_ids": item["input_ids"], "labels": item["domain"]}
+
+
 def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 from tokens ≤ t. ids [b, t]."""
     out = model(input_ids=ids)
@@ -106,7 +164,7 @@ def _tokenizer_for(model: nn.Module):
     return transformers.AutoTokenizer.from_pretrained(origin)
 
 
-TASKS = {"image_classification": ImageClassification, "causal_lm": CausalLM}
+TASKS = {"image_classification": ImageClassification, "causal_lm": CausalLM, "encoder": SequenceClassification}
 
 
 def make_task(model: nn.Module, adapter, config):

@@ -33,4 +33,4 @@ def list_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-from . import eager, grouped  # noqa: E402,F401  (registration side effect)
+from . import eager, grouped, sorted_pairs  # noqa: E402,F401  (registration side effect)

@@ -36,8 +36,6 @@ class TopKRouter(Router):
         unit_weights: bool = False,
     ):
         super().__init__(d_model, num_experts)
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got top_k={top_k}")
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         if capacity_factor is not None and capacity_factor <= 0:
@@ -57,6 +55,17 @@ class TopKRouter(Router):
             nn.init.normal_(self.gate.weight, std=init_std)
         if bias:
             nn.init.zeros_(self.gate.bias)
+
+    @property
+    def top_k(self) -> int:
+        return self._top_k
+
+    @top_k.setter
+    def top_k(self, value: int) -> None:  # settable for k sweeps (set_top_k); kept in the spec so it saves
+        if not 1 <= value <= self.num_experts:
+            raise ValueError(f"top_k must be between 1 and num_experts={self.num_experts}, got top_k={value}")
+        self._top_k = int(value)
+        self._spec["top_k"] = self._top_k
 
     def forward(self, x: torch.Tensor) -> Routing:  # x [t, d]
         logits = self.gate(x).float()  # [t, e]; routing decisions in fp32 even under autocast
