@@ -143,7 +143,7 @@ def _cmd_d2dmoe(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     if args.set:
         recipe = load_recipe({**recipe.model_dump(), **_key_values(args.set)})
-    summary = run_d2dmoe(load_source(args.source), recipe, args.out)
+    summary = run_d2dmoe(load_source(args.source), recipe, args.out, redo=args.redo)
     for method in recipe.methods:
         fraction, point = summary[f"{method}.flops_fraction_at_1pt_drop"], summary[f"{method}.point_at_1pt_drop"]
         knob = "tau" if method == "d2dmoe" else "k"
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     d2dmoe.add_argument("--out", required=True, help="run folder (stages, sweeps, summary.json, curves.png)")
     d2dmoe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe field, e.g. --set num_experts=32 --set 'taus=[0, 0.5]'")  # fmt: skip
+    d2dmoe.add_argument("--redo", action="store_true",
+                        help="rebuild stages whose recipe fields changed (default: stop and name them)")  # fmt: skip
     d2dmoe.set_defaults(func=_cmd_d2dmoe)
 
     evaluation = commands.add_parser("eval", help="held-out metric, MACs, parameters and routing statistics")

@@ -14,7 +14,7 @@ TINY_RECIPE = {
     "data": "digits", "num_experts": 4, "attention": {"steps": 3, "batch_size": 8},
     "sparsify": {"steps": 4, "batch_size": 16, "log_every": 2},
     "routers": {"steps": 4, "batch_size": 16, "log_every": 2},
-    "taus": [0.0, 0.5, 1.0], "top_ks": [1, 4], "eval_batches": 2,
+    "taus": [0.0, 0.5, 1.0], "top_ks": [1, 4], "eval_examples": 100,
 }  # fmt: skip
 
 
@@ -33,7 +33,7 @@ def test_swap_to_relu_changes_every_ffn_and_survives_save_load(tmp_path):
     assert all(type(block.mlp.act).__name__ == "ReLU" for block in loaded.blocks)
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
-    sparsity = activation_sparsity(model, HeldOut(model, "digits", "val", max_batches=1).batches())
+    sparsity = activation_sparsity(model, HeldOut(model, "digits", "val", examples=64).batches())
     assert set(sparsity) == {"blocks.0.mlp", "blocks.1.mlp", "mean"} and 0 < sparsity["mean"] < 1
 
 
@@ -61,6 +61,15 @@ def test_pipeline_runs_resumes_and_sweeps(tmp_path):
     assert moe[-1]["val"] == pytest.approx(results["sparse"]["val"])  # k = E: every expert
     assert moe[0]["flops_fraction"] < moe[-1]["flops_fraction"]
     assert json.loads((tmp_path / "sweep-d2dmoe.json").read_text()) == d2d
+
+    # a changed recipe never silently reuses a stage: it names the change, or rebuilds only what depends on it
+    changed = load_recipe({**TINY_RECIPE, "router_hidden": 8, "methods": ["d2dmoe"]})
+    with pytest.raises(ValueError, match="router_hidden"):
+        run_stages(dense, changed, tmp_path, progress=False)
+    sparse_stamp = (tmp_path / "1-sparsify" / "model" / "config.json").stat().st_mtime_ns
+    rebuilt = run_stages(dense, changed, tmp_path, progress=False, redo=True)
+    assert (tmp_path / "1-sparsify" / "model" / "config.json").stat().st_mtime_ns == sparse_stamp
+    assert rebuilt["d2dmoe"].blocks[0].mlp.moe.router.hidden == 8
 
 
 def test_recipe_errors_say_what_to_change():

@@ -43,27 +43,30 @@ class Scale:
 
 TAUS = [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
 PRETRAIN = {"data": "fashion_mnist", "epochs": 3, "batch_size": 64, "lr": 1e-3, "label_smoothing": 0.1}  # shared
-TEXT = {"data": "text_mixture", "seq_len": 64, "batch_size": 32, "eval_batches": 16}  # val during training: 512
+TEXT = {"data": "text_mixture", "seq_len": 64, "batch_size": 32}
 FULL = Scale(
     vit=("vit_xs", {}),
     vit_pretrain=PRETRAIN,
     vit_recipe={
         "data": "fashion_mnist",
         "num_experts": 16,
+        "router_hidden": 32,  # d/4: the paper's router-to-FFN cost ratio (ViT-B: 128 for d 768, h 3072) at d 128
         "taus": TAUS,
-        "eval_batches": 40,
-        "sparsify": {"epochs": 1, "lr": 2e-4, "batch_size": 64, "aux": {"sparsity": 0.02}},
+        "eval_examples": 5000,
+        "sparsify": {"epochs": 1, "lr": 2e-4, "batch_size": 64, "aux": {"sparsity": 0.01}},
         "routers": {"epochs": 0.5, "lr": 1e-3, "batch_size": 64},
     },
     vit_attention={"steps": 400, "batch_size": 64},
-    minilm_finetune={**TEXT, "steps": 300, "lr": 5e-5, "warmup": 0.1, "weight_decay": 0.01},
+    minilm_finetune={**TEXT, "steps": 150, "lr": 5e-5, "warmup": 0.1, "weight_decay": 0.01},
     minilm_recipe={
         "data": "text_mixture",
         "num_experts": 16,
-        "taus": TAUS,
-        "eval_batches": 16,
-        "sparsify": {**TEXT, "steps": 300, "lr": 5e-5, "aux": {"sparsity": 0.02}},
-        "routers": {**TEXT, "steps": 150, "lr": 1e-3},
+        "router_hidden": 64,  # the same ratio at MiniLM's d 384
+        "taus": [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
+        "top_ks": [1, 2, 4, 8, 16],
+        "eval_examples": 768,
+        "sparsify": {**TEXT, "steps": 150, "lr": 5e-5, "aux": {"sparsity": 0.003}},
+        "routers": {**TEXT, "steps": 80, "lr": 1e-3},
     },
     timing_taus=(0.0, 0.1, 0.2, 0.4, 0.6),
 )
@@ -75,7 +78,7 @@ QUICK = Scale(
         "num_experts": 4,
         "taus": [0.0, 0.3, 0.6, 1.0],
         "top_ks": [1, 2, 4],
-        "eval_batches": 2,
+        "eval_examples": 128,
         "sparsify": {"steps": 10, "eval_batches": 2, "aux": {"sparsity": 0.02}},
         "routers": {"steps": 10, "eval_batches": 2},
     },
@@ -86,7 +89,7 @@ QUICK = Scale(
         "num_experts": 4,
         "taus": [0.0, 0.5, 1.0],
         "top_ks": [1, 4],
-        "eval_batches": 1,
+        "eval_examples": 64,
         "sparsify": {**TEXT, "batch_size": 8, "eval_batches": 1, "steps": 4},
         "routers": {**TEXT, "batch_size": 8, "eval_batches": 1, "steps": 4},
     },
@@ -130,7 +133,7 @@ def convert_and_sweep(dense: nn.Module, recipe: dict, out: Path, methods: list[s
     from ..d2dmoe import load_recipe, run_stages, sweep_methods
 
     recipe = load_recipe({**recipe, "methods": methods})
-    models = run_stages(dense, recipe, out, progress=progress)
+    models = run_stages(dense, recipe, out, progress=progress, redo=True)  # a changed scale rebuilds what it touches
     return sweep_methods(models, dense, recipe, out, mac_examples=scale.mac_examples), models
 
 

@@ -10,12 +10,17 @@ the first unfinished stage (and a training stage at its latest checkpoint):
     summary.json, curves.png   every sweep with the dense and ReLU reference points
 
 Both methods share stages 0-1 and get the same experts (same partition, same seed); only the router differs.
+Each stage folder records the recipe fields it was built from (``stage.json``: its own and its predecessors'). A
+finished stage is reused only when they match the recipe; otherwise the run stops and says which fields changed,
+unless ``redo=True``, which rebuilds that stage and everything after it.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +38,45 @@ def stage_model(directory: Path) -> nn.Module | None:
     from ..export import load
 
     return load(directory / "model") if (directory / "model" / "config.json").is_file() else None
+
+
+def stage_fingerprints(recipe: D2DMoERecipe, method: str | None = None) -> dict[str, dict]:
+    """The recipe fields each stage depends on, its predecessors' included (keyed by stage folder)."""
+    attention = {"data": recipe.data, "seed": recipe.seed,
+                 "attention": None if recipe.attention is None else recipe.attention.model_dump()}  # fmt: skip
+    sparsify = {**attention, "sparsify": recipe.sparsify_config().model_dump(mode="json")}
+    prints = {"0-attention": attention, "1-sparsify": sparsify}
+    for name in recipe.methods if method is None else [method]:
+        split = {**sparsify, "method": name, "num_experts": recipe.num_experts, "partition": recipe.partition,
+                 "router_hidden": recipe.router_hidden}  # fmt: skip
+        prints[f"2-{name}"] = split
+        prints[f"3-{name}-routers"] = {**split, "routers": recipe.router_config().model_dump(mode="json")}
+    return prints
+
+
+def cached_stage(directory: Path, fingerprint: dict, build: Callable[[], nn.Module], redo: bool) -> nn.Module:
+    """The stage's model from ``directory`` if it was built from ``fingerprint``, else ``build()`` it there."""
+    marker = directory / "stage.json"
+    recorded = json.loads(marker.read_text()) if marker.is_file() else None
+    if recorded == fingerprint:
+        finished = stage_model(directory)
+        if finished is not None:
+            return finished  # else: interrupted; the build resumes from its checkpoints
+    elif directory.exists() and any(directory.iterdir()):
+        if not redo:
+            changed = (
+                "no stage.json"
+                if recorded is None
+                else ", ".join(sorted(k for k in {*recorded, *fingerprint} if recorded.get(k) != fingerprint.get(k)))
+            )
+            raise ValueError(
+                f"{directory} holds this stage for another recipe (changed: {changed}); use a new --out, delete "
+                "the folder, or rerun with redo=True (--redo) to rebuild it and the stages after it"
+            )
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")  # before: resumes match
+    return build()
 
 
 def _save(model: nn.Module, directory: Path) -> None:
@@ -62,7 +106,7 @@ def sparsify_stage(model: nn.Module, recipe: D2DMoERecipe, out: Path, progress: 
     model = copy.deepcopy(model)
     swap_to_relu(model)
     train(model, recipe.sparsify_config(), out, resume=(out / "checkpoints").is_dir(), progress=progress)
-    held_out = HeldOut(model, recipe.data, "val", max_batches=8, seq_len=recipe.sparsify_config().seq_len)
+    held_out = HeldOut(model, recipe.data, "val", examples=512, seq_len=recipe.sparsify_config().seq_len)
     sparsity = activation_sparsity(model, held_out.batches())
     atomic_write_text(out / "activation_sparsity.json", json.dumps(sparsity, indent=2) + "\n")
     return model
@@ -89,19 +133,24 @@ def router_stage(moe: nn.Module, recipe: D2DMoERecipe, out: Path, progress: bool
 
 
 def run_stages(dense: nn.Module, recipe: D2DMoERecipe | dict | str | Path, out: str | Path,
-               progress: bool = True) -> dict[str, nn.Module]:  # fmt: skip
-    """Stages 0-3; returns ``{"sparse": ReLU model, method: model with fitted routers}``. Finished stages load."""
+               progress: bool = True, redo: bool = False) -> dict[str, nn.Module]:  # fmt: skip
+    """Stages 0-3; returns ``{"sparse": ReLU model, method: model with fitted routers}``. Finished stages of the
+    same recipe load (see :func:`cached_stage`)."""
     recipe = load_recipe(recipe)
     out = Path(out)
+    prints = stage_fingerprints(recipe)
+
+    def stage(name: str, build: Callable[[Path], nn.Module]) -> nn.Module:
+        return cached_stage(out / name, prints[name], lambda: build(out / name), redo)
+
     model = dense
     if recipe.attention is not None:
-        model = stage_model(out / "0-attention") or attention_stage(dense, recipe, out / "0-attention", progress)
-    sparse = stage_model(out / "1-sparsify") or sparsify_stage(model, recipe, out / "1-sparsify", progress)
+        model = stage("0-attention", lambda where: attention_stage(dense, recipe, where, progress))
+    sparse = stage("1-sparsify", lambda where: sparsify_stage(model, recipe, where, progress))
     models = {"sparse": sparse}
     for method in recipe.methods:
-        split = stage_model(out / f"2-{method}") or split_stage(sparse, recipe, method, out / f"2-{method}")
-        fitted = stage_model(out / f"3-{method}-routers") or router_stage(split, recipe, out / f"3-{method}-routers",
-                                                                           progress)  # fmt: skip
+        split = stage(f"2-{method}", lambda where, m=method: split_stage(sparse, recipe, m, where))
+        fitted = stage(f"3-{method}-routers", lambda where, s=split: router_stage(s, recipe, where, progress))
         set_backend(fitted, "sorted")  # inference: only the selected pairs, no padding
         models[method] = fitted
     return models
@@ -111,7 +160,7 @@ def sweep_methods(models: dict[str, nn.Module], dense: nn.Module, recipe: D2DMoE
                   splits: tuple[str, ...] = ("val", "test"), mac_examples: int = 256) -> dict:  # fmt: skip
     """The τ / k sweeps of every method and the dense and ReLU-sparse reference points, written to ``out``."""
     seq_len = recipe.sparsify_config().seq_len
-    held_out = {s: HeldOut(dense, recipe.data, s, recipe.eval_batches, seq_len) for s in splits}
+    held_out = {s: HeldOut(dense, recipe.data, s, recipe.eval_examples, seq_len) for s in splits}
     dense_macs = macs_per_example(dense, held_out[splits[0]], mac_examples)
     results = {
         "dense": {s: h.metric(dense) for s, h in held_out.items()} | {"flops_fraction": 1.0},
@@ -127,14 +176,14 @@ def sweep_methods(models: dict[str, nn.Module], dense: nn.Module, recipe: D2DMoE
 
 
 def run_d2dmoe(dense: nn.Module, recipe: D2DMoERecipe | dict | str | Path, out: str | Path,
-               progress: bool = True) -> dict:  # fmt: skip
+               progress: bool = True, redo: bool = False) -> dict:  # fmt: skip
     """Every stage, then the sweeps; writes ``summary.json`` and ``curves.png`` (validation accuracy: the split
     operating points are chosen on) to ``out`` and returns the summary."""
     from .plots import plot_curves
 
     recipe = load_recipe(recipe)
     out = Path(out)
-    models = run_stages(dense, recipe, out, progress)
+    models = run_stages(dense, recipe, out, progress, redo)
     results = sweep_methods(models, dense, recipe, out)
     summary = {"recipe": recipe.model_dump(mode="json"), **results}
     for method in recipe.methods:

@@ -51,7 +51,8 @@ class D2DMoERecipe(StrictModel):
     taus: list[float] = Field([0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                               description="D2DMoE thresholds to sweep (0 runs every expert)")  # fmt: skip
     top_ks: list[int] | None = Field(None, description="MoEfication k to sweep (None: 1, 2, 4, ... up to E)")
-    eval_batches: int | None = Field(None, ge=1, description="cap on held-out batches of 64 per sweep point")
+    eval_examples: int | None = Field(None, ge=1, description="held-out examples per sweep point, an even stride "
+                                      "through each split (None: all)")  # fmt: skip
     seed: int = Field(0, description="seed of every stage")
 
     @model_validator(mode="after")

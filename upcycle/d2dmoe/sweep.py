@@ -14,6 +14,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from ..adapters import find_adapter, get_adapter
@@ -26,18 +27,23 @@ BATCH = 64
 
 
 class HeldOut:
-    """The held-out batches of one dataset split for ``model``'s task (built once, walked for every point)."""
+    """The held-out batches of one dataset split for ``model``'s task (built once, walked for every point).
 
-    def __init__(self, model: nn.Module, data: str, split: str, max_batches: int | None = None, seq_len: int = 128):
+    ``examples``: an evenly strided subset of the split, not its first examples: splits may be ordered (the text
+    mixture holds one domain after another), and a prefix would then measure one class.
+    """
+
+    def __init__(self, model: nn.Module, data: str, split: str, examples: int | None = None, seq_len: int = 128):
         record = getattr(model, "upcycle_record", None)
         adapter = get_adapter(record["adapter"]) if record else find_adapter(model)
         self.task = make_task(model, adapter, TrainConfig(data=data, steps=1, augment=False, seq_len=seq_len))
         self.dataset = self.task.dataset(split)
-        self.max_batches = max_batches
+        if examples is not None and examples < len(self.dataset):
+            chosen = torch.linspace(0, len(self.dataset) - 1, examples).round().long().unique().tolist()
+            self.dataset = Subset(self.dataset, chosen)
 
     def batches(self, max_batches: int | None = None) -> Iterable[dict]:
-        cap = self.max_batches if max_batches is None else max_batches
-        return held_out_batches(self.dataset, BATCH, "cpu", cap)
+        return held_out_batches(self.dataset, BATCH, "cpu", max_batches)
 
     def metric(self, model: nn.Module) -> float:
         was_training = model.training

@@ -30,12 +30,18 @@ class D2DMoEOptions(MoEficationOptions):
     tau: float = Field(0.0, ge=0, le=1, description="dynamic-k threshold: expert i runs iff r_i >= tau * max r")
 
 
-def _check_router_section(config) -> None:
+def _split_with_mlp_router(dense: DenseFFN, config, generator: torch.Generator, options: MoEficationOptions,
+                           router: str, **router_args) -> MoE:  # fmt: skip
+    """The neuron split, then the named MLP router (drawn after the partition, from the same generator)."""
     if config.router.type != "topk":
         raise ValueError(
             f"method {config.method!r} builds its own router MLP; router type {config.router.type!r} does not apply "
             "(leave the router section at its default)"
         )
+    experts, groups = split_experts(dense, config.num_experts, options, generator)
+    mlp = mlp_router(router, dense.d_model, config.num_experts, generator, hidden=options.router_hidden,
+                     **router_args)  # fmt: skip
+    return split_moe(mlp, experts, groups)
 
 
 @register_method(
@@ -46,12 +52,8 @@ def _check_router_section(config) -> None:
 )
 @torch.no_grad()
 def d2dmoe(dense: DenseFFN, config, generator: torch.Generator) -> MoE:
-    _check_router_section(config)
     options = D2DMoEOptions(**config.options)
-    experts, groups = split_experts(dense, config.num_experts, options, generator)
-    router = mlp_router("dynamic_k", dense.d_model, config.num_experts, generator, hidden=options.router_hidden,
-                        tau=options.tau)  # fmt: skip
-    return split_moe(router, experts, groups)
+    return _split_with_mlp_router(dense, config, generator, options, "dynamic_k", tau=options.tau)
 
 
 @register_method(
@@ -62,9 +64,5 @@ def d2dmoe(dense: DenseFFN, config, generator: torch.Generator) -> MoE:
 )
 @torch.no_grad()
 def moefication(dense: DenseFFN, config, generator: torch.Generator) -> MoE:
-    _check_router_section(config)
     options = MoEficationOptions(**config.options)
-    experts, groups = split_experts(dense, config.num_experts, options, generator)
-    router = mlp_router("moefication", dense.d_model, config.num_experts, generator, hidden=options.router_hidden,
-                        top_k=config.top_k)  # fmt: skip
-    return split_moe(router, experts, groups)
+    return _split_with_mlp_router(dense, config, generator, options, "moefication", top_k=config.top_k)

@@ -18,6 +18,7 @@ Dimension letters: e experts, H source hidden units, h expert hidden units, d_sr
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -107,14 +108,21 @@ def graph_partition_sampling(coactivation: torch.Tensor, num_experts: int, h: in
 
 def uniform_selection(total: int, num_experts: int, h: int) -> torch.Tensor:
     """Evenly spaced units, expert i shifted by i/e of the spacing -> ``[e, h]``: unit j of expert i is
-    ⌊(j + i/e)·H/h⌋, computed in integers. The released code gives every expert the same set; refused here."""
+    ⌊(j + i/e)·H/h⌋, computed in integers, so experts differ by their offset (the released code gives every expert
+    the same set). Only about H/h distinct offsets exist: with more experts than that, consecutive experts share an
+    offset (a warning says how many distinct sets there are) — evenly spaced sets cannot differ more; a single set
+    for several experts is refused."""
     _check_sizes(total, num_experts, h, "hidden units")
     j, i = torch.arange(h), torch.arange(num_experts)
     index = ((j.unsqueeze(0) * num_experts + i.unsqueeze(1)) * total) // (h * num_experts)  # [e, h]
-    if len({tuple(row) for row in index.tolist()}) < num_experts:
-        raise ValueError(
-            f"uniform selection cannot give {num_experts} distinct experts: evenly spaced sets of {h} of {total} units "
-            f"(spacing {total / h:.2f}) have too few distinct offsets; use fewer experts or a smaller h"
+    distinct = len({tuple(row) for row in index.tolist()})
+    if distinct == 1:  # every expert the same set: what the released code does, and what we refuse
+        _require_distinct(1, num_experts, f"evenly spaced sets of {h} of {total} units")
+    if distinct < num_experts:
+        warnings.warn(
+            f"uniform selection: evenly spaced sets of {h} of {total} units (spacing {total / h:.2f}) have only "
+            f"{distinct} distinct offsets for {num_experts} experts, so experts share sets",
+            stacklevel=2,
         )
     return index
 
