@@ -22,10 +22,14 @@ def tiny_vit():
     return build_dense("vit_xxs", num_classes=10, seed=0, embed_dim=32, depth=2).eval()
 
 
-def test_swap_to_relu_changes_every_ffn_and_survives_save_load(tmp_path):
+@pytest.mark.parametrize("saved_before", [False, True], ids=["fresh", "loaded"])
+def test_swap_to_relu_changes_every_ffn_and_survives_save_load(tmp_path, saved_before):
     import upcycle
 
     model = tiny_vit()
+    if saved_before:  # a loaded model carries a record of its GELU skeleton, which the swap must update
+        upcycle.save(model, tmp_path / "gelu")
+        model = upcycle.load(tmp_path / "gelu")
     assert swap_to_relu(model) == 2
     assert all(type(block.mlp.act).__name__ == "ReLU" for block in model.blocks)
     upcycle.save(model, tmp_path / "m")

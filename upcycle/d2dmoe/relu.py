@@ -39,6 +39,9 @@ def swap_to_relu(model: nn.Module) -> int:
             setattr(config, key, "relu")
     if adapter.task == "image_classification":  # timm: rebuilt from creation arguments
         model.upcycle_timm_kwargs = {**adapter.describe(model)["kwargs"], "act_layer": "relu"}
+    record = getattr(model, "upcycle_record", None)
+    if record is not None:  # loaded or saved before: the skeleton it rebuilds from must be the ReLU one now
+        record["source"] = adapter.describe(model)
     return swapped
 
 

@@ -64,8 +64,11 @@ class JetpackOptions(StrictModel):
     universal_ratio: int = Field(4, ge=1, description="universal expert width = h / this")
     slot_router: Literal["sphero", "soft"] = Field("sphero", description="SpheroMoE, or Soft MoE (ablation)")
     key_projection: bool = Field(False, description="learnable key projection (paper Alg. 1; released code: none)")
-    key_norm: bool = Field(False, description="L2-normalise keys (released code); off: the paper text, which keeps "
-                           "their scale (our default: +4 points validation accuracy in the benchmark's ablation)")
+    key_norm: bool = Field(
+        False,
+        description="L2-normalise keys (released code); off: the paper text, which keeps "
+        "their scale (our default: +4 points validation accuracy in the benchmark's ablation)",
+    )
     temperatures: Literal["one", "two"] = Field("two", description="one shared or dispatch + combine temperatures")
     temperature_init: float = Field(0.5, gt=0, description="initial temperature (released code: 0.5)")
     combine: Literal["softmax", "entmax15"] = Field("softmax", description="combine over slots (released: entmax15)")
