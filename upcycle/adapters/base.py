@@ -98,6 +98,12 @@ def find_adapter(model: nn.Module) -> Adapter:
     raise ValueError(f"no adapter supports {type(model).__module__}.{type(model).__name__}; supported:\n{families}")
 
 
+def adapter_of(model: nn.Module) -> Adapter:
+    """The adapter a converted model recorded (its blocks may no longer match any adapter), else the matching one."""
+    record = getattr(model, "upcycle_record", None)
+    return get_adapter(record["adapter"]) if record else find_adapter(model)
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from ..adapters import find_adapter, get_adapter
+from ..adapters import adapter_of
 from ..config import TrainConfig
 from ..eval import count_macs, time_inference
+from ..eval._common import default_forward, model_inputs
 from ..train.loop import held_out_batches
 from ..train.tasks import make_task
 
@@ -34,9 +35,7 @@ class HeldOut:
     """
 
     def __init__(self, model: nn.Module, data: str, split: str, examples: int | None = None, seq_len: int = 128):
-        record = getattr(model, "upcycle_record", None)
-        adapter = get_adapter(record["adapter"]) if record else find_adapter(model)
-        self.task = make_task(model, adapter, TrainConfig(data=data, steps=1, augment=False, seq_len=seq_len))
+        self.task = make_task(model, adapter_of(model), TrainConfig(data=data, steps=1, augment=False, seq_len=seq_len))
         self.dataset = self.task.dataset(split)
         if examples is not None and examples < len(self.dataset):
             chosen = torch.linspace(0, len(self.dataset) - 1, examples).round().long().unique().tolist()
@@ -88,9 +87,7 @@ def lowest_fraction_within(rows: list[dict], reference: float, split: str, drop:
 # ---- wall-clock --------------------------------------------------------------------------------------------------
 def _ffn_modules(model: nn.Module) -> list[nn.Module]:
     """The modules at the model's FFN sites (dense FFNs, or the MoE wrappers installed there)."""
-    record = getattr(model, "upcycle_record", None)
-    adapter = get_adapter(record["adapter"]) if record else find_adapter(model)
-    return [model.get_submodule(site.name) for site in adapter.ffn_sites(model)]
+    return [model.get_submodule(site.name) for site in adapter_of(model).ffn_sites(model)]
 
 
 @torch.no_grad()
@@ -112,8 +109,7 @@ def _captured_inputs(model: nn.Module, modules: list[nn.Module], batch: dict) ->
 
 
 def _forward(model: nn.Module, batch: dict):
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(inputs["x"]) if "x" in inputs else model(**inputs)
+    return default_forward(model, model_inputs(batch))
 
 
 def ffn_wallclock_ms(model: nn.Module, batch: dict, repeats: int = 7) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..adapters import find_adapter, get_adapter
+from ..adapters import adapter_of
 from ..atomic import atomic_write_text
 from ..layers import moe_layers
 from .flops import count_macs
@@ -33,8 +33,7 @@ def evaluate_model(
 
     if split not in ("val", "test"):
         raise ValueError(f"evaluate on a held-out split (val or test), not {split!r}")
-    record = getattr(model, "upcycle_record", None)
-    adapter = get_adapter(record["adapter"]) if record else find_adapter(model)
+    adapter = adapter_of(model)
     task = make_task(model, adapter, TrainConfig(data=data, steps=1, augment=False, seq_len=seq_len))
     dataset = task.dataset(split)
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
-from ..adapters import find_adapter, get_adapter
+from ..adapters import adapter_of
 from ..config import TrainConfig, load_train_config, to_yaml
 from ..export.saving import load_weights
 from ..layers import collect_aux_losses
@@ -86,8 +86,7 @@ def train(model: nn.Module, config: TrainConfig | dict | str | Path, out: str | 
 
 
 def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, context) -> dict:
-    record = getattr(model, "upcycle_record", None)
-    adapter = get_adapter(record["adapter"]) if record else find_adapter(model)
+    adapter = adapter_of(model)
     task = make_task(model, adapter, cfg)
     train_set, val_set = task.dataset("train"), task.dataset("val")
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, cfg.seed, context.rank, context.world,
