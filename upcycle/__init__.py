@@ -3,6 +3,7 @@
     moe = upcycle.convert(model, method="sparse_upcycling", num_experts=8, top_k=2)
     diff = upcycle.verify(moe, model)            # max |moe(x) - dense(x)|
     upcycle.save(moe, "out/"); moe = upcycle.load("out/")
+    bam = upcycle.merge([seed, *branches], method="bam")   # BAM / BTX: dense LMs -> one MoE
 
 The environment fixes below run before anything imports torchvision or a Hugging Face library (see ``_compat``).
 """
@@ -19,6 +20,7 @@ from .export.timm_export import register_with_timm  # noqa: E402
 from .layers import list_backends, list_routers  # noqa: E402
 from .models import register_on_transformers_import  # noqa: E402
 from .recycling import list_methods  # noqa: E402
+from .recycling.merge import merge  # noqa: E402
 from .stream import convert_streaming  # noqa: E402
 from .verify import verify  # noqa: E402
 
@@ -38,6 +40,7 @@ __all__ = [
     "list_routers",
     "load",
     "load_convert_config",
+    "merge",
     "save",
     "verify",
 ]

@@ -105,11 +105,12 @@ def load_convert_config(source: str | Path | dict | ConvertConfig | None = None,
     try:
         return ConvertConfig(**data, router=router, options=options)
     except ValidationError as error:
-        raise ValueError(_explain(error)) from None
+        raise ValueError(explain(error)) from None
 
 
-def _explain(error: ValidationError) -> str:
-    lines = ["invalid conversion config:"]
+def explain(error: ValidationError, what: str = "conversion config") -> str:
+    """A pydantic error as one line per bad field, under ``invalid <what>:``."""
+    lines = [f"invalid {what}:"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "config"
         lines.append(f"  {where}: {item['msg']}")
@@ -202,4 +203,4 @@ def load_train_config(source: str | Path | dict | TrainConfig | None = None, **o
     try:
         return TrainConfig(**data, aux=aux)
     except ValidationError as error:
-        raise ValueError(_explain(error).replace("conversion config", "training config")) from None
+        raise ValueError(explain(error, "training config")) from None

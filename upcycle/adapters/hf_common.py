@@ -12,6 +12,13 @@ def is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "config") and any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
 
 
+def rope_parameters(config) -> dict:
+    """transformers v5 keeps RoPE settings in ``rope_parameters``; upcycle_lm has a plain ``rope_theta``."""
+    if getattr(config, "rope_parameters", None):
+        return dict(config.rope_parameters)
+    return {"rope_type": "default", "rope_theta": float(config.rope_theta)}
+
+
 def base_prefix(model: nn.Module) -> str:
     """``"model."`` for LlamaForCausalLM, ``""`` for a bare LlamaModel: where the transformer stack lives."""
     prefix = getattr(model, "base_model_prefix", "")

@@ -239,7 +239,10 @@ def dense_hidden(model: nn.Module, moe: MoE) -> int | None:
     units = getattr(moe, "hidden_units", None)
     if isinstance(units, torch.Tensor):
         return units.numel()
-    recipe = (getattr(model, "upcycle_record", None) or {}).get("convert", {})
+    record = getattr(model, "upcycle_record", None) or {}
+    if record.get("merge"):  # BTX / BAM: each expert is a whole dense FFN (of one branch)
+        return moe.experts.d_hidden
+    recipe = record.get("convert") or {}
     if recipe.get("method") == "sparse_upcycling":
         return moe.experts.d_hidden * int((recipe.get("options") or {}).get("granularity", 1))
     return None

@@ -8,12 +8,13 @@ from torch import nn
 
 from .saving import load, save
 
-FORMATS = ("mixtral", "qwen2_moe", "timm")
+FORMATS = ("mixtral", "qwen2_moe", "timm", "bam")
 
 
 def export(model: nn.Module, directory: str | Path, format: str, overwrite: bool = False, **options) -> Path:
     """Write ``model`` where its ecosystem loads it: ``mixtral`` / ``qwen2_moe`` (transformers
-    ``AutoModelForCausalLM.from_pretrained``) or ``timm`` (``timm.create_model("local-dir:DIR")``)."""
+    ``AutoModelForCausalLM.from_pretrained``), ``timm`` (``timm.create_model("local-dir:DIR")``) or ``bam``
+    (upcycle's BAM model class, through transformers' Auto classes once upcycle is imported)."""
     if format == "mixtral":
         from .mixtral import export_mixtral
 
@@ -26,6 +27,10 @@ def export(model: nn.Module, directory: str | Path, format: str, overwrite: bool
         from .timm_export import export_timm
 
         return export_timm(model, directory, overwrite=overwrite, **options)
+    if format == "bam":
+        from .bam import export_bam
+
+        return export_bam(model, directory, overwrite=overwrite, **options)
     raise ValueError(f"unknown export format {format!r}; choose one of {list(FORMATS)}")
 
 

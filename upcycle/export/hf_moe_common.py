@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..adapters.activations import from_hf
+from ..adapters.hf_common import rope_parameters
 from ..atomic import atomic_directory
 from ..layers import MoE, TopKRouter
 from .saving import DEFAULT_SHARD_BYTES
@@ -30,7 +31,9 @@ from .shards import ShardWriter
 from .tokenizer_files import copy_tokenizer_files
 
 EXPORT_NOTE = "upcycle_export.json"
-SOURCE_TYPES = ("llama", "mistral", "qwen2")  # dense families whose attention the targets reproduce exactly
+# dense families whose attention the targets reproduce exactly; upcycle_lm with sequential blocks computes what Llama
+# does (its parallel blocks have no counterpart in these targets)
+SOURCE_TYPES = ("llama", "mistral", "qwen2", "upcycle_lm")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 Tensors = Iterable[tuple[str, torch.Tensor]]
@@ -89,6 +92,12 @@ def read_source(model: nn.Module, target: str) -> Source:
             target,
             f"the source is {type(model).__name__} (model_type {model_type!r}); exports need a *ForCausalLM of "
             f"one of {SOURCE_TYPES}, whose attention the target reproduces exactly",
+        )
+    if getattr(model.config, "parallel_attention", False):
+        raise refuse(
+            target,
+            f"the source has parallel blocks (attention and FFN read one normalised input), but {target}'s blocks "
+            "are sequential; merge a sequential seed, or export a BAM mixture with format 'bam'",
         )
     if not record["layers"]:
         raise refuse(target, "the model has no MoE layer (the layer selection of upcycle.convert matched none)")
@@ -202,8 +211,8 @@ def backbone_config(source: Source) -> dict[str, Any]:
         "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
         "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
         "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
-        "rope_parameters": dict(c.rope_parameters), "hidden_act": "silu",
-        "attention_dropout": c.attention_dropout, "initializer_range": c.initializer_range,
+        "rope_parameters": rope_parameters(c), "hidden_act": "silu",
+        "attention_dropout": getattr(c, "attention_dropout", 0.0), "initializer_range": c.initializer_range,
         "tie_word_embeddings": is_tied(source.model),  # what the weights do, whatever the flag says
         "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
         "dtype": str(dtype).removeprefix("torch."),

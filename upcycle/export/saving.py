@@ -49,8 +49,9 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False,
 
 def write_record(directory: Path, record: dict) -> None:
     (directory / CONFIG).write_text(json.dumps(record, indent=2) + "\n")
-    if record.get("convert") is not None:  # a dense model (e.g. after upcycle pretrain) has no recipe
-        (directory / RECIPE).write_text(yaml.safe_dump({"convert": record["convert"]}, sort_keys=False))
+    recipe = {key: record[key] for key in ("convert", "merge") if record.get(key) is not None}
+    if recipe:  # a dense model (e.g. after upcycle pretrain) has no recipe
+        (directory / RECIPE).write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
 def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -75,3 +75,35 @@ def _naive_slots(expert: Callable[[int, torch.Tensor], torch.Tensor], x: torch.T
         tokens = [(routing.combine[example, token].unsqueeze(-1) * slot_outputs).sum(0) for token in range(n)]
         out.append(torch.stack(tokens))
     return torch.stack(out)
+
+
+def naive_mixture_of_attention(module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, t, d] -> [b, t, d] for a :class:`~upcycle.layers.attention.MixtureOfAttention` with plain causal
+    masking: each expert and each query head on its own, softmax attention written out, gates applied per token."""
+    from .rotary import apply_rope
+
+    b, t, _ = x.shape
+    c, groups = module.head_dim, module.num_heads // module.num_kv_heads
+    gates = torch.softmax(module.router.gate(x).float(), dim=-1)  # [b, t, e]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def heads(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [f, d] -> [b, heads, t, c]
+        y = x @ weight.T + (0 if bias is None else bias)
+        return y.view(b, t, -1, c).transpose(1, 2)
+
+    out = torch.zeros_like(x)
+    for j in range(module.num_experts):
+        kv_j = 0 if module.shared_kv else j
+        q = apply_rope(heads(module.w_q[j], None if module.b_q is None else module.b_q[j]), cos, sin)
+        k = apply_rope(heads(module.w_k[kv_j], None if module.b_k is None else module.b_k[kv_j]), cos, sin)
+        v = heads(module.w_v[kv_j], None if module.b_v is None else module.b_v[kv_j])
+        per_head = []
+        for head in range(module.num_heads):
+            scores = q[:, head] @ k[:, head // groups].transpose(-1, -2) * c**-0.5  # [b, t, t]
+            scores = scores.masked_fill(~causal, float("-inf"))
+            per_head.append(torch.softmax(scores, dim=-1) @ v[:, head // groups])  # [b, t, c]
+        y = torch.cat(per_head, dim=-1) @ module.w_o[j].T  # [b, t, d]
+        if module.b_o is not None:
+            y = y + module.b_o[j]
+        out = out + gates[..., j : j + 1] * y
+    return out

@@ -10,7 +10,8 @@ seconds, and most uses of upcycle (timm models, the CLI) never need it. The clas
 (PEP 562), and each module registers its classes with transformers' Auto API when it loads (``lm_config``:
 ``AutoConfig``; ``lm``: ``AutoModel``, ``AutoModelForCausalLM``). ``register_on_transformers_import()`` also
 loads them right after transformers' own Auto modules load, so ``AutoConfig`` / ``AutoModelForCausalLM
-.from_pretrained(dir)`` know ``model_type="upcycle_lm"`` without anyone importing ``upcycle.models`` first.
+.from_pretrained(dir)`` know ``model_type="upcycle_lm"`` and ``"upcycle_bam"`` without anyone importing
+``upcycle.models`` first.
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ _LAZY = {
     "UpcycleLMPreTrainedModel": "lm",
     "UpcycleLMModel": "lm",
     "UpcycleLMForCausalLM": "lm",
+    "UpcycleBAMConfig": "bam_config",
+    "UpcycleBAMPreTrainedModel": "bam",
+    "UpcycleBAMModel": "bam",
+    "UpcycleBAMForCausalLM": "bam",
 }
-MODEL_CLASS_NAMES = ("UpcycleLMModel", "UpcycleLMForCausalLM")  # what upcycle_lm checkpoints name in "architectures"
+# what upcycle_lm / upcycle_bam checkpoints name in "architectures"
+MODEL_CLASS_NAMES = ("UpcycleLMModel", "UpcycleLMForCausalLM", "UpcycleBAMModel", "UpcycleBAMForCausalLM")
 
 # transformers' Auto module -> our module that must be loaded (hence registered) once it is.
 _TRIGGERS = {
-    "transformers.models.auto.configuration_auto": "lm_config",
-    "transformers.models.auto.modeling_auto": "lm",
+    "transformers.models.auto.configuration_auto": ("lm_config", "bam_config"),
+    "transformers.models.auto.modeling_auto": ("lm", "bam"),
 }
 
 
@@ -50,26 +56,28 @@ def __dir__() -> list[str]:
 
 def get_model_class(name: str) -> type | None:
     """The upcycle model class called ``name`` (e.g. ``"UpcycleLMForCausalLM"``), or None if there is none."""
-    return getattr(importlib.import_module(f"{__name__}.lm"), name) if name in MODEL_CLASS_NAMES else None
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name) if name in MODEL_CLASS_NAMES else None
 
 
 def register() -> None:
     """Register every class with the Auto API now (importing transformers' modelling code). Idempotent."""
-    for module in set(_TRIGGERS.values()):
-        importlib.import_module(f"{__name__}.{module}")
+    for modules in _TRIGGERS.values():
+        for module in modules:
+            importlib.import_module(f"{__name__}.{module}")
 
 
-def _load_quietly(module: str) -> None:
+def _load_quietly(modules: tuple[str, ...]) -> None:
     """Runs inside transformers' import: a failure here must not break transformers, so it only warns."""
-    try:
-        importlib.import_module(f"{__name__}.{module}")
-    except Exception as error:  # any failure: transformers itself still has to import
-        warnings.warn(
-            f"upcycle could not register model_type 'upcycle_lm' with transformers ({type(error).__name__}: "
-            f"{error}); `import upcycle.models.lm` before loading an upcycle_lm checkpoint",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    for module in modules:
+        try:
+            importlib.import_module(f"{__name__}.{module}")
+        except Exception as error:  # any failure: transformers itself still has to import
+            warnings.warn(
+                f"upcycle could not register its model types with transformers ({type(error).__name__}: {error}); "
+                f"`import upcycle.models.{module}` before loading an upcycle_lm / upcycle_bam checkpoint",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 class _RunAfterLoader(importlib.abc.Loader):

@@ -32,6 +32,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
+from ..layers.rotary import apply_rope, repeat_kv, rope_cos_sin
 from .lm_config import UpcycleLMConfig
 
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss (padding, prompts)
@@ -51,34 +52,6 @@ class UpcycleLMRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
-
-
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin of each position's rotation angles: ``(b, t)`` positions -> two ``(b, t, hd)`` tensors.
-
-    Computed per forward instead of cached in a buffer: it is (b·t·hd) work, and a buffer would be one more tensor
-    that ``from_pretrained``'s meta-device loading must re-create.
-    """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim
-    inv_freq = 1.0 / (theta**exponents)  # (hd/2,): angle per position, fast to slow
-    angles = position_ids[..., None].float() * inv_freq  # (b, t, hd/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (b, t, hd): channel i pairs with i + hd/2 (Llama's layout)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each channel pair (i, i + hd/2) of ``x (b, heads, t, hd)`` by its position's angle."""
-    first, second = x.chunk(2, dim=-1)  # (b, heads, t, hd/2) each
-    rotated = torch.cat((-second, first), dim=-1)  # x rotated by 90° in every pair
-    return x * cos[:, None] + rotated * sin[:, None]  # cos, sin broadcast over heads
-
-
-def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``(b, kv, s, hd)`` -> ``(b, kv·groups, s, hd)``: each key/value head serves ``groups`` query heads (GQA)."""
-    if groups == 1:
-        return x
-    b, kv, s, hd = x.shape
-    return x[:, :, None].expand(b, kv, groups, s, hd).reshape(b, kv * groups, s, hd)
 
 
 def causal_mask(attention_mask: torch.Tensor | None, t: int, past: int, device: torch.device) -> torch.Tensor | None:
@@ -164,10 +137,18 @@ class UpcycleLMDecoderLayer(nn.Module):
         super().__init__()
         self.parallel = config.parallel_attention
         self.input_layernorm = UpcycleLMRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = UpcycleLMAttention(config, layer_idx)
+        self.self_attn = self.build_attention(config, layer_idx)
         if not self.parallel:  # a parallel block has one norm: both branches read the same normalised input
             self.post_attention_layernorm = UpcycleLMRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = UpcycleLMMLP(config)
+        self.mlp = self.build_mlp(config)
+
+    def build_attention(self, config: UpcycleLMConfig, layer_idx: int) -> nn.Module:
+        """A module ``(x, cos, sin, mask, cache) -> (b, t, d)``; BAM's block returns its Mixture of Attention."""
+        return UpcycleLMAttention(config, layer_idx)
+
+    def build_mlp(self, config: UpcycleLMConfig) -> nn.Module:
+        """A module ``(b, t, d) -> (b, t, d)``; BAM's block returns an MoE layer."""
+        return UpcycleLMMLP(config)
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
         normed = self.input_layernorm(x)  # (b, t, d)
@@ -189,10 +170,12 @@ class UpcycleLMPreTrainedModel(PreTrainedModel):
 class UpcycleLMModel(UpcycleLMPreTrainedModel):
     """The decoder without its head: token ids -> final normalised hidden states ``(b, t, d)``."""
 
+    decoder_layer_class: ClassVar[type[nn.Module]] = UpcycleLMDecoderLayer  # BAM's model swaps the block
+
     def __init__(self, config: UpcycleLMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(UpcycleLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = UpcycleLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
@@ -230,9 +213,11 @@ class UpcycleLMForCausalLM(UpcycleLMPreTrainedModel, GenerationMixin):
     # applied when config.tie_word_embeddings: the head reuses the embedding matrix
     _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
 
+    decoder_class: ClassVar[type[nn.Module]] = UpcycleLMModel
+
     def __init__(self, config: UpcycleLMConfig):
         super().__init__(config)
-        self.model = UpcycleLMModel(config)
+        self.model = self.decoder_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 

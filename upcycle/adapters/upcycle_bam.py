@@ -1,0 +1,29 @@
+"""upcycle's BAM model (``UpcycleBAMForCausalLM``, arXiv 2408.08274): its FFNs are MoE layers and its attention a
+Mixture of Attention from the start, built from its config; nothing is left to convert. The adapter gives the
+model the surface every other one has (training, evaluation, ``upcycle.save`` / ``load``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..recycling.dense_ffn import DenseFFN
+from .base import Adapter, FFNSite, register_adapter
+from .hf_common import HFAdapterMixin, is_hf_model
+
+CLASSES = ("UpcycleBAMForCausalLM", "UpcycleBAMModel")
+
+
+@register_adapter
+class UpcycleBAMAdapter(HFAdapterMixin, Adapter):
+    name = "upcycle_bam"
+    family = "upcycle's BAM mixture LM (UpcycleBAMForCausalLM: attention experts + FFN experts, upcycle.merge)"
+    task = "causal_lm"
+
+    def matches(self, model: nn.Module) -> bool:
+        return is_hf_model(model) and type(model).__name__ in CLASSES
+
+    def ffn_sites(self, model: nn.Module) -> list[FFNSite]:
+        return []  # every FFN already is an MoE layer, part of the model class
+
+    def read_ffn(self, model: nn.Module, site: FFNSite) -> DenseFFN:
+        raise ValueError("a BAM model has no dense FFN to read: its FFNs are MoE layers already")
