@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rotary import apply_rope
 from .routers.soft_attention import SoftAttentionRouter
 from .routing import Routing
-from .rotary import apply_rope
 
 
 class MixtureOfAttention(nn.Module):
@@ -38,7 +38,8 @@ class MixtureOfAttention(nn.Module):
         self.layer_idx = layer_idx  # which of a KV cache's layers holds this module's keys and values
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        self.num_experts, self.num_heads, self.num_kv_heads, self.head_dim = num_experts, num_heads, num_kv_heads, head_dim
+        self.num_experts, self.num_heads, self.num_kv_heads = num_experts, num_heads, num_kv_heads
+        self.head_dim = head_dim
         self.shared_kv = shared_kv
         self.router = SoftAttentionRouter(d_model, num_experts, router_init_std)
         kv_experts = 1 if shared_kv else num_experts
@@ -73,7 +74,7 @@ class MixtureOfAttention(nn.Module):
         """``x (b, t, d)``, RoPE ``cos``/``sin (b|1, t, c)``, boolean ``mask (b|1, 1, t, s)`` or None for plain causal
         attention; ``cache.update(k, v, layer_idx)`` appends this layer's keys and returns all of them."""
         b, t, d = x.shape
-        e, h, kv, c = self.num_experts, self.num_heads, self.num_kv_heads, self.head_dim
+        e, h, c = self.num_experts, self.num_heads, self.head_dim
         routing = self.router(x.reshape(-1, d))
         self.last_routing = routing
         gates = routing.weights.view(b, t, e).to(x.dtype)  # (b, t, e)
@@ -91,7 +92,7 @@ class MixtureOfAttention(nn.Module):
         return out
 
     def expand_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """``(b, E_kv·kv, s, c)`` -> ``(b, e·h, s, c)``: shared keys serve every expert, each kv head its query group."""
+        """``(b, E_kv·kv, s, c)`` -> ``(b, e·h, s, c)``: shared keys serve every expert, a kv head its query group."""
         b, _, s, c = x.shape
         e, h, kv = self.num_experts, self.num_heads, self.num_kv_heads
         x = x.view(b, -1, kv, 1, s, c)  # (b, E_kv, kv, 1, s, c)
