@@ -78,3 +78,16 @@ def test_cli_flags_map_onto_the_recipe():
     assert (config.num_experts, config.top_k, config.layers, config.router.renormalize) == (4, 1, [0, 2], False)
     assert config.options["granularity"] == 2 and config.options["weight_scaling"] == "paper"
     assert isinstance(config, ConvertConfig)
+
+
+def test_training_data_options_are_checked_against_the_dataset():
+    from upcycle.config import load_train_config
+
+    weights = {"shakespeare": 0.9, "python_code": 0.05, "python_docs": 0.05}
+    assert load_train_config(data="text_mixture", steps=1, data_options={"weights": weights}).data_options == {
+        "weights": weights
+    }
+    with pytest.raises(ValueError, match="has no option wieghts"):
+        load_train_config(data="text_mixture", steps=1, data_options={"wieghts": weights})
+    with pytest.raises(ValueError, match="set by the training run"):
+        load_train_config(data="shakespeare", steps=1, data_options={"seq_len": 64})

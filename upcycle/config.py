@@ -136,6 +136,9 @@ class TrainConfig(StrictModel):
     """One training run: the same loop pre-trains dense models and fine-tunes MoE models."""
 
     data: str = Field(..., description="dataset name (upcycle.data.list_datasets())")
+    data_options: dict[str, Any] = Field(
+        default_factory=dict, description="dataset options, e.g. text_mixture weights: {shakespeare: 0.9, ...}"
+    )
     steps: int | None = Field(None, ge=1, description="optimizer steps; exactly one of steps / epochs")
     epochs: float | None = Field(None, gt=0, description="passes over the training split")
     batch_size: int = Field(64, ge=1, description="global batch (all processes, all accumulation micro-steps)")
@@ -177,7 +180,22 @@ class TrainConfig(StrictModel):
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if self.strategy == "fsdp" and self.ema:
             raise ValueError("ema is not supported with strategy fsdp (the average would need the full weights)")
+        if self.data_options:
+            self._check_data_options()
         return self
+
+    def _check_data_options(self) -> None:
+        from .data.registry import dataset_options
+
+        set_by_the_run = sorted(set(self.data_options) & {"seq_len", "seed", "tokenizer", "image_size", "channels",
+                                                          "augment"})  # fmt: skip
+        if set_by_the_run:
+            raise ValueError(f"data_options {set_by_the_run} are set by the training run itself; use the top-level "
+                             "training keys (seq_len, seed, augment) instead")  # fmt: skip
+        unknown = sorted(set(self.data_options) - set(dataset_options(self.data)))
+        if unknown:
+            raise ValueError(f"dataset {self.data!r} has no option {', '.join(unknown)}; options: "
+                             f"{', '.join(dataset_options(self.data))}")  # fmt: skip
 
 
 def load_train_config(source: str | Path | dict | TrainConfig | None = None, **overrides) -> TrainConfig:

@@ -7,7 +7,7 @@ import torch
 
 from upcycle.d2dmoe import load_recipe, run_stages, sweep_methods
 from upcycle.d2dmoe.relu import activation_sparsity, swap_to_relu
-from upcycle.d2dmoe.sweep import HeldOut
+from upcycle.eval.held_out import HeldOut
 from upcycle.pretrain import build_dense
 
 TINY_RECIPE = {

@@ -114,7 +114,7 @@ def minilm_dense(scale: Scale, out: Path, progress: bool) -> nn.Module:
     import transformers
 
     from ..assets import minilm_dir
-    from ..d2dmoe.pipeline import stage_model
+    from ..stages import stage_model
     from ..train import train
 
     finished = stage_model(out)
@@ -163,8 +163,9 @@ def _pareto(rows: list[dict], split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def ffn_timing(dense: nn.Module, moe: nn.Module, taus: list[float], repeats: int) -> list[dict]:
     """FFN-layer and whole-model wall-clock of the D2DMoE ViT at several τ against the dense ViT, batch 64."""
-    from ..d2dmoe.sweep import HeldOut, ffn_wallclock_ms, first_batch, model_wallclock_ms
+    from ..d2dmoe.sweep import ffn_wallclock_ms, first_batch, model_wallclock_ms
     from ..eval import count_macs
+    from ..eval.held_out import HeldOut
     from ..layers import set_tau
 
     batch = first_batch(HeldOut(dense, "fashion_mnist", "test"))

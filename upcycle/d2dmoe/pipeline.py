@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,17 +26,12 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_write_text
+from ..eval.held_out import HeldOut
 from ..layers import set_backend, set_tau, set_top_k
+from ..stages import cached_stage, save_stage
 from .recipe import D2DMoERecipe, load_recipe
 from .relu import activation_sparsity, swap_to_relu
-from .sweep import HeldOut, lowest_fraction_within, macs_per_example, sweep
-
-
-def stage_model(directory: Path) -> nn.Module | None:
-    """The finished model of a stage folder, or None if the stage has not finished."""
-    from ..export import load
-
-    return load(directory / "model") if (directory / "model" / "config.json").is_file() else None
+from .sweep import lowest_fraction_within, macs_per_example, sweep
 
 
 def stage_fingerprints(recipe: D2DMoERecipe, method: str | None = None) -> dict[str, dict]:
@@ -54,37 +48,6 @@ def stage_fingerprints(recipe: D2DMoERecipe, method: str | None = None) -> dict[
     return prints
 
 
-def cached_stage(directory: Path, fingerprint: dict, build: Callable[[], nn.Module], redo: bool) -> nn.Module:
-    """The stage's model from ``directory`` if it was built from ``fingerprint``, else ``build()`` it there."""
-    marker = directory / "stage.json"
-    recorded = json.loads(marker.read_text()) if marker.is_file() else None
-    if recorded == fingerprint:
-        finished = stage_model(directory)
-        if finished is not None:
-            return finished  # else: interrupted; the build resumes from its checkpoints
-    elif directory.exists() and any(directory.iterdir()):
-        if not redo:
-            changed = (
-                "no stage.json"
-                if recorded is None
-                else ", ".join(sorted(k for k in {*recorded, *fingerprint} if recorded.get(k) != fingerprint.get(k)))
-            )
-            raise ValueError(
-                f"{directory} holds this stage for another recipe (changed: {changed}); use a new --out, delete "
-                "the folder, or rerun with redo=True (--redo) to rebuild it and the stages after it"
-            )
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")  # before: resumes match
-    return build()
-
-
-def _save(model: nn.Module, directory: Path) -> None:
-    from ..export import save
-
-    save(model, directory / "model", overwrite=True)
-
-
 def attention_stage(dense: nn.Module, recipe: D2DMoERecipe, out: Path, progress: bool) -> nn.Module:
     from .attention import replace_attention_projections
     from .distill import distill_attention_projections
@@ -96,7 +59,7 @@ def attention_stage(dense: nn.Module, recipe: D2DMoERecipe, out: Path, progress:
                                            stage.sparsity, seed=recipe.seed, progress=progress)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "distillation.json", json.dumps(report, indent=2) + "\n")
-    _save(model, out)
+    save_stage(model, out)
     return model
 
 
@@ -118,7 +81,7 @@ def split_stage(model: nn.Module, recipe: D2DMoERecipe, method: str, out: Path) 
     options = {"partition": recipe.partition, "router_hidden": recipe.router_hidden}
     moe = upcycle.convert(model, method, num_experts=recipe.num_experts, top_k=1, layers="all", seed=recipe.seed,
                           backend="sorted", progress=False, **options)  # fmt: skip
-    _save(moe, out)
+    save_stage(moe, out)
     return moe
 
 

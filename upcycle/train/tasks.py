@@ -30,7 +30,7 @@ class ImageClassification:
 
         data = load_dataset(
             self.config.data, split, image_size=self.image_size, channels=self.channels,
-            augment=self.config.augment and split == "train", seed=self.config.seed,
+            augment=self.config.augment and split == "train", seed=self.config.seed, **self.config.data_options,
         )  # fmt: skip
         if data.info.num_classes != self.num_classes:
             raise ValueError(
@@ -69,7 +69,7 @@ class CausalLM:
         from ..data import load_dataset
 
         return load_dataset(self.config.data, split, tokenizer=self.tokenizer, seq_len=self.config.seq_len,
-                            seed=self.config.seed)  # fmt: skip
+                            seed=self.config.seed, **self.config.data_options)  # fmt: skip
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         loss = next_token_loss(model, batch["input_ids"])
@@ -102,7 +102,7 @@ class SequenceClassification:
         from ..data import load_dataset
 
         data = load_dataset(self.config.data, split, tokenizer=self.tokenizer, seq_len=self.config.seq_len,
-                            seed=self.config.seed)  # fmt: skip
+                            seed=self.config.seed, **self.config.data_options)  # fmt: skip
         domains = getattr(data.info, "domains", None)
         if not domains:
             raise ValueError(f"{self.config.data} has no domain labels to classify; use text_mixture")
