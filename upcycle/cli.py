@@ -14,6 +14,7 @@ import yaml
 
 from . import __version__
 from .bench import BENCHMARKS
+from .export import FORMATS
 
 
 def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
@@ -152,6 +153,23 @@ def _cmd_d2dmoe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bam(args: argparse.Namespace) -> int:
+    from .bam import load_recipe, run_bam
+    from .sources import load_source
+
+    recipe = load_recipe(args.recipe)
+    if args.set:
+        recipe = load_recipe({**recipe.model_dump(), **_key_values(args.set)})
+    summary = run_bam(load_source(args.source), recipe, args.out, redo=args.redo)
+    for name in ("seed", "dense_continued", *recipe.variants):
+        if f"{name}_ppl" in summary:
+            print(f"{name}: average held-out test perplexity {summary[f'{name}_ppl']:.3f}")
+    if "bam_over_btx" in summary:
+        print(f"bam_expert_kv / btx = {summary['bam_over_btx']:.3f}")
+    print(f"wrote {args.out}/summary.json and {summary['plot']}; models in {args.out}/mix-<variant>/model")
+    return 0
+
+
 def _print_summary(summary: dict) -> None:
     import os
 
@@ -256,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a converted model where transformers / timm load it")
     export.add_argument("directory", help="a directory written by upcycle convert / upcycle.save")
-    export.add_argument("--format", required=True, choices=["mixtral", "qwen2_moe", "timm"])
+    export.add_argument("--format", required=True, choices=list(FORMATS),
+                        help="bam: upcycle's BAM model class (upcycle bam / upcycle.merge output)")  # fmt: skip
     export.add_argument("--out", required=True, help="output directory (written atomically)")
     export.add_argument("--layout", choices=["legacy", "fused"], help="mixtral tensor layout (default legacy)")
     export.add_argument("--overwrite", action="store_true")
@@ -291,6 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     d2dmoe.add_argument("--redo", action="store_true",
                         help="rebuild stages whose recipe fields changed (default: stop and name them)")  # fmt: skip
     d2dmoe.set_defaults(func=_cmd_d2dmoe)
+
+    bam = commands.add_parser(
+        "bam", help="BAM / BTX: branch a seed LM per domain, mix, train, compare with the dense seed (resumable)",
+        description="SOURCE: a dense Llama-style causal LM (a Hugging Face folder, a .gguf file, a folder written by "
+                    "upcycle). Each phase writes a folder under --out; a rerun resumes at the first unfinished one. "
+                    "Export a mixture with: upcycle export OUT/mix-bam_expert_kv/model --format bam --out DIR",
+    )  # fmt: skip
+    bam.add_argument("source")
+    bam.add_argument("--recipe", help="BAM recipe YAML (its 'bam' section); default: the built-in recipe")
+    bam.add_argument("--out", required=True, help="run folder (phases, summary.json, bam.png)")
+    bam.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="a recipe field, e.g. --set 'variants=[btx, bam_expert_kv]' --set top_k=2")  # fmt: skip
+    bam.add_argument("--redo", action="store_true",
+                     help="rebuild phases whose recipe fields changed (default: stop and name them)")  # fmt: skip
+    bam.set_defaults(func=_cmd_bam)
 
     evaluation = commands.add_parser("eval", help="held-out metric, MACs, parameters and routing statistics")
     evaluation.add_argument("directory", help="a folder written by upcycle, or any SOURCE")

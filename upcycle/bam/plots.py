@@ -17,7 +17,7 @@ def plot_bam(runs: dict[str, dict], domains: list[str], path: Path, split: str =
     first = next(iter(runs.values()))
     names = [n for n in LABELS if n in first]
     groups = [*domains, "average"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(groups), 4.4))
+    fig, ax = plt.subplots(figsize=(2.4 + 1.6 * len(groups), 4.6))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         values = [[run[name][split][g] for run in runs.values()] for g in groups]
@@ -30,7 +30,7 @@ def plot_bam(runs: dict[str, dict], domains: list[str], path: Path, split: str =
     low = min(run[n][split][g] for run in runs.values() for n in names for g in groups)
     ax.set_ylim(bottom=max(0.0, low * 0.8))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend under the axes
     save_figure(fig, path)
     return path

@@ -1,3 +1,3 @@
 """Benchmarks: each writes ``results/<name>.json`` (summary, rows, command, machine) and PNG plots."""
 
-BENCHMARKS = ("layers", "convert", "jetpack", "d2dmoe")
+BENCHMARKS = ("layers", "convert", "jetpack", "d2dmoe", "bam")

@@ -209,7 +209,7 @@ def _aux_objective(model: nn.Module, cfg: TrainConfig, metrics: dict) -> torch.T
     for name, coefficient in (("load_balancing", cfg.aux.load_balancing), ("z_loss", cfg.aux.z_loss)):
         if name in aux and coefficient:
             total = total + coefficient * aux[name].float()
-            metrics[name] = float(aux[name])
+            metrics[name] = float(aux[name].detach())
     metrics["aux"] = float(total)
     return total
 
