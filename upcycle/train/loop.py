@@ -210,7 +210,7 @@ def _aux_objective(model: nn.Module, cfg: TrainConfig, metrics: dict) -> torch.T
         if name in aux and coefficient:
             total = total + coefficient * aux[name].float()
             metrics[name] = float(aux[name].detach())
-    metrics["aux"] = float(total)
+    metrics["aux"] = float(total.detach())
     return total
 
 
