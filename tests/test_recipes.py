@@ -13,7 +13,11 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates(path):
     sections = yaml.safe_load(path.read_text())
-    assert set(sections) <= {"train", "convert", "d2dmoe"}, f"{path.name}: unknown sections {set(sections)}"
+    assert set(sections) <= {"train", "convert", "d2dmoe", "bam"}, f"{path.name}: unknown sections {set(sections)}"
+    if "bam" in sections:
+        from upcycle.bam import load_recipe
+
+        load_recipe(path)
     if "d2dmoe" in sections:
         from upcycle.d2dmoe import load_recipe
 
@@ -49,3 +53,11 @@ def test_d2dmoe_recipe_is_what_the_benchmark_runs():
     shipped = load_recipe(Path(__file__).parent.parent / "recipes" / "d2dmoe_vit_fashion_mnist.yaml")
     bench = load_recipe({**d2dmoe.FULL.vit_recipe, "attention": d2dmoe.FULL.vit_attention})
     assert shipped == bench
+
+
+def test_bam_recipe_is_what_the_benchmark_runs():
+    from upcycle.bam import load_recipe
+    from upcycle.bench import bam
+
+    shipped = load_recipe(Path(__file__).parent.parent / "recipes" / "bam_lm_tiny_text.yaml")
+    assert shipped == load_recipe(bam.FULL.recipe)

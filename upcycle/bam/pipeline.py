@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def train_copy(model: nn.Module, config, where: Path, progress: bool) -> nn.Modu
 
     model = copy.deepcopy(model)
     train(model, config, where, resume=(where / "checkpoints").is_dir(), progress=progress)
+    # the phase is finished (where/model); its resumable checkpoints (weights + optimizer, ~4x the model) are not
+    # needed any more, and for a real LM mixed from several branches they are gigabytes
+    shutil.rmtree(where / "checkpoints", ignore_errors=True)
     return model
 
 
