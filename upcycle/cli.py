@@ -205,6 +205,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print("methods:")
         for method in upcycle.list_methods():
             print(f"  {method['name']:<18} {method['description']}  [{method['paper']}]")
+        from .recycling.merge import MERGE_METHODS
+
+        print("merge methods (several dense LMs -> one MoE; upcycle.merge, upcycle bam):")
+        for name, (description, paper) in MERGE_METHODS.items():
+            print(f"  {name:<18} {description}  [{paper}]")
     if args.what in ("adapters", "all"):
         print("adapters:")
         for adapter in upcycle.list_adapters():

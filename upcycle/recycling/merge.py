@@ -36,7 +36,11 @@ from ..config import StrictModel, explain
 from ..layers import MoE, TopKRouter, describe_moe, moe_layers
 from .upcycle import experts_for, fill_expert
 
-PAPERS = {"btx": "https://arxiv.org/abs/2403.07816", "bam": "https://arxiv.org/abs/2408.08274"}
+MERGE_METHODS = {  # name -> (what it does, paper)
+    "btx": ("FFN experts from each model, everything else averaged", "https://arxiv.org/abs/2403.07816"),
+    "bam": ("FFN and soft-routed attention experts (expert or shared KV), the rest averaged",
+            "https://arxiv.org/abs/2408.08274"),
+}  # fmt: skip
 SOURCE_TYPES = ("llama", "upcycle_lm")  # Llama-style attention (RoPE, GQA, RMSNorm) that both outputs reproduce
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -149,7 +153,7 @@ def _record(model: nn.Module, adapter_name: str, cfg: MergeConfig, layers: dict)
     return json_pure({
         "version": RECORD_VERSION, "adapter": adapter_name, "source": get_adapter(adapter_name).describe(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "convert": None,
-        "merge": {**cfg.model_dump(), "paper": PAPERS[cfg.method]}, "layers": layers,
+        "merge": {**cfg.model_dump(), "paper": MERGE_METHODS[cfg.method][1]}, "layers": layers,
     })  # fmt: skip
 
 
