@@ -33,7 +33,8 @@ from torch import nn
 from ..adapters import get_adapter
 from ..adapters.hf_common import rope_parameters
 from ..config import StrictModel, explain
-from ..layers import MoE, TopKRouter, describe_moe, moe_layers
+from ..layers import Experts, MoE, TopKRouter, describe_moe, moe_layers
+from ..layers.routers import SoftAttentionRouter
 from .upcycle import experts_for, fill_expert
 
 MERGE_METHODS = {  # name -> (what it does, paper)
@@ -124,9 +125,9 @@ def check_inputs(models: Sequence[nn.Module], cfg: MergeConfig) -> None:
                 raise ValueError(f"model {i} has {field}={b!r} but the seed has {a!r}; branches must share the config")
 
 
-def _mean(models: Sequence[nn.Module], name: str) -> torch.Tensor:
-    """The parameter ``name`` averaged over the inputs (in fp32, returned in the inputs' dtype)."""
-    tensors = [model.state_dict()[name] for model in models]
+def _mean(states: Sequence[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
+    """The tensor ``name`` averaged over the inputs' state dicts (in fp32, returned in the inputs' dtype)."""
+    tensors = [state[name] for state in states]
     return torch.stack([t.float() for t in tensors]).mean(0).to(tensors[0].dtype)
 
 
@@ -135,16 +136,14 @@ def _averaged_names(model: nn.Module, experts: tuple[str, ...]) -> list[str]:
     return [name for name in model.state_dict() if not any(part in name for part in experts)]
 
 
-def _ffn_moe(models: Sequence[nn.Module], site, cfg: MergeConfig) -> MoE:
-    """Block ``site``'s FFNs, one per input, as the experts of one MoE layer behind a random top-k router."""
+def _ffn_experts(models: Sequence[nn.Module], site) -> Experts:
+    """Block ``site``'s FFNs, one per input, stacked as the experts of one MoE layer (expert j = model j's FFN)."""
     adapter = get_adapter("hf_llama")
     dense = [adapter.read_ffn(model, site) for model in models]
     experts = experts_for(dense[0], len(models), dense[0].d_hidden)
     for j, ffn in enumerate(dense):
         fill_expert(experts, j, ffn, slice(None))
-    router = TopKRouter(dense[0].d_model, len(models), top_k=cfg.top_k, renormalize=cfg.renormalize,
-                        init_std=cfg.router_init_std)  # fmt: skip
-    return MoE(router.to(experts.w_up.dtype), experts)
+    return experts
 
 
 def _record(model: nn.Module, adapter_name: str, cfg: MergeConfig, layers: dict) -> dict:
@@ -161,12 +160,15 @@ def _record(model: nn.Module, adapter_name: str, cfg: MergeConfig, layers: dict)
 def _merge_btx(models: Sequence[nn.Module], cfg: MergeConfig) -> nn.Module:
     adapter = get_adapter("hf_llama")
     merged = copy.deepcopy(models[0])
-    state = merged.state_dict()
+    state, states = merged.state_dict(), [model.state_dict() for model in models]
     for name in _averaged_names(merged, (".mlp.",)):
-        state[name].copy_(_mean(models, name))
+        state[name].copy_(_mean(states, name))
     layers = {}
     for site in adapter.ffn_sites(merged):
-        moe = _ffn_moe(models, site, cfg).train(merged.training)
+        experts = _ffn_experts(models, site)
+        router = TopKRouter(experts.d_model, len(models), top_k=cfg.top_k, renormalize=cfg.renormalize,
+                            init_std=cfg.router_init_std)  # fmt: skip
+        moe = MoE(router.to(experts.w_up.dtype), experts).train(merged.training)
         adapter.install(merged, site, moe)
         layers[site.name] = {"index": site.index, **describe_moe(moe)}
     merged.upcycle_record = _record(merged, "hf_llama", cfg, layers)
@@ -202,18 +204,17 @@ def _merge_bam(models: Sequence[nn.Module], cfg: MergeConfig) -> nn.Module:
 
     seed = models[0]
     dtype = next(seed.parameters()).dtype
-    config = bam_config(seed.config, len(models), cfg)
-    config.initializer_range = cfg.router_init_std  # the routers are the only weights left at their random init
-    bam = UpcycleBAMForCausalLM(config).to(dtype).train(seed.training)
-    state = bam.state_dict()
+    bam = UpcycleBAMForCausalLM(bam_config(seed.config, len(models), cfg)).to(dtype).train(seed.training)
+    for module in bam.modules():  # the routers are the only weights that stay at a random init
+        if isinstance(module, TopKRouter | SoftAttentionRouter):
+            nn.init.normal_(module.gate.weight, std=cfg.router_init_std)
+    state, states = bam.state_dict(), [model.state_dict() for model in models]
     for name in _averaged_names(seed, (".mlp.", ".self_attn.")):
-        state[name].copy_(_mean(models, name))
-    states = [model.state_dict() for model in models]
-    adapter = get_adapter("hf_llama")
-    for site in adapter.ffn_sites(seed):
+        state[name].copy_(_mean(states, name))
+    for site in get_adapter("hf_llama").ffn_sites(seed):
         prefix = site.name.removesuffix("mlp")  # "model.layers.{i}."
         block = bam.get_submodule(prefix.rstrip("."))
-        block.mlp.experts.load_state_dict(_ffn_moe(models, site, cfg).experts.state_dict())
+        block.mlp.experts.load_state_dict(_ffn_experts(models, site).state_dict())
         attention = block.self_attn
         for part, projection in zip("qkvo", ATTENTION, strict=True):
             stacked = torch.stack([s[f"{prefix}self_attn.{projection}.weight"] for s in states])  # [e, out, in]
