@@ -48,4 +48,9 @@ def test_bench_bam_quick(tmp_path, monkeypatch):
     assert costs["btx"]["forward_ms"] > 0 and costs["bam_shared_kv"]["decode_ms_per_token"] > 0
     domains = {row["model"] for row in payload["rows"] if row["split"] == "test"}
     assert domains >= set(bam.MODELS)
-    assert (tmp_path / "bam.png").stat().st_size > 10_000
+    for name in ("bam.png", "bam_routing.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    usage = payload["expert_usage"]["validation"]
+    assert set(usage) == {"btx", "bam_expert_kv", "bam_shared_kv"}
+    assert usage["btx"]["python_docs"]["attention"] is None
+    assert sum(usage["bam_expert_kv"]["shakespeare"]["attention"]) == pytest.approx(1.0)

@@ -39,7 +39,10 @@ def test_pipeline_runs_resumes_and_matches_compute(tmp_path):
     compute = json.loads((tmp_path / "dense-continued" / "compute.json").read_text())
     assert compute["branch_steps"] == 4
     assert compute["steps"] == round(4 + 2 * compute["mix_macs_ratio"]) and compute["mix_macs_ratio"] > 1.5
-    assert (tmp_path / "bam.png").stat().st_size > 10_000
+    assert (tmp_path / "bam.png").stat().st_size > 10_000 and (tmp_path / "routing.png").stat().st_size > 10_000
+    usage = models["bam_shared_kv"]["expert_usage"]
+    assert set(usage) == {"shakespeare", "python_docs"} and len(usage["python_docs"]["ffn"]) == 3  # seed + 2
+    assert sum(usage["python_docs"]["ffn"]) == pytest.approx(1.0) and "expert_usage" not in models["seed"]
     assert json.loads((tmp_path / "summary.json").read_text())["btx_ppl"] == summary["btx_ppl"]
 
     stamp = (tmp_path / "mix-bam_expert_kv" / "model" / "config.json").stat().st_mtime_ns

@@ -11,6 +11,8 @@ from torch import nn
 
 from ..eval import count_macs, count_parameters, time_inference
 from ..eval.held_out import HeldOut
+from ..layers import moe_layers
+from ..layers.attention import MixtureOfAttention
 from .recipe import BAMRecipe
 
 
@@ -23,6 +25,34 @@ def domain_perplexity(model: nn.Module, recipe: BAMRecipe, split: str) -> dict[s
         result[domain] = held_out.metric(model)
     result["average"] = statistics.fmean(result[d] for d in recipe.domains)
     return result
+
+
+@torch.no_grad()
+def expert_usage(model: nn.Module, recipe: BAMRecipe, split: str = "val") -> dict[str, dict]:
+    """Per domain, how the mixture uses its experts (order: seed, then the recipe's domains), over all blocks:
+    ``ffn`` the share of executed top-k assignments each FFN expert receives, ``attention`` the mean soft-router
+    weight of each attention expert (None without attention experts). ``{}`` for a dense model."""
+    ffn_layers = [layer for _, layer in moe_layers(model)]
+    attention_layers = [m for m in model.modules() if isinstance(m, MixtureOfAttention)]
+    if not ffn_layers:
+        return {}
+    experts = ffn_layers[0].router.num_experts
+    usage = {}
+    model.eval()
+    for domain in recipe.domains:
+        held_out = HeldOut(model, recipe.data, split, recipe.eval_sequences, recipe.mix_config().seq_len,
+                           data_options={"domain": domain})  # fmt: skip
+        ffn, attention = torch.zeros(experts), torch.zeros(experts)
+        for batch in held_out.batches():
+            model(input_ids=batch["input_ids"])
+            for layer in ffn_layers:
+                routing = layer.last_routing
+                ffn += torch.bincount(routing.indices[routing.executed()], minlength=experts).float()
+            for layer in attention_layers:
+                attention += layer.last_routing.weights.float().sum(0)
+        usage[domain] = {"ffn": (ffn / ffn.sum()).tolist(),
+                         "attention": (attention / attention.sum()).tolist() if attention_layers else None}  # fmt: skip
+    return usage
 
 
 def example_ids(model: nn.Module, recipe: BAMRecipe, sequences: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ of the same recipe load, interrupted ones resume from their checkpoints):
     dense-continued/     the seed trained on the same mixture with the compute of ``compute_reference`` (branch
                          phase included: dense steps = Σ branch steps + mix steps × MACs(reference) / MACs(dense))
     summary.json, bam.png   held-out perplexity per domain for every model; parameters, MACs per token, latency
+    routing.png          which experts each domain's text uses in every mixture (FFN and attention routers)
 
 Each phase's folder records the recipe fields it was built from; ``redo`` rebuilds a phase whose recipe changed.
 """
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..atomic import atomic_write_text
 from ..stages import cached_stage
-from .evaluate import domain_perplexity, example_ids, model_costs
+from .evaluate import domain_perplexity, example_ids, expert_usage, model_costs
 from .recipe import VARIANTS, BAMRecipe, load_recipe
 
 COST_SEQUENCES = 8  # sequences of the MAC count and the latency batch
@@ -107,12 +108,16 @@ def run_stages(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str 
 
 def evaluate_models(models: dict[str, nn.Module], recipe: BAMRecipe, timing: bool = True,
                     splits: tuple[str, ...] = ("val", "test")) -> dict[str, dict]:  # fmt: skip
-    """Per model: perplexity per domain on each split, parameters, MACs per token and (``timing``) latency."""
+    """Per model: perplexity per domain on each split, parameters, MACs per token, (``timing``) latency and, for
+    the mixtures, which experts each domain's validation text uses."""
     ids = example_ids(models["seed"], recipe, COST_SEQUENCES)
     results = {}
     for name, model in models.items():
         row = {split: domain_perplexity(model, recipe, split) for split in splits}
         results[name] = {**row, **model_costs(model.eval(), ids, timing)}
+        usage = expert_usage(model, recipe)
+        if usage:
+            results[name]["expert_usage"] = usage
     return results
 
 
@@ -121,7 +126,7 @@ def run_bam(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str | P
     """Every phase, then the evaluation; writes ``summary.json`` and ``bam.png`` to ``out`` and returns the summary.
 
     Headline numbers (``*_ppl``) are the average held-out *test* perplexity over the domains."""
-    from .plots import plot_bam
+    from .plots import plot_bam, plot_usage
 
     recipe = load_recipe(recipe)
     out = Path(out)
@@ -135,4 +140,5 @@ def run_bam(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str | P
         summary["bam_over_btx"] = summary["bam_expert_kv_ppl"] / summary["btx_ppl"]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     summary["plot"] = str(plot_bam({"seed 0": results}, recipe.domains, out / "bam.png"))
+    summary["usage_plot"] = str(plot_usage(results, recipe.domains, out / "routing.png"))
     return summary

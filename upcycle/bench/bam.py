@@ -24,6 +24,7 @@ from torch import nn
 from .common import write_results
 
 MODELS = ("seed", "dense_continued", "btx", "bam_expert_kv", "bam_shared_kv")
+PER_DOMAIN = ("val", "test", "expert_usage")  # evaluation entries with one value per domain (not costs)
 PAPER = {"btx_ppl": 10.72, "bam_expert_kv_ppl": 9.70, "bam_over_btx": 0.905, "seed_size": "590M"}
 
 
@@ -89,7 +90,7 @@ def summarize(runs: dict[int, dict]) -> dict:
     summary["ratio_target_met"] = summary["bam_over_btx"] <= 0.95
     summary["per_run"] = {str(seed): row for seed, row in per_run.items()}
     first = runs[min(runs)]
-    summary["costs"] = {name: {k: v for k, v in first["models"][name].items() if k not in ("val", "test")}
+    summary["costs"] = {name: {k: v for k, v in first["models"][name].items() if k not in PER_DOMAIN}
                         for name in MODELS}  # fmt: skip
     summary["paper"] = PAPER
     return summary
@@ -98,7 +99,7 @@ def summarize(runs: dict[int, dict]) -> dict:
 def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool = True) -> dict:
     """Run the benchmark; phases are cached under ``$UPCYCLE_CACHE/bench/bam-{full,quick}`` (resumable)."""
     from ..bam import run_bam
-    from ..bam.plots import plot_bam
+    from ..bam.plots import plot_bam, plot_usage
     from ..sources import cache_root
 
     scale = QUICK if quick else FULL
@@ -120,14 +121,18 @@ def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool 
     summary["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    png = out / "bam.png"
-    domains = runs[min(runs)]["recipe"]["domains"]
+    png, usage_png = out / "bam.png", out / "bam_routing.png"
+    first = runs[min(runs)]
+    domains = first["recipe"]["domains"]
     plot_bam({f"seed {s}": run["models"] for s, run in runs.items()}, domains, png)
+    plot_usage(first["models"], domains, usage_png)
+    usage = {name: row["expert_usage"] for name, row in first["models"].items() if "expert_usage" in row}
     rows = [{"seed": s, "model": name, "split": split, **values}
             for s, run in runs.items() for name, row in run["models"].items()
             for split, values in row.items() if split in ("val", "test")]  # fmt: skip
     path = write_results(
-        out, "bam", summary, rows, quick=quick, scale=scale.__dict__, recipe=runs[min(runs)]["recipe"],
+        out, "bam", summary, rows, quick=quick, scale=scale.__dict__, recipe=first["recipe"],
+        expert_usage={"seed": min(runs), "validation": usage},
         reproduce="make install data && .venv/bin/upcycle bench bam" + (" --quick" if quick else ""),
     )  # fmt: skip
-    return {"summary": summary, "json": str(path), "png": str(png)}
+    return {"summary": summary, "json": str(path), "png": f"{png}, {usage_png}"}
