@@ -37,9 +37,10 @@ test: install lint data
 demo: install data
 	$(VENV)/bin/upcycle bench layers --quick --out out/demo
 
-bench: install
+bench: install data
 	$(VENV)/bin/upcycle bench layers --out results
 	$(VENV)/bin/upcycle bench convert --out results
+	$(VENV)/bin/upcycle bench bam --out results
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

@@ -8,25 +8,20 @@ import pytest
 from upcycle.bench import bam
 
 
-def fake_run(seed_ppl, dense, btx, bam_ekv, bam_skv):
-    values = {
-        "seed": seed_ppl,
-        "dense_continued": dense,
-        "btx": btx,
-        "bam_expert_kv": bam_ekv,
-        "bam_shared_kv": bam_skv,
-    }
+def fake_run(*perplexities):
+    """A run_bam summary with these average test perplexities, in the order of ``bam.MODELS``."""
+    values = dict(zip(bam.MODELS, perplexities, strict=True))
     return {**{f"{k}_ppl": v for k, v in values.items()},
             "models": {k: {"test": {"average": v}, "params_total": 1} for k, v in values.items()}}  # fmt: skip
 
 
 def test_summary_averages_runs_and_checks_the_papers_ordering():
-    summary = bam.summarize({0: fake_run(9, 6, 5, 4.5, 4.8), 1: fake_run(9, 6, 5, 4.9, 4.8)})
+    summary = bam.summarize({0: fake_run(9, 6, 5, 4.5, 4.8, 5.5), 1: fake_run(9, 6, 5, 4.9, 4.8, 5.5)})
     assert summary["btx_ppl"] == 5 and summary["bam_expert_kv_ppl"] == pytest.approx(4.7)
     assert summary["bam_over_btx"] == pytest.approx(0.94)
     assert summary["ordering_holds"] and summary["ordering_holds_every_run"] and summary["ratio_target_met"]
     assert summary["per_run"]["1"]["bam_over_btx"] == pytest.approx(0.98)
-    worse = bam.summarize({0: fake_run(9, 4, 5, 4.5, 4.8)})  # dense continued beats BTX: ordering broken
+    worse = bam.summarize({0: fake_run(9, 4, 5, 4.5, 4.8, 5.5)})  # dense continued beats BTX: ordering broken
     assert not worse["ordering_holds"] and worse["ratio_target_met"]  # the BAM / BTX ratio alone still holds
 
 

@@ -23,12 +23,12 @@ def test_pipeline_runs_resumes_and_matches_compute(tmp_path):
     seed = tiny_seed()
     summary = run_bam(seed, TINY_RECIPE, tmp_path, progress=False, timing=False)
     for phase in ("branch-shakespeare", "branch-python_docs", "mix-btx", "mix-bam_expert_kv", "mix-bam_shared_kv",
-                  "dense-continued"):  # fmt: skip
+                  "dense-continued", "dense-mix-compute"):  # fmt: skip
         assert (tmp_path / phase / "model" / "config.json").is_file(), phase
     models = summary["models"]
     assert set(models) == {"seed", "branch-shakespeare", "branch-python_docs", "btx", "bam_expert_kv",
-                           "bam_shared_kv", "dense_continued"}  # fmt: skip
-    for name in ("btx", "bam_expert_kv", "bam_shared_kv", "dense_continued", "seed"):
+                           "bam_shared_kv", "dense_continued", "dense_mix_compute"}  # fmt: skip
+    for name in ("btx", "bam_expert_kv", "bam_shared_kv", "dense_continued", "dense_mix_compute", "seed"):
         assert summary[f"{name}_ppl"] == models[name]["test"]["average"] > 1
     assert summary["bam_over_btx"] == pytest.approx(summary["bam_expert_kv_ppl"] / summary["btx_ppl"])
     assert set(models["btx"]["val"]) == {"shakespeare", "python_docs", "average"}
@@ -39,6 +39,8 @@ def test_pipeline_runs_resumes_and_matches_compute(tmp_path):
     compute = json.loads((tmp_path / "dense-continued" / "compute.json").read_text())
     assert compute["branch_steps"] == 4
     assert compute["steps"] == round(4 + 2 * compute["mix_macs_ratio"]) and compute["mix_macs_ratio"] > 1.5
+    mix_only = json.loads((tmp_path / "dense-mix-compute" / "stage.json").read_text())["steps"]
+    assert mix_only == compute["steps"] - 4
     assert (tmp_path / "bam.png").stat().st_size > 10_000 and (tmp_path / "routing.png").stat().st_size > 10_000
     usage = models["bam_shared_kv"]["expert_usage"]
     assert set(usage) == {"shakespeare", "python_docs"} and len(usage["python_docs"]["ffn"]) == 3  # seed + 2

@@ -6,6 +6,7 @@ of the same recipe load, interrupted ones resume from their checkpoints):
     mix-<variant>/       Mix: upcycle.merge([seed, *branches]) by the variant, then trained on all domains
     dense-continued/     the seed trained on the same mixture with the compute of ``compute_reference`` (branch
                          phase included: dense steps = Σ branch steps + mix steps × MACs(reference) / MACs(dense))
+    dense-mix-compute/   the same with the mixture phase's compute only (mix steps × MACs(reference) / MACs(dense))
     summary.json, bam.png   held-out perplexity per domain for every model; parameters, MACs per token, latency
     routing.png          which experts each domain's text uses in every mixture (FFN and attention routers)
 
@@ -79,7 +80,8 @@ def dense_steps(seed: nn.Module, branches: dict[str, nn.Module], recipe: BAMReci
 
 def run_stages(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str | Path, progress: bool = True,
                redo: bool = False) -> dict[str, nn.Module]:  # fmt: skip
-    """Every phase; returns ``{"seed", "branch-<domain>"..., <variant>..., "dense_continued"}`` models."""
+    """Every phase; returns ``{"seed", "branch-<domain>"..., <variant>..., "dense_continued",
+    "dense_mix_compute"}`` models."""
     recipe = load_recipe(recipe)
     out = Path(out)
 
@@ -103,6 +105,11 @@ def run_stages(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str 
         models["dense_continued"] = trained("dense-continued", fingerprint, lambda: seed,
                                             recipe.mix_config(budget["steps"]))  # fmt: skip
         atomic_write_text(out / "dense-continued" / "compute.json", json.dumps(budget, indent=2) + "\n")
+        # a second, weaker reference: the same dense run given only the mixture phase's compute
+        mix_only = round(budget["steps"] - budget["branch_steps"])
+        fingerprint = {**mix_fingerprint(recipe, "dense_mix_compute"), "steps": mix_only}
+        models["dense_mix_compute"] = trained("dense-mix-compute", fingerprint, lambda: seed,
+                                              recipe.mix_config(mix_only))  # fmt: skip
     return models
 
 
@@ -133,7 +140,7 @@ def run_bam(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str | P
     models = run_stages(seed, recipe, out, progress, redo)
     results = evaluate_models(models, recipe, timing)
     summary = {"recipe": recipe.model_dump(mode="json"), "models": results}
-    for name in [*recipe.variants, "dense_continued", "seed"]:
+    for name in [*recipe.variants, "dense_continued", "dense_mix_compute", "seed"]:
         if name in results:
             summary[f"{name}_ppl"] = results[name]["test"]["average"]
     if "btx" in results and "bam_expert_kv" in results:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from ..bench.plotting import pyplot, save_figure
 
-LABELS = {"seed": "seed (dense)", "dense_continued": "dense continued (same compute)", "btx": "BTX",
-          "bam_expert_kv": "BAM, expert KV", "bam_shared_kv": "BAM, shared KV"}  # fmt: skip
+LABELS = {"seed": "seed (dense)", "dense_mix_compute": "dense, mix-phase compute",
+          "dense_continued": "dense, all of BAM's compute", "btx": "BTX", "bam_expert_kv": "BAM, expert KV",
+          "bam_shared_kv": "BAM, shared KV"}  # fmt: skip
 
 
 def plot_bam(runs: dict[str, dict], domains: list[str], path: Path, split: str = "test") -> Path:

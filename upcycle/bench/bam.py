@@ -23,7 +23,7 @@ from torch import nn
 
 from .common import write_results
 
-MODELS = ("seed", "dense_continued", "btx", "bam_expert_kv", "bam_shared_kv")
+MODELS = ("seed", "dense_continued", "btx", "bam_expert_kv", "bam_shared_kv", "dense_mix_compute")
 PER_DOMAIN = ("val", "test", "expert_usage")  # evaluation entries with one value per domain (not costs)
 PAPER = {"btx_ppl": 10.72, "bam_expert_kv_ppl": 9.70, "bam_over_btx": 0.905, "seed_size": "590M"}
 
