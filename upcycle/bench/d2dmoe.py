@@ -109,7 +109,7 @@ def vit_dense(scale: Scale, progress: bool) -> nn.Module:
     return upcycle.load(cached_pretrained(arch, scale.vit_pretrain, progress=progress, model=overrides)).eval()
 
 
-def minilm_dense(scale: Scale, out: Path, progress: bool) -> nn.Module:
+def minilm_dense(finetune: dict, out: Path, progress: bool) -> nn.Module:
     """all-MiniLM-L6-v2 with a fresh 3-way head, fine-tuned densely (GELU) on the domain task; cached in ``out``."""
     import transformers
 
@@ -123,7 +123,7 @@ def minilm_dense(scale: Scale, out: Path, progress: bool) -> nn.Module:
     transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" notice is expected
     model = transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=3)
     model.upcycle_origin = str(minilm_dir())  # its tokenizer
-    train(model, {**scale.minilm_finetune, "seed": 0}, out, resume=(out / "checkpoints").is_dir(), progress=progress)
+    train(model, {**finetune, "seed": 0}, out, resume=(out / "checkpoints").is_dir(), progress=progress)
     return model.eval()
 
 
@@ -261,7 +261,7 @@ def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool 
     seconds["timing"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    minilm = minilm_dense(scale, work / "minilm-dense", progress)
+    minilm = minilm_dense(scale.minilm_finetune, work / "minilm-dense", progress)
     minilm_results, _ = convert_and_sweep(minilm, scale.minilm_recipe, work / "minilm", ["d2dmoe", "moefication"],
                                           scale, progress)  # fmt: skip
     seconds["minilm"] = time.perf_counter() - began
