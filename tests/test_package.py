@@ -13,7 +13,7 @@ from upcycle.cli import main
 
 
 def test_registries():
-    assert upcycle.list_routers() == ["dynamic_k", "moefication", "soft", "sphero", "topk"]
+    assert upcycle.list_routers() == ["dynamic_k", "moefication", "soft", "soft_attention", "sphero", "topk"]
     assert {m["name"] for m in upcycle.list_methods()} >= {"sparse_upcycling", "neuron_split", "d2dmoe", "moefication"}
     assert upcycle.list_backends() == ["eager", "grouped", "sorted"]
 
@@ -35,7 +35,10 @@ def test_fresh_process_imports_timm_and_is_offline():
 def test_cli_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "routers: dynamic_k, moefication, soft, sphero, topk" in out and "backends: eager, grouped, sorted" in out
+    assert (
+        "routers: dynamic_k, moefication, soft, soft_attention, sphero, topk" in out
+        and "backends: eager, grouped, sorted" in out
+    )
 
 
 def test_cli_help_lists_commands(capsys):

@@ -13,7 +13,13 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates(path):
     sections = yaml.safe_load(path.read_text())
-    assert set(sections) <= {"train", "convert", "d2dmoe", "bam"}, f"{path.name}: unknown sections {set(sections)}"
+    assert set(sections) <= {"run", "train", "convert", "d2dmoe", "bam"}, (
+        f"{path.name}: unknown sections {set(sections)}"
+    )
+    if "run" in sections:
+        from upcycle.run import load_run_recipe
+
+        load_run_recipe(path)
     if "bam" in sections:
         from upcycle.bam import load_recipe
 
@@ -61,3 +67,19 @@ def test_bam_recipe_is_what_the_benchmark_runs():
 
     shipped = load_recipe(Path(__file__).parent.parent / "recipes" / "bam_lm_tiny_text.yaml")
     assert shipped == load_recipe(bam.FULL.recipe)
+
+
+PIPELINES = {  # the list: one recipe per paper pipeline, each runnable with `upcycle run`
+    "jetpack_mnist5k.yaml": "convert", "jetpack_convnext_mnist5k.yaml": "convert",
+    "d2dmoe_vit_fashion_mnist.yaml": "d2dmoe", "moefication_minilm.yaml": "d2dmoe", "btx_lm_tiny_text.yaml": "bam",
+    "bam_expert_kv_lm_tiny_text.yaml": "bam", "bam_shared_kv_lm_tiny_text.yaml": "bam",
+    "sparse_upcycling_smollm2.yaml": "convert",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_paper_pipeline_has_a_runnable_recipe(name):
+    from upcycle.run import load_run_recipe
+
+    run, recipe = load_run_recipe(Path(__file__).parent.parent / "recipes" / name)
+    assert PIPELINES[name] in recipe and run.source

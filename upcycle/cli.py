@@ -170,6 +170,16 @@ def _cmd_bam(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .run import run_recipe
+
+    summary = run_recipe(args.recipe, args.out, redo=args.redo)
+    headline = {k: v for k, v in summary.items() if isinstance(v, int | float | str) and k != "out"}
+    print(json.dumps(headline, indent=2))
+    print(f"wrote {summary['out']}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -337,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     bam.add_argument("--redo", action="store_true",
                      help="rebuild phases whose recipe fields changed (default: stop and name them)")  # fmt: skip
     bam.set_defaults(func=_cmd_bam)
+
+    run = commands.add_parser(
+        "run", help="run a whole pipeline from one YAML recipe (recipes/*.yaml)",
+        description="RECIPE: a YAML file with a 'run' section (source, optional pretrain / finetune / export) and "
+                    "one pipeline section: d2dmoe, bam, or convert (+ train). Reruns resume.",
+    )  # fmt: skip
+    run.add_argument("recipe")
+    run.add_argument("--out", help="run folder (default: the recipe's run.out, else runs/<recipe name>)")
+    run.add_argument("--redo", action="store_true", help="rebuild stages whose recipe fields changed")
+    run.set_defaults(func=_cmd_run)
 
     demo = commands.add_parser(
         "demo", help="the main job on real checkpoints (~10 min on 2 cores): SmolLM2 -> MoE -> fine-tune -> "

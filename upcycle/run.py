@@ -1,0 +1,179 @@
+"""``upcycle run RECIPE.yaml``: one YAML recipe, one whole pipeline, from the dense checkpoint to the report.
+
+A recipe's ``run`` section names the dense model and where the run goes; the other sections say what happens:
+
+    run:
+      source: pretrained:vit_xs     # any SOURCE (HF folder, .gguf, timm:ARCH, saved folder), "smollm2",
+                                    # "minilm" (with a fresh head of num_labels classes), or pretrained:PRESET
+      pretrain: {data: fashion_mnist, epochs: 3}   # how every pretrained:PRESET of the recipe is trained (cached)
+      finetune: {data: text_mixture, steps: 150}   # optional: dense training before conversion
+      export: auto                  # optional: the converted (and trained) model exported (auto: its natural format)
+    d2dmoe: {...}                   # the D2DMoE / MoEfication stages    (upcycle.d2dmoe)
+    bam: {...}                      # the BAM / BTX phases               (upcycle.bam)
+    convert: {...}                  # or a conversion (any method: sparse upcycling, MoE Jetpack, ...)
+    train: {...}                    #    followed by fine-tuning
+
+``pretrained:PRESET`` strings anywhere in ``convert.options`` (e.g. MoE Jetpack's ``predecessor``) resolve to the
+same cached pre-training. Everything lands under ``--out`` (default ``runs/<recipe name>``); reruns resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+from torch import nn
+
+from .config import StrictModel, explain
+
+PIPELINES = ("d2dmoe", "bam", "convert")
+PRETRAINED = "pretrained:"
+
+
+class RunSection(StrictModel):
+    source: str = Field(..., description="SOURCE, smollm2, minilm, or pretrained:PRESET")
+    out: str | None = Field(None, description="run folder (default: runs/<recipe name>)")
+    pretrain: dict[str, Any] = Field(default_factory=dict, description="training recipe of pretrained:PRESET")
+    model: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per PRESET: architecture overrides of pretrained:PRESET"
+    )
+    num_labels: int = Field(3, ge=2, description="minilm: classes of its fresh classification head")
+    reset_head: int | None = Field(None, ge=2, description="image classifiers: a fresh head of N classes")
+    finetune: dict[str, Any] | None = Field(None, description="dense training before conversion")
+    export: Literal["auto", "mixtral", "qwen2_moe", "timm", "bam"] | None = Field(
+        None, description="export format; auto: BTX / LMs -> mixtral (else qwen2_moe), BAM -> bam, timm -> timm"
+    )
+
+
+def load_run_recipe(path: str | Path) -> tuple[RunSection, dict]:
+    """The validated ``run`` section and the whole recipe; a recipe names exactly one pipeline."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(recipe, dict) or "run" not in recipe:
+        raise ValueError(f"{path} has no 'run' section (source, and optionally pretrain / finetune / export)")
+    pipelines = [name for name in PIPELINES if name in recipe]
+    if len(pipelines) != 1:
+        raise ValueError(f"{path} must hold exactly one of the sections {', '.join(PIPELINES)}; found {pipelines}")
+    try:
+        return RunSection(**recipe["run"]), recipe
+    except ValidationError as error:
+        raise ValueError(explain(error, f"run section of {path.name}")) from None
+
+
+def pretrained_dir(preset: str, run: RunSection, progress: bool) -> Path:
+    from .pretrain import cached_pretrained
+
+    if not run.pretrain:
+        raise ValueError(f"{PRETRAINED}{preset} needs run.pretrain: the training recipe of the dense model")
+    return cached_pretrained(preset, run.pretrain, progress=progress, model=run.model.get(preset, {}))
+
+
+def load_run_source(run: RunSection, progress: bool) -> nn.Module:
+    """The dense model the run starts from."""
+    import upcycle
+
+    from .assets import minilm_dir, smollm2_dir
+    from .sources import load_source
+
+    if run.source.startswith(PRETRAINED):
+        model = upcycle.load(pretrained_dir(run.source.removeprefix(PRETRAINED), run, progress))
+    elif run.source == "smollm2":
+        model = load_source(str(smollm2_dir()))
+    elif run.source == "minilm":
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" notice is expected
+        model = transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=run.num_labels)
+        model.upcycle_origin = str(minilm_dir())  # its tokenizer
+    else:
+        model = load_source(run.source)
+    if run.reset_head is not None:
+        model.reset_classifier(run.reset_head)
+    return model
+
+
+def resolve_options(options: dict, run: RunSection, progress: bool) -> dict:
+    return {
+        key: str(pretrained_dir(value.removeprefix(PRETRAINED), run, progress))
+        if isinstance(value, str) and value.startswith(PRETRAINED) else value
+        for key, value in options.items()
+    }  # fmt: skip
+
+
+def run_recipe(path: str | Path, out: str | Path | None = None, redo: bool = False, progress: bool = True) -> dict:
+    """Run the recipe's pipeline; returns its summary (with ``"out"``)."""
+    from .train import train
+
+    run, recipe = load_run_recipe(path)
+    out = Path(out or run.out or Path("runs") / Path(path).stem)
+    model = load_run_source(run, progress)
+    if run.finetune is not None:
+        train(model, run.finetune, out / "dense", resume=(out / "dense" / "checkpoints").is_dir(), progress=progress)
+    if "d2dmoe" in recipe:
+        from .d2dmoe import run_d2dmoe
+
+        return {**run_d2dmoe(model, recipe["d2dmoe"], out, progress, redo), "out": str(out)}
+    if "bam" in recipe:
+        from .bam import run_bam
+
+        summary = run_bam(model, recipe["bam"], out, progress, redo)
+        if run.export is not None:
+            summary["exported"] = export_mixtures(out, run.export)
+        return {**summary, "out": str(out)}
+    return {**convert_and_train(model, recipe, run, out, progress), "out": str(out)}
+
+
+def export_mixtures(out: Path, format: str) -> dict[str, str | None]:
+    """Every trained mixture of a BAM run, exported next to it (``auto``: each in the format that expresses it)."""
+    from .export import load
+
+    return {folder.name: export_model(load(folder / "model"), out / f"export-{folder.name}", format)
+            for folder in sorted(out.glob("mix-*"))}  # fmt: skip
+
+
+def export_model(model: nn.Module, directory: Path, format: str) -> str | None:
+    """``upcycle.export`` with ``auto``: BAM -> bam, timm -> timm, an LM -> mixtral, else qwen2_moe (raw top-k
+    probabilities, dense layers); None, with the reason printed, when no format expresses the model (a BTX of
+    parallel blocks: ``upcycle.load`` reads its saved folder)."""
+    import upcycle
+
+    if format != "auto":
+        return str(upcycle.export(model, directory, format=format, overwrite=True))
+    if type(model).__name__ == "UpcycleBAMForCausalLM":
+        candidates = ("bam",)
+    elif model.upcycle_record["adapter"].startswith("timm"):
+        candidates = ("timm",)
+    else:
+        candidates = ("mixtral", "qwen2_moe")
+    reasons = []
+    for candidate in candidates:
+        try:
+            return str(upcycle.export(model, directory, format=candidate, overwrite=True))
+        except ValueError as error:
+            reasons.append(str(error))
+    print(f"{directory.name}: not exported ({'; '.join(reasons)})")
+    return None
+
+
+def convert_and_train(model: nn.Module, recipe: dict, run: RunSection, out: Path, progress: bool) -> dict:
+    import upcycle
+
+    from .train import train
+
+    convert = dict(recipe["convert"])
+    convert["options"] = resolve_options(convert.get("options") or {}, run, progress)
+    moe = upcycle.convert(model, config=convert, progress=progress)
+    summary = {"max_abs_diff": upcycle.verify(moe, model)}
+    print(f"max |moe - dense| on random inputs: {summary['max_abs_diff']:.3e}")
+    upcycle.save(moe, out / "converted", overwrite=True)
+    if "train" in recipe:
+        trained = train(moe, recipe["train"], out / "train", resume=(out / "train" / "checkpoints").is_dir(),
+                        progress=progress)  # fmt: skip
+        summary["val"] = trained["val"]
+    if run.export is not None:
+        summary["exported"] = export_model(moe, out / "export", run.export)
+    return summary
