@@ -35,7 +35,7 @@ test: install lint data
 	$(PY) -m pytest --durations=10
 
 demo: install data
-	$(VENV)/bin/upcycle bench layers --quick --out out/demo
+	$(VENV)/bin/upcycle demo --out out/demo
 
 bench: install data
 	$(VENV)/bin/upcycle bench layers --out results

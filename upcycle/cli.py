@@ -378,9 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", help="folder for eval.json and expert_load.png")
     evaluation.set_defaults(func=_cmd_eval)
 
-    listing = commands.add_parser("list", help="list methods, adapters, routers and expert backends")
+    listing = commands.add_parser(
+        "list", help="list methods (conversion and merge), adapters, routers, expert backends, datasets"
+    )
     listing.add_argument(
-        "what", nargs="?", default="all", choices=["all", "methods", "adapters", "routers", "backends"]
+        "what", nargs="?", default="all", choices=["all", "methods", "adapters", "routers", "backends", "datasets"]
     )
     listing.set_defaults(func=_cmd_list)
 

@@ -164,6 +164,11 @@ class TrainConfig(StrictModel):
     eval_every: int | None = Field(None, ge=1, description="validate every N steps (None: at the end only)")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation batches (None: the whole split)")
     checkpoint_every: int = Field(200, ge=1, description="write a resumable checkpoint every N steps")
+    checkpoints: bool = Field(
+        True,
+        description="write resumable checkpoints (off: only the final model is saved; "
+        "saves ~3x the model's size in memory and disk for big models, but a run cannot resume)",
+    )
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
     log_every: int = Field(10, ge=1, description="metrics row every N steps")
     seed: int = Field(0, description="every random choice of the run derives from it")

@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 from ..adapters import adapter_of
 from ..eval import count_macs, time_inference
 from ..eval._common import default_forward, model_inputs
-from ..eval.held_out import BATCH, HeldOut
+from ..eval.held_out import HeldOut
 
 
 def macs_per_example(model: nn.Module, held_out: HeldOut, examples: int) -> float:
     """MACs per example averaged over the first ``examples`` held-out examples (batches of 64)."""
     total = count = 0.0
-    for batch in held_out.batches(max(1, -(-examples // BATCH))):
+    for batch in held_out.batches(max(1, -(-examples // held_out.batch_size))):
         size = next(iter(batch.values())).shape[0]
         total += count_macs(model, batch).total * size
         count += size

@@ -15,6 +15,7 @@ from ..train.loop import held_out_batches
 from ..train.tasks import make_task
 
 BATCH = 64
+LOGIT_BUDGET = 2**27  # elements of one batch's [b, t, V] logits (512 MB in fp32): big vocabularies, smaller batches
 
 
 class HeldOut:
@@ -29,12 +30,14 @@ class HeldOut:
         config = TrainConfig(data=data, steps=1, augment=False, seq_len=seq_len, data_options=data_options or {})
         self.task = make_task(model, adapter_of(model), config)
         self.dataset = self.task.dataset(split)
+        vocab = getattr(self.task, "vocab_size", None)  # language models: the logits dominate an evaluation's memory
+        self.batch_size = BATCH if vocab is None else max(1, min(BATCH, LOGIT_BUDGET // (seq_len * vocab)))
         if examples is not None and examples < len(self.dataset):
             chosen = torch.linspace(0, len(self.dataset) - 1, examples).round().long().unique().tolist()
             self.dataset = Subset(self.dataset, chosen)
 
     def batches(self, max_batches: int | None = None) -> Iterable[dict]:
-        return held_out_batches(self.dataset, BATCH, "cpu", max_batches)
+        return held_out_batches(self.dataset, self.batch_size, "cpu", max_batches)
 
     def metric(self, model: nn.Module) -> float:
         was_training = model.training
