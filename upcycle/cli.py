@@ -137,13 +137,29 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_flags(parser: argparse.ArgumentParser, recipe_help: str, out_help: str, set_example: str,
+                    recipe_required: bool = True) -> None:  # fmt: skip
+    """SOURCE, --recipe, --out, --set and --redo of a multi-stage pipeline command (d2dmoe, bam)."""
+    parser.add_argument("source")
+    parser.add_argument("--recipe", required=recipe_required, help=recipe_help)
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"a recipe field, e.g. {set_example}")  # fmt: skip
+    parser.add_argument("--redo", action="store_true",
+                        help="rebuild stages whose recipe fields changed (default: stop and name them)")  # fmt: skip
+
+
+def _pipeline_recipe(load, args: argparse.Namespace):
+    """The pipeline's recipe from --recipe with the --set fields on top, validated again."""
+    recipe = load(args.recipe)
+    return load({**recipe.model_dump(), **_key_values(args.set)}) if args.set else recipe
+
+
 def _cmd_d2dmoe(args: argparse.Namespace) -> int:
     from .d2dmoe import load_recipe, run_d2dmoe
     from .sources import load_source
 
-    recipe = load_recipe(args.recipe)
-    if args.set:
-        recipe = load_recipe({**recipe.model_dump(), **_key_values(args.set)})
+    recipe = _pipeline_recipe(load_recipe, args)
     summary = run_d2dmoe(load_source(args.source), recipe, args.out, redo=args.redo)
     for method in recipe.methods:
         fraction, point = summary[f"{method}.flops_fraction_at_1pt_drop"], summary[f"{method}.point_at_1pt_drop"]
@@ -157,9 +173,7 @@ def _cmd_bam(args: argparse.Namespace) -> int:
     from .bam import load_recipe, run_bam
     from .sources import load_source
 
-    recipe = load_recipe(args.recipe)
-    if args.set:
-        recipe = load_recipe({**recipe.model_dump(), **_key_values(args.set)})
+    recipe = _pipeline_recipe(load_recipe, args)
     summary = run_bam(load_source(args.source), recipe, args.out, redo=args.redo)
     for name in ("seed", "dense_continued", *recipe.variants):
         if f"{name}_ppl" in summary:
@@ -324,13 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="SOURCE: a dense model (timm:ARCH, a Hugging Face folder, a folder written by upcycle). Each "
                     "stage writes a folder under --out; a rerun resumes at the first unfinished one.",
     )  # fmt: skip
-    d2dmoe.add_argument("source")
-    d2dmoe.add_argument("--recipe", required=True, help="D2DMoE recipe YAML (its 'd2dmoe' section)")
-    d2dmoe.add_argument("--out", required=True, help="run folder (stages, sweeps, summary.json, curves.png)")
-    d2dmoe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a recipe field, e.g. --set num_experts=32 --set 'taus=[0, 0.5]'")  # fmt: skip
-    d2dmoe.add_argument("--redo", action="store_true",
-                        help="rebuild stages whose recipe fields changed (default: stop and name them)")  # fmt: skip
+    _pipeline_flags(d2dmoe, "D2DMoE recipe YAML (its 'd2dmoe' section)",
+                    "run folder (stages, sweeps, summary.json, curves.png)",
+                    "--set num_experts=32 --set 'taus=[0, 0.5]'")  # fmt: skip
     d2dmoe.set_defaults(func=_cmd_d2dmoe)
 
     bam = commands.add_parser(
@@ -339,13 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "upcycle). Each phase writes a folder under --out; a rerun resumes at the first unfinished one. "
                     "Export a mixture with: upcycle export OUT/mix-bam_expert_kv/model --format bam --out DIR",
     )  # fmt: skip
-    bam.add_argument("source")
-    bam.add_argument("--recipe", help="BAM recipe YAML (its 'bam' section); default: the built-in recipe")
-    bam.add_argument("--out", required=True, help="run folder (phases, summary.json, bam.png)")
-    bam.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="a recipe field, e.g. --set 'variants=[btx, bam_expert_kv]' --set top_k=2")  # fmt: skip
-    bam.add_argument("--redo", action="store_true",
-                     help="rebuild phases whose recipe fields changed (default: stop and name them)")  # fmt: skip
+    _pipeline_flags(bam, "BAM recipe YAML (its 'bam' section); default: the built-in recipe",
+                    "run folder (phases, summary.json, bam.png)",
+                    "--set 'variants=[btx, bam_expert_kv]' --set top_k=2", recipe_required=False)  # fmt: skip
     bam.set_defaults(func=_cmd_bam)
 
     run = commands.add_parser(

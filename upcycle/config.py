@@ -108,11 +108,11 @@ def load_convert_config(source: str | Path | dict | ConvertConfig | None = None,
         raise ValueError(explain(error)) from None
 
 
-def explain(error: ValidationError, what: str = "conversion config") -> str:
-    """A pydantic error as one line per bad field, under ``invalid <what>:``."""
+def explain(error: ValidationError, what: str = "conversion config", whole: str = "config") -> str:
+    """A pydantic error as one line per bad field, under ``invalid <what>:`` (``whole``: a check of the whole)."""
     lines = [f"invalid {what}:"]
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "config"
+        where = ".".join(str(part) for part in item["loc"]) or whole
         lines.append(f"  {where}: {item['msg']}")
     return "\n".join(lines)
 
@@ -227,3 +227,31 @@ def load_train_config(source: str | Path | dict | TrainConfig | None = None, **o
         return TrainConfig(**data, aux=aux)
     except ValidationError as error:
         raise ValueError(explain(error, "training config")) from None
+
+
+def stage_defaults(defaults: dict, given: dict) -> dict:
+    """A pipeline stage's training defaults that the user's section does not override; its length goes whole (a
+    user's steps replace the default epochs, and the other way round)."""
+    length_given = "steps" in given or "epochs" in given
+    return {k: v for k, v in defaults.items() if not (length_given and k in ("steps", "epochs"))}
+
+
+def load_recipe_section(source, section: str, model: type[BaseModel], what: str, empty_ok: bool = False):
+    """A pipeline recipe (``model``) from YAML (its ``section``, or the whole file), a dict or an instance;
+    ``empty_ok``: None gives the defaults."""
+    if isinstance(source, model):
+        return source
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        source = loaded.get(section, loaded) if isinstance(loaded, dict) else loaded
+    if source is None and empty_ok:
+        source = {}
+    if not isinstance(source, dict):
+        raise ValueError(f"a {what} is a mapping of settings, got {type(source).__name__}")
+    try:
+        return model(**source)
+    except ValidationError as error:
+        raise ValueError(explain(error, what, whole="recipe")) from None

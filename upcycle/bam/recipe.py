@@ -18,10 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from ..config import StrictModel, TrainConfig, explain, load_train_config
+from ..config import StrictModel, TrainConfig, load_recipe_section, load_train_config, stage_defaults
 
 Variant = Literal["btx", "bam_expert_kv", "bam_shared_kv"]
 VARIANTS: dict[str, dict] = {  # upcycle.merge arguments of each variant
@@ -86,26 +85,11 @@ class BAMRecipe(StrictModel):
         return config if steps is None else load_train_config(config, steps=steps, epochs=None)
 
     def _config(self, defaults: dict, given: dict, data_options: dict) -> TrainConfig:
-        length_given = "steps" in given or "epochs" in given
-        base = {k: v for k, v in defaults.items() if not (length_given and k in ("steps", "epochs"))}
         aux = {**defaults.get("aux", {}), **given.get("aux", {})}
-        return load_train_config({**base, **given, "aux": aux, "data": self.data, "data_options": data_options,
-                                  "seed": self.seed})  # fmt: skip
+        return load_train_config({**stage_defaults(defaults, given), **given, "aux": aux, "data": self.data,
+                                  "data_options": data_options, "seed": self.seed})  # fmt: skip
 
 
 def load_recipe(source: str | Path | dict | BAMRecipe | None = None) -> BAMRecipe:
     """A recipe from YAML (its ``bam`` section, or the whole file), a dict or a recipe; None: the defaults."""
-    if isinstance(source, BAMRecipe):
-        return source
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        source = loaded.get("bam", loaded) if isinstance(loaded, dict) else loaded
-    if not isinstance(source, dict | None):
-        raise ValueError(f"a BAM recipe is a mapping of settings, got {type(source).__name__}")
-    try:
-        return BAMRecipe(**(source or {}))
-    except ValidationError as error:
-        raise ValueError(explain(error, "BAM recipe")) from None
+    return load_recipe_section(source, "bam", BAMRecipe, "BAM recipe", empty_ok=True)

@@ -19,10 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from ..config import StrictModel, load_train_config
+from ..config import StrictModel, load_recipe_section, load_train_config, stage_defaults
 
 SPARSIFY_DEFAULTS = {"epochs": 1, "lr": 1e-4, "warmup": 0.05,
                      "aux": {"sparsity": 0.05, "sparsity_kind": "hoyer", "sparsity_ramp": 0.5}}  # fmt: skip
@@ -73,7 +72,7 @@ class D2DMoERecipe(StrictModel):
 
     def sparsify_config(self):
         aux = {**SPARSIFY_DEFAULTS["aux"], **NO_ROUTER_LOSSES, **self.sparsify.get("aux", {})}
-        merged = {**_defaults(SPARSIFY_DEFAULTS, self.sparsify), **self.sparsify, "aux": aux, "data": self.data,
+        merged = {**stage_defaults(SPARSIFY_DEFAULTS, self.sparsify), **self.sparsify, "aux": aux, "data": self.data,
                   "seed": self.seed}  # fmt: skip
         config = load_train_config(merged)
         if config.aux.sparsity <= 0:
@@ -82,32 +81,11 @@ class D2DMoERecipe(StrictModel):
 
     def router_config(self):
         aux = {**self.routers.get("aux", {}), **NO_ROUTER_LOSSES, "sparsity": 0.0, "router_fit": 1.0}
-        merged = {**_defaults(ROUTER_DEFAULTS, self.routers), **self.routers, "aux": aux,
+        merged = {**stage_defaults(ROUTER_DEFAULTS, self.routers), **self.routers, "aux": aux,
                   "freeze": "all_but_routers", "data": self.data, "seed": self.seed}  # fmt: skip
         return load_train_config(merged)
 
 
-def _defaults(defaults: dict, given: dict) -> dict:
-    """The stage defaults a user's training section does not override; their length goes whole (steps or epochs)."""
-    length_given = "steps" in given or "epochs" in given
-    return {k: v for k, v in defaults.items() if not (length_given and k in ("steps", "epochs"))}
-
-
 def load_recipe(source: str | Path | dict | D2DMoERecipe) -> D2DMoERecipe:
     """A recipe from YAML (its ``d2dmoe`` section, or the whole file), a dict or a recipe."""
-    if isinstance(source, D2DMoERecipe):
-        return source
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        source = loaded.get("d2dmoe", loaded) if isinstance(loaded, dict) else loaded
-    if not isinstance(source, dict):
-        raise ValueError(f"a D2DMoE recipe is a mapping of settings, got {type(source).__name__}")
-    try:
-        return D2DMoERecipe(**source)
-    except ValidationError as error:
-        lines = ["invalid D2DMoE recipe:"]
-        lines += [f"  {'.'.join(str(p) for p in item['loc']) or 'recipe'}: {item['msg']}" for item in error.errors()]
-        raise ValueError("\n".join(lines)) from None
+    return load_recipe_section(source, "d2dmoe", D2DMoERecipe, "D2DMoE recipe")
