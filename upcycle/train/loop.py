@@ -26,6 +26,7 @@ from ..export.saving import load_weights
 from ..layers import collect_aux_losses
 from . import distributed, sharding
 from .checkpoint import latest_checkpoint, restore_rng_states, save_checkpoint
+from .memory import large_blocks_mapped
 from .metrics_log import MetricsLog
 from .optim import build_optimizer, build_scheduler
 from .router_fit import RouterFit
@@ -81,7 +82,8 @@ def train(model: nn.Module, config: TrainConfig | dict | str | Path, out: str | 
     out = Path(out)
     context = distributed.setup(cfg.device)
     try:
-        return _run(model, cfg, out, resume, progress, context)
+        with large_blocks_mapped(model):
+            return _run(model, cfg, out, resume, progress, context)
     finally:
         distributed.teardown(context)
 
