@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from upcycle.cli import main
@@ -50,6 +51,53 @@ def test_bam_recipe_through_the_cli(tmp_path, capsys):
     exported = json.loads((tmp_path / "run" / "export-mix-bam_shared_kv" / "config.json").read_text())
     assert exported["model_type"] == "upcycle_bam"  # BAM -> its own class
     assert not (tmp_path / "run" / "export-mix-btx").exists()  # parallel blocks: neither Mixtral nor Qwen2-MoE
+
+
+def tiny_vits(tmp_path, monkeypatch) -> dict:
+    """A run section whose pretrained:vit_xxs / vit_xs are 2-block ViTs trained 2 steps on digits, cached here."""
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path / "cache"))
+    return {
+        "model": {"vit_xxs": {"embed_dim": 32, "depth": 2}, "vit_xs": {"embed_dim": 64, "depth": 2}},
+        "pretrain": {"data": "digits", "steps": 2, "batch_size": 16, "log_every": 1, "eval_batches": 1},
+        "export": "auto",
+    }
+
+
+def assert_timm_export_reloads(model_dir, exported):
+    import timm
+
+    import upcycle
+
+    reloaded = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(reloaded(x), upcycle.load(model_dir).eval()(x))
+
+
+def test_d2dmoe_recipe_pretrains_its_source_and_exports(tmp_path, monkeypatch):
+    recipe = write(tmp_path / "d2dmoe.yaml", {
+        "run": {"source": "pretrained:vit_xxs", **tiny_vits(tmp_path, monkeypatch)},
+        "d2dmoe": {"data": "digits", "num_experts": 4, "methods": ["d2dmoe", "moefication"],
+                   "sparsify": {"steps": 2, "batch_size": 16}, "routers": {"steps": 2, "batch_size": 16},
+                   "taus": [0.0, 1.0], "top_ks": [1, 4], "eval_examples": 32},
+    })  # fmt: skip
+    summary = run_recipe(recipe, tmp_path / "run", progress=False)
+    assert {"d2dmoe.flops_fraction_at_1pt_drop", "moefication.flops_fraction_at_1pt_drop"} <= set(summary)
+    assert sorted(summary["exported"]) == ["3-d2dmoe-routers", "3-moefication-routers"]
+    assert_timm_export_reloads(tmp_path / "run" / "3-d2dmoe-routers" / "model", summary["exported"]["3-d2dmoe-routers"])
+
+
+def test_jetpack_recipe_samples_experts_from_a_pretrained_predecessor(tmp_path, monkeypatch):
+    recipe = write(tmp_path / "jetpack.yaml", {
+        "run": {"source": "pretrained:vit_xxs", "reset_head": 10, **tiny_vits(tmp_path, monkeypatch)},
+        "convert": {"method": "moe_jetpack", "layers": "last_half",
+                    "options": {"predecessor": "pretrained:vit_xs", "calibration_data": "digits",
+                                "calibration_images": 32}},
+        "train": {"data": "digits", "steps": 2, "batch_size": 16, "log_every": 1, "eval_batches": 1},
+    })  # fmt: skip
+    summary = run_recipe(recipe, tmp_path / "run", progress=False)
+    assert 0 <= summary["val"]["accuracy"] <= 1
+    assert len(list((tmp_path / "cache" / "pretrained").iterdir())) == 2  # the model and its wider predecessor
+    assert_timm_export_reloads(tmp_path / "run" / "train" / "model", summary["exported"])
 
 
 @pytest.mark.parametrize(

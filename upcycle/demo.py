@@ -18,6 +18,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ DEFAULT = DemoScale(
     top_k=2,
     finetune={
         "data": "shakespeare",
-        "steps": 24,
+        "steps": 16,
         "batch_size": 4,
         "seq_len": 128,
         "lr": 6e-5,
@@ -205,6 +206,9 @@ def write_report(out: Path, lm: dict, d2d: dict, seconds: float) -> Path:
     def relative(path: str | None) -> str:
         return str(Path(path).resolve().relative_to(out.resolve())) if path else ""
 
+    from .bench.common import command_line, machine_info
+
+    machine = machine_info()
     table = "\n".join(f"| {name} | {value} |" for name, value in summary_rows(lm, d2d))
     rows = [("dense", {"flops_fraction": 1.0, **d2d["dense"]})]
     rows += [(f"D2DMoE τ={r['point']}", r) for r in d2d["d2dmoe"]]
@@ -212,7 +216,8 @@ def write_report(out: Path, lm: dict, d2d: dict, seconds: float) -> Path:
     sweep = "\n".join(f"| {name} | {r['flops_fraction']:.3f} | {r['val']:.3f} | {r['test']:.3f} |" for name, r in rows)
     text = f"""# upcycle demo report
 
-Everything below ran on this machine in {seconds / 60:.1f} minutes, from real checkpoints, offline.
+Everything below ran in {seconds / 60:.1f} minutes on {machine["cpu_count"]} CPU cores (torch {machine["torch"]}), from
+real checkpoints, offline. Reproduce with `make demo` (or `upcycle demo --out DIR`); the numbers are in `demo.json`.
 
 | | |
 |---|---|
@@ -249,8 +254,9 @@ MoEfication runs a fixed k. MACs are a fraction of the dense model's, routers in
 """
     path = out / "report.md"
     atomic_write_text(path, text)
-    atomic_write_text(out / "demo.json", json.dumps({"smollm2": lm, "minilm": d2d, "seconds": seconds}, indent=2,
-                                                     default=float) + "\n")  # fmt: skip
+    record = {"smollm2": lm, "minilm": d2d, "seconds": seconds, "command": command_line(), "machine": machine,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    atomic_write_text(out / "demo.json", json.dumps(record, indent=2, default=float) + "\n")
     return path
 
 

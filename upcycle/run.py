@@ -116,23 +116,27 @@ def run_recipe(path: str | Path, out: str | Path | None = None, redo: bool = Fal
     if "d2dmoe" in recipe:
         from .d2dmoe import run_d2dmoe
 
-        return {**run_d2dmoe(model, recipe["d2dmoe"], out, progress, redo), "out": str(out)}
+        summary = run_d2dmoe(model, recipe["d2dmoe"], out, progress, redo)
+        if run.export is not None:  # the models with routers; set_tau / set_top_k move them after loading
+            summary["exported"] = export_stages(out, "3-*-routers", run.export)
+        return {**summary, "out": str(out)}
     if "bam" in recipe:
         from .bam import run_bam
 
         summary = run_bam(model, recipe["bam"], out, progress, redo)
         if run.export is not None:
-            summary["exported"] = export_mixtures(out, run.export)
+            summary["exported"] = export_stages(out, "mix-*", run.export)
         return {**summary, "out": str(out)}
     return {**convert_and_train(model, recipe, run, out, progress), "out": str(out)}
 
 
-def export_mixtures(out: Path, format: str) -> dict[str, str | None]:
-    """Every trained mixture of a BAM run, exported next to it (``auto``: each in the format that expresses it)."""
+def export_stages(out: Path, pattern: str, format: str) -> dict[str, str | None]:
+    """The model of every stage folder matching ``pattern``, exported next to it (``auto``: each in the format
+    that expresses it)."""
     from .export import load
 
     return {folder.name: export_model(load(folder / "model"), out / f"export-{folder.name}", format)
-            for folder in sorted(out.glob("mix-*"))}  # fmt: skip
+            for folder in sorted(out.glob(pattern))}  # fmt: skip
 
 
 def export_model(model: nn.Module, directory: Path, format: str) -> str | None:
