@@ -8,7 +8,8 @@
    importance measured on images and feeds a slot router that no LM format can express.
 2. **MiniLM-L6** (real weights, a 3-way text-domain classifier fine-tuned first) -> D2DMoE (arXiv 2310.04361):
    ReLU + activation sparsity, 16 experts by balanced k-means, routers that predict expert norms, then accuracy vs
-   MACs over the threshold τ, next to MoEfication's top-k.
+   MACs over the threshold τ. (MoEfication's fixed top-k next to it is `upcycle bench d2dmoe`'s; it would add
+   about a minute and a half here.)
 3. A summary table in the terminal and ``report.md`` with the plots, in the output folder.
 """
 
@@ -67,7 +68,7 @@ DEFAULT = DemoScale(
         "router_hidden": 64,
         "eval_examples": 192,
         "taus": [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
-        "top_ks": [1, 2, 4, 8, 16],
+        "methods": ["d2dmoe"],
         "sparsify": {**TEXT, "steps": 30, "lr": 5e-5, "eval_batches": 4, "aux": {"sparsity": 0.003}},
         "routers": {**TEXT, "steps": 20, "lr": 1e-3, "eval_batches": 4},
     },
@@ -85,7 +86,7 @@ QUICK = DemoScale(  # a smoke run of every step (tests)
         "num_experts": 4,
         "eval_examples": 32,
         "taus": [0.0, 0.5, 1.0],
-        "top_ks": [1, 4],
+        "methods": ["d2dmoe"],
         "sparsify": {**TEXT, "batch_size": 8, "steps": 2, "eval_batches": 1},
         "routers": {**TEXT, "batch_size": 8, "steps": 2, "eval_batches": 1},
     },
@@ -160,7 +161,7 @@ def smollm2_job(out: Path, scale: DemoScale, step: Steps, progress: bool) -> dic
 
 
 def minilm_job(out: Path, scale: DemoScale, step: Steps, progress: bool) -> dict:
-    """MiniLM as a domain classifier, then D2DMoE and MoEfication, swept over τ and k."""
+    """MiniLM as a domain classifier, then D2DMoE, swept over τ."""
     from .bench.d2dmoe import minilm_dense
     from .d2dmoe import load_recipe, run_stages, sweep_methods
     from .d2dmoe.plots import plot_curves
@@ -169,15 +170,15 @@ def minilm_job(out: Path, scale: DemoScale, step: Steps, progress: bool) -> dict
     step("MiniLM-L6: fine-tune a 3-way text-domain classifier (Shakespeare / Python code / Python docs)")
     dense = minilm_dense(scale.minilm_finetune, out / "dense", progress)
     recipe = load_recipe(scale.minilm_recipe)
-    step(f"D2DMoE: ReLU + sparsity, {recipe.num_experts} experts per FFN, routers (and MoEfication's)")
+    step(f"D2DMoE: ReLU + sparsity, {recipe.num_experts} experts per FFN, routers that predict expert norms")
     models = run_stages(dense, recipe, out, progress=progress)
-    step("sweep τ (D2DMoE) and k (MoEfication): accuracy vs MACs")
+    step("sweep τ: accuracy vs MACs on held-out passages")
     results = sweep_methods(models, dense, recipe, out, mac_examples=scale.mac_examples)
     panel = {"dense": results["dense"], "variants": {m: results[m] for m in recipe.methods}}
     curves_png = plot_curves({"MiniLM-L6, text-domain classification": panel}, out / "curves.png", split="val")
     point = lowest_fraction_within(results["d2dmoe"], results["dense"]["val"], "val")
-    return {"dense": results["dense"], "d2dmoe": results["d2dmoe"], "moefication": results["moefication"],
-            "operating_point": point, "curves_png": str(curves_png)}  # fmt: skip
+    return {"dense": results["dense"], "d2dmoe": results["d2dmoe"], "operating_point": point,
+            "curves_png": str(curves_png)}  # fmt: skip
 
 
 def summary_rows(lm: dict, d2d: dict) -> list[tuple[str, str]]:
@@ -212,7 +213,6 @@ def write_report(out: Path, lm: dict, d2d: dict, seconds: float) -> Path:
     table = "\n".join(f"| {name} | {value} |" for name, value in summary_rows(lm, d2d))
     rows = [("dense", {"flops_fraction": 1.0, **d2d["dense"]})]
     rows += [(f"D2DMoE τ={r['point']}", r) for r in d2d["d2dmoe"]]
-    rows += [(f"MoEfication k={r['point']}", r) for r in d2d["moefication"]]
     sweep = "\n".join(f"| {name} | {r['flops_fraction']:.3f} | {r['val']:.3f} | {r['test']:.3f} |" for name, r in rows)
     text = f"""# upcycle demo report
 
@@ -242,8 +242,9 @@ Sample from the reloaded model (prompt `{PROMPT.strip()}`, top-p 0.9, temperatur
 ## MiniLM-L6 → D2DMoE: compute vs quality
 
 A dense MiniLM classifier (which domain a 64-token passage comes from) made sparse, split into experts, and given
-routers. D2DMoE runs a per-token number of experts (those predicted to contribute at least τ of the largest);
-MoEfication runs a fixed k. MACs are a fraction of the dense model's, routers included.
+routers. D2DMoE runs a per-token number of experts (those predicted to contribute at least τ of the largest). MACs
+are a fraction of the dense model's, routers included. `upcycle bench d2dmoe` sets MoEfication's fixed top-k next
+to it, with longer training.
 
 ![accuracy vs MACs]({relative(d2d["curves_png"])})
 
