@@ -2,6 +2,7 @@
 the report shows what happened, with its plots next to it."""
 
 import json
+import re
 
 import pytest
 
@@ -22,6 +23,8 @@ def test_quick_demo_runs_every_step_and_writes_the_report(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     for image in ("smollm2/expert_load.png", "minilm/curves.png", "smollm2/finetune/curves.png"):
         assert f"({image})" in report and (tmp_path / image).stat().st_size > 5_000, image
+    summary_table = report.split("|---|---|\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(summary_table) == 6 and all(len(re.findall(r"(?<!\\)\|", row)) == 3 for row in summary_table)
     assert json.loads((tmp_path / "demo.json").read_text())["smollm2"]["experts"] == 4
     printed = capsys.readouterr().out
     assert "held-out Shakespeare perplexity" in printed and str(tmp_path / "report.md") in printed

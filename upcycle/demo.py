@@ -56,7 +56,8 @@ DEFAULT = DemoScale(
         "weight_decay": 0.0,
         "precision": "bf16",
         "eval_batches": 4,
-        "log_every": 4,
+        "log_every": 2,
+        "eval_every": 4,  # held-out points on the curves, not only the last
         "checkpoints": False,  # weights + AdamW state would add ~3x the model's 1.5 GB; the final model is saved
     },
     eval_sequences=32,
@@ -204,13 +205,16 @@ def summary_rows(lm: dict, d2d: dict) -> list[tuple[str, str]]:
 def write_report(out: Path, lm: dict, d2d: dict, seconds: float) -> Path:
     """``report.md`` next to the plots it shows (paths relative to the report)."""
 
+    def cell(text: str) -> str:  # "max |MoE − dense|" inside a Markdown table
+        return text.replace("|", "\\|")
+
     def relative(path: str | None) -> str:
         return str(Path(path).resolve().relative_to(out.resolve())) if path else ""
 
     from .bench.common import command_line, machine_info
 
     machine = machine_info()
-    table = "\n".join(f"| {name} | {value} |" for name, value in summary_rows(lm, d2d))
+    table = "\n".join(f"| {cell(name)} | {cell(value)} |" for name, value in summary_rows(lm, d2d))
     rows = [("dense", {"flops_fraction": 1.0, **d2d["dense"]})]
     rows += [(f"D2DMoE τ={r['point']}", r) for r in d2d["d2dmoe"]]
     sweep = "\n".join(f"| {name} | {r['flops_fraction']:.3f} | {r['val']:.3f} | {r['test']:.3f} |" for name, r in rows)

@@ -96,7 +96,7 @@ def plot_expert_load(stats: dict[str, dict], path: str | Path, title: str = "Exp
 
     matrix = load_matrix(stats)
     layers, experts = len(matrix), len(matrix[0])
-    figure = Figure(figsize=(min(3 + 0.4 * experts, 16), min(1.5 + 0.35 * layers, 12)), layout="constrained")
+    figure = Figure(figsize=(min(5 + 0.4 * experts, 16), min(2 + 0.35 * layers, 12)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
@@ -105,7 +105,7 @@ def plot_expert_load(stats: dict[str, dict], path: str | Path, title: str = "Exp
     axes.set_ylabel("MoE layer")
     axes.set_xticks(range(experts))
     axes.set_yticks(range(layers), labels=list(stats), fontsize=7)
-    axes.set_title(f"{title} (uniform = 1/{experts})")
+    axes.set_title(f"{title}\n(uniform = 1/{experts})", fontsize=10)  # two lines: narrow plots of few experts
     buffer = io.BytesIO()
     suffix = Path(path).suffix.lstrip(".").lower() or "png"
     figure.savefig(buffer, format=suffix, dpi=120)
