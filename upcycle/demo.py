@@ -19,7 +19,6 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -211,9 +210,10 @@ def write_report(out: Path, lm: dict, d2d: dict, seconds: float) -> Path:
     def relative(path: str | None) -> str:
         return str(Path(path).resolve().relative_to(out.resolve())) if path else ""
 
-    from .bench.common import command_line, machine_info
+    from .bench.common import provenance
 
-    machine = machine_info()
+    record = {"smollm2": lm, "minilm": d2d, "seconds": seconds, **provenance()}
+    machine = record["machine"]
     table = "\n".join(f"| {cell(name)} | {cell(value)} |" for name, value in summary_rows(lm, d2d))
     rows = [("dense", {"flops_fraction": 1.0, **d2d["dense"]})]
     rows += [(f"D2DMoE τ={r['point']}", r) for r in d2d["d2dmoe"]]
@@ -259,8 +259,6 @@ to it, with longer training.
 """
     path = out / "report.md"
     atomic_write_text(path, text)
-    record = {"smollm2": lm, "minilm": d2d, "seconds": seconds, "command": command_line(), "machine": machine,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
     atomic_write_text(out / "demo.json", json.dumps(record, indent=2, default=float) + "\n")
     return path
 

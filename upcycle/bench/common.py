@@ -63,16 +63,18 @@ def command_line() -> str:
     return "upcycle " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("upcycle") else " ".join(sys.argv)
 
 
-def write_results(out_dir: str | os.PathLike, name: str, summary: dict, rows: list[dict], **extra) -> Path:
-    """Write ``<out_dir>/<name>.json`` atomically with the shared layout: summary, rows, command, machine."""
-    payload = {
-        "summary": summary,
-        "rows": rows,
+def provenance() -> dict:
+    """How and where a result was produced: the command, the machine, the date (UTC)."""
+    return {
         "command": command_line(),
         "machine": machine_info(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **extra,
     }
+
+
+def write_results(out_dir: str | os.PathLike, name: str, summary: dict, rows: list[dict], **extra) -> Path:
+    """Write ``<out_dir>/<name>.json`` atomically with the shared layout: summary, rows, command, machine."""
+    payload = {"summary": summary, "rows": rows, **provenance(), **extra}
     path = Path(out_dir) / f"{name}.json"
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     return path
