@@ -37,6 +37,19 @@ from .lm_config import UpcycleLMConfig
 
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss (padding, prompts)
 
+# transformers renamed the KV cache from ``past_key_values`` to ``cache`` during 5.x (5.24 passes ``cache=`` to
+# forward and reads ``outputs.cache``; earlier 5.x use ``past_key_values`` for both). Ours accepts either name and
+# returns the cache in the output field that the installed version reads, so ``generate`` keeps its cache.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_argument(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache a caller passed, under the old name or the new one (not both)."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache once, as cache or as past_key_values, not both")
+    return cache if cache is not None else past_key_values
+
 
 class UpcycleLMRMSNorm(nn.Module):
     """``weight * x / rms(x)``, computed in fp32 (as Llama): low-precision mean squares lose the small channels.
@@ -163,7 +176,7 @@ class UpcycleLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"  # where UpcycleLMForCausalLM keeps the decoder; adapters and from_pretrained use it
     # device_map="auto" keeps a block (and its residual) on one device; the cache is not a weight to place
     _no_split_modules: ClassVar[list[str]] = ["UpcycleLMDecoderLayer"]
-    _skip_keys_device_placement: ClassVar[list[str]] = ["past_key_values"]
+    _skip_keys_device_placement: ClassVar[list[str]] = ["cache", "past_key_values"]  # its name in newer / older 5.x
     _supports_sdpa = True  # the only attention there is; declared so the config does not claim "eager"
 
 
@@ -187,8 +200,9 @@ class UpcycleLMModel(UpcycleLMPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,  # what generate passes beyond these (e.g. output_attentions=False) has no effect here
+        **kwargs,  # the cache under its newer name ``cache``; anything else generate passes has no effect here
     ) -> BaseModelOutputWithPast:
+        past_key_values = cache_argument(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (b, t, d)
@@ -204,7 +218,7 @@ class UpcycleLMModel(UpcycleLMPreTrainedModel):
         mask = causal_mask(attention_mask, t, past, x.device)  # (b|1, 1, t, s) or None
         for layer in self.layers:
             x = layer(x, cos, sin, mask, past_key_values)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{CACHE_FIELD: past_key_values})
 
 
 class UpcycleLMForCausalLM(UpcycleLMPreTrainedModel, GenerationMixin):
@@ -236,6 +250,7 @@ class UpcycleLMForCausalLM(UpcycleLMPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | tuple:
         """``labels`` ``(b, t)``: the input ids themselves (shifted here), with -100 where no loss is wanted.
         ``logits_to_keep``: compute logits for the last N positions only (0 = all; generate passes 1)."""
+        past_key_values = cache_argument(past_key_values, kwargs)
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep])  # (b, t, V)
@@ -246,7 +261,7 @@ class UpcycleLMForCausalLM(UpcycleLMPreTrainedModel, GenerationMixin):
                                  "leave logits_to_keep at 0")  # fmt: skip
             shifted = logits[:, :-1].flatten(0, 1).float()  # (b·(t-1), V)
             loss = F.cross_entropy(shifted, labels[:, 1:].flatten().to(logits.device), ignore_index=IGNORE_INDEX)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
         return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
 
 

@@ -29,7 +29,9 @@ class UpcycleLMConfig(PreTrainedConfig):
     """
 
     model_type = "upcycle_lm"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]  # Trainer drops it from eval outputs
+    # Trainer drops the KV cache from eval outputs; its field is "cache" from transformers 5.24, before that
+    # "past_key_values"
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache", "past_key_values"]
 
     vocab_size: int = BYTE_VOCAB + 3  # V: 256 bytes + bos, eos, pad
     hidden_size: int = 256  # d: width of the residual stream
