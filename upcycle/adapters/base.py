@@ -2,8 +2,10 @@
 
 An adapter knows (1) where the FFNs are (``ffn_sites``, in model order), (2) their weight layout (``read_ffn`` ->
 :class:`DenseFFN`), (3) their token layout and how to swap one for an MoE (``install``), (4) how to run the model
-for verification (``example_inputs``, ``outputs``) and (5) how to rebuild the dense skeleton from plain data
-(``describe`` / ``rebuild``) so a saved MoE loads without its source checkpoint.
+for verification and which modules to compare there (``example_inputs``, ``outputs``, ``converted_modules``,
+``dense_counterpart``) and
+(5) how to rebuild the dense skeleton from plain data (``describe`` / ``rebuild``) so a saved MoE loads without its
+source checkpoint.
 """
 
 from __future__ import annotations
@@ -57,6 +59,23 @@ class Adapter:
 
     def install(self, model: nn.Module, site: FFNSite, moe: MoE) -> None:
         set_submodule(model, site.name, MoEFFN(moe))
+
+    def converted_modules(self, model: nn.Module) -> list[str]:
+        """Names of the modules a conversion replaced, in forward order: what ``upcycle.verify`` compares, layer by
+        layer, with the dense model's module of the same name. By default the converted FFN sites on record."""
+        record = getattr(model, "upcycle_record", None) or {}
+        return list(record.get("layers", {}))
+
+    def dense_counterpart(self, dense_model: nn.Module, name: str) -> nn.Module:
+        """The dense computation that the converted module ``name`` replaced, callable as it is: by default the
+        dense model's module of the same name."""
+        try:
+            return dense_model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"the dense model has no module {name!r}, which the conversion replaced: compare with the model that "
+                "was converted (for D2DMoE attention projections, the one whose projections are already MLPs)"
+            ) from None
 
     def example_inputs(self, model: nn.Module, batch: int = 2, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError

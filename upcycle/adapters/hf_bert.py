@@ -43,3 +43,8 @@ class HFBertAdapter(HFAdapterMixin, Adapter):
         layer_name = site.name.rpartition(".")[0]
         set_submodule(model, site.name, MoEFFN(moe))
         set_submodule(model, f"{layer_name}.output.dense", nn.Identity())
+
+    def dense_counterpart(self, dense_model: nn.Module, name: str) -> nn.Module:
+        """The MoE at ``intermediate`` stands for ``intermediate`` then ``output.dense`` (d -> h -> d)."""
+        layer = super().dense_counterpart(dense_model, name.rpartition(".")[0])
+        return nn.Sequential(layer.intermediate, layer.output.dense)

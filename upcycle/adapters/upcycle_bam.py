@@ -8,7 +8,7 @@ from torch import nn
 
 from ..recycling.dense_ffn import DenseFFN
 from .base import Adapter, FFNSite, register_adapter
-from .hf_common import HFAdapterMixin, is_hf_model
+from .hf_common import HFAdapterMixin, base_prefix, is_hf_model
 
 CLASSES = ("UpcycleBAMForCausalLM", "UpcycleBAMModel")
 
@@ -27,3 +27,9 @@ class UpcycleBAMAdapter(HFAdapterMixin, Adapter):
 
     def read_ffn(self, model: nn.Module, site: FFNSite) -> DenseFFN:
         raise ValueError("a BAM model has no dense FFN to read: its FFNs are MoE layers already")
+
+    def converted_modules(self, model: nn.Module) -> list[str]:
+        """Every block's Mixture of Attention and MoE: each replaces the seed's attention and MLP of the same name."""
+        prefix = base_prefix(model)
+        count = len(self.base(model).layers)
+        return [f"{prefix}layers.{i}.{part}" for i in range(count) for part in ("self_attn", "mlp")]
