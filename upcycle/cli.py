@@ -20,7 +20,7 @@ EXAMPLES = """\
 examples:
   upcycle demo                                        the main job on real checkpoints (~10 min on 2 cores)
   upcycle convert SOURCE --experts 8 --top-k 2 --out DIR
-  upcycle verify DIR --against SOURCE                 max |moe - dense|, exit 1 above --atol
+  upcycle verify DIR --against SOURCE                 max |moe - dense| end to end and per layer
   upcycle train DIR --data shakespeare --steps 200 --out RUN
   upcycle export RUN/model --format mixtral --out HF_DIR
   upcycle run recipes/moefication_minilm.yaml         a whole paper pipeline from one recipe
@@ -86,10 +86,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     moe = load(args.directory)
     dense = load_source(args.against, checkpoint=args.checkpoint, allow_pickle=args.allow_pickle)
-    diff = verify(moe, dense, seed=args.seed)
-    ok = diff <= args.atol
-    print(f"max |moe - dense| = {diff:.3e} ({'within' if ok else 'ABOVE'} atol {args.atol:g})")
-    return 0 if ok else 1
+    result = verify(moe, dense, seed=args.seed)
+    ok_end = result.end_to_end <= args.atol
+    print(f"max |moe - dense| = {result.end_to_end:.3e} end to end ({'within' if ok_end else 'ABOVE'} atol "
+          f"{args.atol:g})")  # fmt: skip
+    ok_layers = all(value <= args.rtol for value in result.per_layer.values())  # NaN fails
+    if result.per_layer:  # LayerScale models hide a wrong FFN end to end; its own output shows it
+        print(
+            f"worst layer {result.worst_layer}: max |moe - dense| / max |dense| = {result.worst_relative:.3e} "
+            f"({'within' if ok_layers else 'ABOVE'} rtol {args.rtol:g}; {len(result.per_layer)} layers compared)"
+        )
+    return 0 if ok_end and ok_layers else 1
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -318,10 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_flags(convert)
     convert.set_defaults(func=_cmd_convert)
 
-    verify = commands.add_parser("verify", help="max |moe - dense| of a converted model; exit 1 above --atol")
+    verify = commands.add_parser(
+        "verify", help="max |moe - dense| end to end and per converted layer; exit 1 above --atol or --rtol"
+    )
     verify.add_argument("directory", help="a directory written by upcycle convert / upcycle.save")
     verify.add_argument("--against", required=True, help="the dense SOURCE to compare with")
-    verify.add_argument("--atol", type=float, default=1e-4, help="tolerance (default 1e-4)")
+    verify.add_argument("--atol", type=float, default=1e-4, help="end-to-end tolerance on the outputs (default 1e-4)")
+    verify.add_argument(
+        "--rtol", type=float, default=1e-4,
+        help="per-layer tolerance: each converted layer's max |moe - dense| / max |dense| on the same input "
+        "(default 1e-4, for fp32)",
+    )  # fmt: skip
     verify.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     _source_flags(verify)
     verify.set_defaults(func=_cmd_verify)
