@@ -127,8 +127,10 @@ def smollm2_job(out: Path, scale: DemoScale, step: Steps, progress: bool) -> dic
     moe = upcycle.convert(dense, "sparse_upcycling", num_experts=scale.experts, top_k=scale.top_k, progress=progress)
     held_out = HeldOut(moe, "shakespeare", "test", scale.eval_sequences, scale.finetune["seq_len"])
     sample_batch = next(iter(held_out.batches(1)))
-    max_abs_diff = upcycle.verify(moe, dense, {"input_ids": sample_batch["input_ids"][:4]})
-    print(f"      max |moe - dense| on held-out text: {max_abs_diff:.2e}")
+    check = upcycle.verify(moe, dense, {"input_ids": sample_batch["input_ids"][:4]})
+    max_abs_diff = check.end_to_end
+    print(f"      max |moe - dense| on held-out text: {max_abs_diff:.2e} (worst layer {check.worst_layer}: "
+          f"{check.worst_relative:.1e} of its output)")  # fmt: skip
     del dense
     step(f"held-out perplexity before fine-tuning ({scale.eval_sequences} sequences of unseen plays)")
     before = held_out.metric(moe)
