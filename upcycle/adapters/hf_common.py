@@ -36,6 +36,10 @@ class HFAdapterMixin:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def outputs(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        if getattr(model.config, "use_cache", None) and "use_cache" not in inputs:
+            # no KV cache: nothing reads it, and upcycle.verify reruns dense layers on the converted layers'
+            # arguments, which would append the dense keys to the converted model's cache
+            inputs = {**inputs, "use_cache": False}
         out = model(**inputs)
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
