@@ -36,12 +36,14 @@ def balanced_kmeans(points: torch.Tensor, clusters: int, iterations: int, genera
 
     Spherical k-means (cosine similarity to L2-normalised centroids) with a balanced assignment step: in rounds,
     every unassigned point proposes to its most similar cluster that still has room, and each cluster accepts its
-    most similar proposers up to its remaining room.
+    most similar proposers up to its remaining room. Seeded k-means++ style (each next centroid drawn with
+    probability proportional to its squared cosine distance from the nearest chosen one): with uniformly drawn
+    seeds, two centroids often start in one true group and the balanced assignment cannot separate them again.
     """
     h = points.shape[0]
     size = h // clusters
     points = F.normalize(points.float(), dim=-1)
-    centroids = points[torch.randperm(h, generator=generator)[:clusters]].clone()
+    centroids = _spread_seeds(points, clusters, generator)
     assignment = torch.full((h,), -1, dtype=torch.long)
     for _ in range(iterations):
         new_assignment = _balanced_assign(points @ centroids.T, size)
@@ -51,6 +53,19 @@ def balanced_kmeans(points: torch.Tensor, clusters: int, iterations: int, genera
         sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
         centroids = F.normalize(sums, dim=-1)
     return torch.stack([torch.nonzero(assignment == c).squeeze(1) for c in range(clusters)])
+
+
+def _spread_seeds(points: torch.Tensor, clusters: int, generator: torch.Generator) -> torch.Tensor:
+    """``clusters`` of the unit-norm ``points [h, d]`` as initial centroids, k-means++ on the cosine distance."""
+    chosen = [int(torch.randint(points.shape[0], (1,), generator=generator))]
+    distance = (1 - points @ points[chosen[0]]).clamp_min(0)  # [h] to the nearest chosen centroid
+    for _ in range(clusters - 1):
+        weights = distance.square()
+        if weights.sum() <= 0:  # every point coincides with a chosen one: take any point not chosen yet
+            weights = torch.ones_like(distance).index_fill_(0, torch.tensor(chosen), 0)
+        chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
+        distance = torch.minimum(distance, (1 - points @ points[chosen[-1]]).clamp_min(0))
+    return points[chosen].clone()
 
 
 def _balanced_assign(similarity: torch.Tensor, size: int) -> torch.Tensor:
