@@ -59,6 +59,35 @@ def test_distillation_lowers_every_module_error():
     assert all(torch.equal(untouched[k], v) for k, v in model.state_dict().items() if k in untouched)
 
 
+@torch.no_grad()
+def exact_mlp(mlp: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """A ReLU MLP of width 2·o that computes the Linear (weight [o, i], bias [o]): relu(z) - relu(-z) = z."""
+    o = weight.shape[0]
+    mlp.fc1.weight.copy_(torch.cat([weight, -weight]))
+    mlp.fc1.bias.copy_(torch.cat([bias, -bias]))
+    mlp.fc2.weight.copy_(torch.cat([torch.eye(o), -torch.eye(o)], dim=1))
+    mlp.fc2.bias.zero_()
+
+
+def test_each_mlp_is_distilled_towards_its_own_projection():
+    """Q, K, V are the first, second and last third of timm's fused qkv output: MLPs that compute exactly Q, K, V
+    and O have zero distillation error, so a target taken from the wrong third (Q and V swapped) shows."""
+    dense = build("vit")
+    model = replace_attention_projections(copy.deepcopy(dense), hidden=2 * 48)
+    for block, teacher in zip(model.blocks, dense.blocks, strict=True):
+        w, b = teacher.attn.qkv.weight.chunk(3), teacher.attn.qkv.bias.chunk(3)
+        for i, part in enumerate("qkv"):
+            exact_mlp(getattr(block.attn.qkv, part), w[i], b[i])
+        exact_mlp(block.attn.proj, teacher.attn.proj.weight, teacher.attn.proj.bias)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(model(x), dense(x), atol=1e-4, rtol=1e-4)
+    report = distill_attention_projections(model, dense, "digits", steps=0, batch_size=4, progress=False)
+    assert len(report) == 8
+    for name, errors in report.items():
+        assert errors["before"] < 1e-8 and errors["after"] == errors["before"], (name, errors)
+
+
 def test_neuron_split_with_all_experts_equals_the_mlp_projection_model():
     _, model = mlp_projections()
     moe = upcycle.convert(model, "neuron_split", num_experts=4, top_k=4, layers="all", progress=False)

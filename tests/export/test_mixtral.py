@@ -28,6 +28,15 @@ def test_round_trip(layout, tmp_path):
     assert note["convert"]["method"] == "sparse_upcycling"
 
 
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_top_k_is_exported(top_k, tmp_path):
+    """num_experts_per_tok carries the router's k: without it a top-1 model would load routing top-2 (the default)."""
+    model = converted(top_k=top_k)
+    out = export_mixtral(model, tmp_path / "mixtral")
+    assert json.loads((out / "config.json").read_text())["num_experts_per_tok"] == top_k
+    assert_round_trip(model, out, "MixtralForCausalLM")
+
+
 def test_layouts_name_tensors_as_documented(tmp_path):
     model = converted()
     legacy = tensor_names(export_mixtral(model, tmp_path / "legacy"))

@@ -56,6 +56,15 @@ def test_partial_conversion(layers, dense, tmp_path):
     assert f"model.layers.{dense[0]}.mlp.down_proj.weight" in tensor_names(out)
 
 
+@pytest.mark.parametrize(("top_k", "renormalize"), [(1, True), (3, False)])
+def test_top_k_is_exported(top_k, renormalize, tmp_path):
+    """num_experts_per_tok carries the router's k (Qwen2-MoE's default is 4)."""
+    model = converted(top_k=top_k, router_renormalize=renormalize)
+    out = export_qwen2_moe(model, tmp_path / "qwen")
+    assert (read_config(out)["num_experts_per_tok"], read_config(out)["norm_topk_prob"]) == (top_k, renormalize)
+    assert_round_trip(model, out, "Qwen2MoeForCausalLM")
+
+
 def test_without_renormalisation(tmp_path):
     model = converted(router_renormalize=False)
     out = export_qwen2_moe(model, tmp_path / "qwen")

@@ -76,6 +76,25 @@ def test_sampler_splits_global_batches_across_processes_and_resumes():
         ResumableBatchSampler(4, 8, seed=0)
 
 
+def epoch_orders(sampler: ResumableBatchSampler, epochs: int) -> list[list[int]]:
+    """The example order of each of the next ``epochs`` epochs (one process, no accumulation)."""
+    return [[i for _ in range(sampler.steps_per_epoch) for i in sampler.next_step()[0]] for _ in range(epochs)]
+
+
+def test_sampler_draws_a_new_order_every_epoch_from_seed_and_epoch():
+    orders = epoch_orders(ResumableBatchSampler(12, 4, seed=5), 4)
+    assert all(sorted(order) == list(range(12)) for order in orders)  # every epoch visits every example once
+    assert len({tuple(order) for order in orders}) == 4  # and in a different order
+    assert orders == epoch_orders(ResumableBatchSampler(12, 4, seed=5), 4)  # deterministic
+    assert orders[0] != epoch_orders(ResumableBatchSampler(12, 4, seed=6), 1)[0]  # the seed matters
+    resumed = ResumableBatchSampler(12, 4, seed=5)
+    resumed.load_state_dict({"epoch": 2, "step_in_epoch": 0})  # resuming at epoch 2 replays epoch 2's order
+    assert epoch_orders(resumed, 2) == orders[2:]
+    middle = ResumableBatchSampler(12, 4, seed=5)
+    middle.load_state_dict({"epoch": 1, "step_in_epoch": 1})  # and mid-epoch, the rest of it
+    assert [i for _ in range(2) for i in middle.next_step()[0]] == orders[1][4:]
+
+
 def test_freeze_stages():
     moe = upcycle.convert(build("llama"), "sparse_upcycling", num_experts=2, top_k=1, progress=False)
     apply_freeze(moe, "all_but_routers")
