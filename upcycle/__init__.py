@@ -1,7 +1,7 @@
 """upcycle: turn dense pretrained checkpoints into Mixture-of-Experts models.
 
     moe = upcycle.convert(model, method="sparse_upcycling", num_experts=8, top_k=2)
-    diff = upcycle.verify(moe, model)            # max |moe(x) - dense(x)|
+    check = upcycle.verify(moe, model)           # max |moe(x) - dense(x)|, and per layer: check.passed()
     upcycle.save(moe, "out/"); moe = upcycle.load("out/")
     bam = upcycle.merge([seed, *branches], method="bam")   # BAM / BTX: dense LMs -> one MoE
 
