@@ -7,6 +7,7 @@ override it.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -14,6 +15,7 @@ import yaml
 
 from . import __version__
 from .bench import BENCHMARKS
+from .errors import UserError, positive_finite
 from .export import FORMATS
 
 EXAMPLES = """\
@@ -59,9 +61,13 @@ def _recipe_overrides(args: argparse.Namespace) -> dict:
     keys = ["method", "num_experts", "top_k", "backend", "seed", "router_type", "router_init", "router_init_std",
             "router_renormalize", "router_capacity_factor", "router_slots_per_expert"]  # fmt: skip
     overrides = {key: getattr(args, key) for key in keys}
+    positive_finite(args.router_init_std, "--router-init-std")
     if args.layers is not None:
         named = ("all", "every_other", "last_half")
-        overrides["layers"] = args.layers if args.layers in named else [int(i) for i in args.layers.split(",")]
+        indices = args.layers.split(",")
+        if args.layers not in named and not all(i.strip().isdigit() for i in indices):
+            raise UserError(f"--layers takes {', '.join(named)} or comma-separated FFN indices, got {args.layers!r}")
+        overrides["layers"] = args.layers if args.layers in named else [int(i) for i in indices]
     overrides.update(_key_values(args.set))
     return overrides
 
@@ -100,8 +106,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from .atomic import check_not_overlapping
     from .export import export, load
 
+    check_not_overlapping(args.out, args.directory, args.overwrite)
     options = {"layout": args.layout} if args.layout else {}
     path = export(load(args.directory), args.out, format=args.format, overwrite=args.overwrite, **options)
     print(f"wrote {path} ({args.format})")
@@ -137,16 +145,21 @@ def _key_values(items: list[str]) -> dict:
     values = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        values[key] = yaml.safe_load(value)  # numbers, booleans and strings as YAML reads them
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            values[key] = yaml.safe_load(value)  # numbers, booleans and strings as YAML reads them
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: {value!r} is not a YAML value (quote it: --set 'k=[1, 2]')") from None
     return values
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .atomic import check_not_overlapping
     from .sources import load_source
     from .train import train
 
+    check_not_overlapping(args.out, args.directory, overwrite=True)  # the run replaces OUT/model
     model = load_source(args.directory)
     summary = train(model, args.config, args.out, resume=args.resume, **_train_overrides(args))
     _print_summary(summary)
@@ -307,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"upcycle {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     convert = commands.add_parser(
@@ -441,12 +455,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit 0 on success, 2 for bad input, 1 for a failed run, 130 on Ctrl-C.
+
+    Errors are one to three lines on stderr that say what to change; ``--debug`` shows the traceback instead.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as error:
-        print(f"upcycle: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("upcycle: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        message, code = describe_error(error)
+        print(f"upcycle: error: {message}", file=sys.stderr)
+        return code
+
+
+def describe_error(error: Exception) -> tuple[str, int]:
+    """The message and exit code of an error: bad input (``UserError`` and the library's ``ValueError``, a missing
+    or existing path) exits 2; a failure of the machine (a read-only folder, a full disk) or of the run exits 1."""
+    from .errors import UserError
+
+    if isinstance(error, UserError):
+        return str(error), error.exit_code
+    if isinstance(error, ValueError | FileExistsError | FileNotFoundError):
+        return str(error), 2
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        reason = error.strerror or str(error)
+        hint = {errno.ENOSPC: "free some space or choose another output directory",
+                errno.EACCES: "choose an output directory you can write to",
+                errno.EROFS: "choose an output directory on a writable file system"}.get(error.errno, "")  # fmt: skip
+        return f"{reason}{where}" + (f"; {hint}" if hint else ""), 1
+    lines = str(error).strip().splitlines()[:3] or [""]
+    return f"{type(error).__name__}: " + "\n".join(lines) + "\n(rerun with --debug for the traceback)", 1
 
 
 if __name__ == "__main__":

@@ -12,17 +12,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import UserError, yaml_mapping
+
 LayerSelection = Literal["all", "every_other", "last_half"] | list[int]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: YAML's `true` is not an integer and "1e-3" is not a float (an int still passes for a float); no NaN or
+    # Inf anywhere, so a typo such as `lr: .inf` fails here rather than as NaN weights at the end of a run
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class RouterConfig(StrictModel):
     type: Literal["topk", "soft"] = Field("topk", description="token-choice top-k, or Soft MoE slots")
     init: Literal["zero", "normal"] = Field("normal", description="router weight init (top-k)")
-    init_std: float = Field(0.02, ge=0, description="std of the normal router init")
+    init_std: float = Field(0.02, gt=0, description="std of the normal router init")
     renormalize: bool = Field(True, description="divide the top-k weights by their sum (Mixtral); False: Switch/BAM")
     noise_std: float = Field(0.0, ge=0, description="Gaussian logit noise, training only")
     capacity_factor: float | None = Field(None, gt=0, description="per-expert capacity = factor·t·k/e; None: no limit")
@@ -83,10 +87,10 @@ def load_convert_config(source: str | Path | dict | ConvertConfig | None = None,
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of recipe keys, got {type(data).__name__}")
+        data = yaml_mapping(path, "config")
         data = data.get("convert", data)
+        if not isinstance(data, dict):
+            raise UserError(f"the convert section of {path} must be a mapping of keys, got {type(data).__name__}")
     else:
         data = dict(source or {})
     fields = set(ConvertConfig.model_fields)
@@ -105,7 +109,7 @@ def load_convert_config(source: str | Path | dict | ConvertConfig | None = None,
     try:
         return ConvertConfig(**data, router=router, options=options)
     except ValidationError as error:
-        raise ValueError(explain(error)) from None
+        raise UserError(explain(error)) from None
 
 
 def explain(error: ValidationError, what: str = "conversion config", whole: str = "config") -> str:
@@ -113,7 +117,9 @@ def explain(error: ValidationError, what: str = "conversion config", whole: str 
     lines = [f"invalid {what}:"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or whole
-        lines.append(f"  {where}: {item['msg']}")
+        given, scalar = item.get("input"), isinstance(item.get("input"), bool | int | float | str)
+        got = f", got {given!r}" if scalar and item["type"] != "value_error" else ""
+        lines.append(f"  {where}: {item['msg']}{got}")
     return "\n".join(lines)
 
 
@@ -177,6 +183,12 @@ class TrainConfig(StrictModel):
         "ddp", description="under torchrun: ddp replicates the model, fsdp shards it (large LMs)"
     )
 
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_from_yaml(cls, value):
+        # YAML has lists, not tuples; strict mode would refuse [0.9, 0.95]
+        return tuple(value) if isinstance(value, list) else value
+
     @model_validator(mode="after")
     def _check(self):
         if (self.steps is None) == (self.epochs is None):
@@ -211,8 +223,11 @@ def load_train_config(source: str | Path | dict | TrainConfig | None = None, **o
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        data = dict(loaded.get("train", loaded))
+        loaded = yaml_mapping(path, "config")
+        data = loaded.get("train", loaded)
+        if not isinstance(data, dict):
+            raise UserError(f"the train section of {path} must be a mapping of keys, got {type(data).__name__}")
+        data = dict(data)
     else:
         data = dict(source or {})
     aux = dict(data.pop("aux", {}) or {})
@@ -226,7 +241,7 @@ def load_train_config(source: str | Path | dict | TrainConfig | None = None, **o
     try:
         return TrainConfig(**data, aux=aux)
     except ValidationError as error:
-        raise ValueError(explain(error, "training config")) from None
+        raise UserError(explain(error, "training config")) from None
 
 
 def stage_defaults(defaults: dict, given: dict) -> dict:
@@ -245,13 +260,13 @@ def load_recipe_section(source, section: str, model: type[BaseModel], what: str,
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"recipe {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        source = loaded.get(section, loaded) if isinstance(loaded, dict) else loaded
+        loaded = yaml_mapping(path)
+        source = loaded.get(section, loaded)
     if source is None and empty_ok:
         source = {}
     if not isinstance(source, dict):
-        raise ValueError(f"a {what} is a mapping of settings, got {type(source).__name__}")
+        raise UserError(f"a {what} is a mapping of settings, got {type(source).__name__}")
     try:
         return model(**source)
     except ValidationError as error:
-        raise ValueError(explain(error, what, whole="recipe")) from None
+        raise UserError(explain(error, what, whole="recipe")) from None

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, find_adapter, get_adapter
 from .config import ConvertConfig, LayerSelection, load_convert_config
+from .errors import check_finite
 from .layers import describe_moe, moe_layers
 from .recycling import get_method
 
@@ -86,6 +87,8 @@ def convert(
         "layers": layers,
     }
     target.upcycle_record = json_pure(record)
+    check_finite(target.state_dict().items(), "the converted model",
+                 f"check the {cfg.method} options (a scale or std too large?)")  # fmt: skip
     return target
 
 
@@ -137,11 +140,14 @@ def convert_source(
 
     ``stream``: convert a Llama-family safetensors directory tensor by tensor without loading it (larger than RAM).
     """
+    from .atomic import check_not_overlapping
     from .export import save
     from .sources import load_source
     from .verify import verify
 
     out = Path(out)
+    load_convert_config(config, **overrides)  # a bad recipe fails before the source is read
+    check_not_overlapping(out, source, overwrite)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     if stream:

@@ -22,11 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError
 from torch import nn
 
 from .config import StrictModel, explain
+from .errors import UserError, yaml_mapping
 
 PIPELINES = ("d2dmoe", "bam", "convert")
 PRETRAINED = "pretrained:"
@@ -52,16 +52,18 @@ def load_run_recipe(path: str | Path) -> tuple[RunSection, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
-    recipe = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(recipe, dict) or "run" not in recipe:
-        raise ValueError(f"{path} has no 'run' section (source, and optionally pretrain / finetune / export)")
+    recipe = yaml_mapping(path)
+    if "run" not in recipe:
+        raise UserError(f"{path} has no 'run' section (source, and optionally pretrain / finetune / export)")
     pipelines = [name for name in PIPELINES if name in recipe]
     if len(pipelines) != 1:
-        raise ValueError(f"{path} must hold exactly one of the sections {', '.join(PIPELINES)}; found {pipelines}")
+        raise UserError(f"{path} must hold exactly one of the sections {', '.join(PIPELINES)}; found {pipelines}")
+    if not isinstance(recipe["run"], dict):
+        raise UserError(f"the run section of {path} must be a mapping of keys, got {type(recipe['run']).__name__}")
     try:
         return RunSection(**recipe["run"]), recipe
     except ValidationError as error:
-        raise ValueError(explain(error, f"run section of {path.name}")) from None
+        raise UserError(explain(error, f"run section of {path.name}")) from None
 
 
 def pretrained_dir(preset: str, run: RunSection, progress: bool) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import errors
 from .atomic import atomic_directory
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -50,7 +51,7 @@ def load_source(source: str | Path, checkpoint: str | Path | None = None, allow_
 
             return load(path)
         model = load_hf_directory(path, allow_pickle)
-    check_finite(model)
+    check_finite(model, f"the source {source}")
     return model.eval()
 
 
@@ -65,10 +66,8 @@ def is_upcycle_directory(path: Path) -> bool:
         return False
 
 
-def check_finite(model: nn.Module) -> None:
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"source weight {name} contains NaN or Inf; the checkpoint is corrupt")
+def check_finite(model: nn.Module, what: str = "the source") -> None:
+    errors.check_finite(model.state_dict().items(), what, "the checkpoint is corrupt; re-download or re-save it")
 
 
 def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

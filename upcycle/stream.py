@@ -48,6 +48,7 @@ from .adapters.base import FFNSite
 from .atomic import atomic_directory
 from .config import ConvertConfig, load_convert_config
 from .convert import RECORD_VERSION, select_layers
+from .errors import check_finite
 from .export.saving import build_skeleton, write_record
 from .export.shards import INDEX, SINGLE, ShardWriter, shard_files
 from .layers import MoE, describe_moe
@@ -309,6 +310,9 @@ def stream_tensors(
             outputs = {f"{step.name}.moe.{name}": tensor for name, tensor in moe.state_dict().items()}
             layer_bytes = sum(tensor.numel() * tensor.element_size() for tensor in outputs.values())
             del moe  # reference counting frees it (no cycles): no gc.collect, which costs ~0.25 s a call here
+        # the dense FFNs are checked as they are read; everything else is copied through, so check it here
+        check_finite(outputs.items(), f"the source {checkpoint.directory}", "the checkpoint is corrupt; nothing was "
+                     "written")  # fmt: skip
         for name, tensor in outputs.items():
             writer.add(name, tensor)
             written[name] = (tuple(tensor.shape), tensor.dtype)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .saving import load, save
+from ..errors import UserError, check_finite
+from .saving import NOT_SAVED, load, save
 
 FORMATS = ("mixtral", "qwen2_moe", "timm", "bam")
 
@@ -15,6 +16,11 @@ def export(model: nn.Module, directory: str | Path, format: str, overwrite: bool
     """Write ``model`` where its ecosystem loads it: ``mixtral`` / ``qwen2_moe`` (transformers
     ``AutoModelForCausalLM.from_pretrained``), ``timm`` (``timm.create_model("local-dir:DIR")``) or ``bam``
     (upcycle's BAM model class, through transformers' Auto classes once upcycle is imported)."""
+    if format not in FORMATS:
+        raise UserError(f"unknown export format {format!r}; choose one of {list(FORMATS)}")
+    if options.get("layout") is not None and format != "mixtral":
+        raise UserError(f"--layout chooses the mixtral tensor layout; drop it for --format {format}")
+    check_finite(model.state_dict().items(), "the model to export", NOT_SAVED)
     if format == "mixtral":
         from .mixtral import export_mixtral
 

@@ -24,11 +24,13 @@ from ..adapters import get_adapter
 from ..adapters.base import FFNSite
 from ..atomic import atomic_directory
 from ..convert import RECORD_VERSION, ensure_record, sync_router_specs
+from ..errors import UserError, check_finite
 from ..layers import build_moe
 from .shards import ShardWriter, read_weights
 from .tokenizer_files import copy_tokenizer_files
 
 CONFIG, RECIPE = "config.json", "recipe.yaml"
+NOT_SAVED = "nothing was written (a model with NaN / Inf weights would load but compute NaN)"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
@@ -37,6 +39,7 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False,
     record = ensure_record(model)
     sync_router_specs(model)
     check_rebuild(model)
+    check_finite(model.state_dict().items(), "the model to save", NOT_SAVED)
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as staging:
         with ShardWriter(staging, max_shard_bytes) as writer:
@@ -96,8 +99,12 @@ def read_record(directory: str | Path) -> dict:
         record = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path} is not valid JSON ({error}); the directory is damaged") from None
-    if record.get("version") != RECORD_VERSION or "adapter" not in record:
-        raise ValueError(f"{config_path} is not an upcycle record of version {RECORD_VERSION}")
+    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
+        raise UserError(f"{config_path} is not an upcycle record of version {RECORD_VERSION}")
+    missing = [key for key in ("adapter", "source", "layers") if not isinstance(record.get(key), dict | str)]
+    if missing:
+        raise UserError(f"{config_path} lacks {', '.join(missing)} of an upcycle record; the directory is damaged: "
+                        "convert or save the model again")  # fmt: skip
     return record
 
 
@@ -115,6 +122,7 @@ def load(directory: str | Path) -> nn.Module:
     directory = Path(directory)
     record = read_record(directory)
     state = read_weights(directory)
+    check_finite(state.items(), f"the model in {directory}", "the directory is damaged; convert or train it again")
     model = build_skeleton(record)
     load_weights(model, state, directory)
     model.upcycle_origin = str(directory)

@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..errors import check_finite
+
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
@@ -34,6 +36,7 @@ class ShardWriter:
             self.close()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        check_finite([(name, tensor)], "the model to write", "nothing was written")
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_shard_bytes:
             self._flush()

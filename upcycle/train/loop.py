@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import adapter_of
 from ..config import TrainConfig, load_train_config, to_yaml
+from ..errors import RunFailed, first_non_finite
 from ..export.saving import load_weights
 from ..layers import collect_aux_losses
 from . import distributed, sharding
@@ -36,8 +37,23 @@ from .stages import EMA, apply_freeze
 from .tasks import make_task
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(RunFailed, RuntimeError):
+    """The loss or the weights became NaN / Inf; the run stops before saving them (still a RuntimeError, as before)."""
+
+
+def check_weights(model: nn.Module, step: int, checkpoints: Path) -> None:
+    """Refuse to checkpoint or save weights that an update made non-finite (the loss of the step was still finite).
+
+    Sharded (FSDP) weights are checked by ``save`` once gathered: each process here holds a different shard, and
+    one process stopping alone would leave the others waiting."""
+    if sharding.is_sharded(model):
+        return
+    bad = first_non_finite(model.state_dict().items())
+    if bad:
+        raise TrainingDiverged(
+            f"the weights became NaN or Inf at step {step} ({', '.join(bad)}); nothing was saved for it and the last "
+            f"good checkpoint in {checkpoints} is kept (lower --lr, --set grad_clip=1.0, or check the data)"
+        )
 
 
 def seed_step(seed: int, step: int, rank: int) -> torch.Generator:
@@ -156,7 +172,7 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
         if not math.isfinite(step_metrics["loss"]):
             raise TrainingDiverged(
                 f"the loss became {step_metrics['loss']} at step {step + 1}; the last good checkpoint in "
-                f"{checkpoints} is kept (lower --lr, use --grad-clip, or check the data)"
+                f"{checkpoints} is kept (lower --lr, --set grad_clip=1.0, or check the data)"
             )
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -179,6 +195,7 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
             log.log(done, "val", _evaluate(model, task, val_set, cfg, context, autocast))
         if cfg.checkpoints and (done % cfg.checkpoint_every == 0 or done == total):
+            check_weights(model, done, checkpoints)
             if context.is_main or sharding.is_sharded(model):  # gathering shards takes every process
                 model_state = sharding.full_model_state(model)
                 trainer = {"optimizer": sharding.full_optimizer_state(model, optimizer),
@@ -188,6 +205,7 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
                                 cfg.keep_checkpoints)  # fmt: skip
             distributed.barrier(context)
 
+    check_weights(model, total, checkpoints)  # also when checkpoints are off: the final model is saved below
     for hooks in (sparsity, router_fit):
         if hooks is not None:
             hooks.close()

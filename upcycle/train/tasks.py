@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+
 
 class ImageClassification:
     metric = "accuracy"
@@ -167,7 +169,28 @@ def _tokenizer_for(model: nn.Module):
 TASKS = {"image_classification": ImageClassification, "causal_lm": CausalLM, "encoder": SequenceClassification}
 
 
+# the dataset option each task passes, which only datasets of the right kind take
+DATA_KIND = {"image_classification": ("image_size", "image"), "causal_lm": ("tokenizer", "text"),
+             "encoder": ("tokenizer", "text")}  # fmt: skip
+
+
 def make_task(model: nn.Module, adapter, config):
     if adapter.task not in TASKS:
         raise ValueError(f"training {adapter.task} models is not supported yet; supported: {sorted(TASKS)}")
+    check_data_kind(adapter.task, config.data)
     return TASKS[adapter.task](model, adapter, config)
+
+
+def check_data_kind(task: str, data: str) -> None:
+    """Refuse a dataset of the wrong kind (text for a vision model, images for an LM) before anything loads."""
+    from ..data.registry import UnknownDatasetError, dataset_options, list_datasets
+
+    option, kind = DATA_KIND[task]
+    try:
+        fits = option in dataset_options(data)
+    except UnknownDatasetError:
+        return  # named in the error the loader raises
+    if not fits:
+        names = [name for name in list_datasets() if option in dataset_options(name)]
+        raise UserError(f"{task.replace('_', ' ')} models train on {kind} datasets and {data!r} is not one; "
+                        f"choose one of {', '.join(names)}")  # fmt: skip
