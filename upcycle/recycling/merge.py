@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 from pydantic import Field, ValidationError
 from torch import nn
 
 from ..adapters import get_adapter
 from ..adapters.hf_common import rope_parameters
 from ..config import StrictModel, explain
+from ..errors import UserError, yaml_mapping
 from ..layers import Experts, MoE, TopKRouter, describe_moe, moe_layers
 from ..layers.routers import SoftAttentionRouter
 from .upcycle import experts_for, fill_expert
@@ -61,15 +61,17 @@ def load_merge_config(source: MergeConfig | dict | str | Path | None = None, **o
     if isinstance(source, MergeConfig):
         data = source.model_dump()
     elif isinstance(source, (str, Path)):
-        data = yaml.safe_load(Path(source).read_text()) or {}
+        data = yaml_mapping(Path(source), "merge config")
         data = data.get("merge", data)
+        if not isinstance(data, dict):
+            raise UserError(f"the merge section of {source} must be a mapping of keys, got {type(data).__name__}")
     else:
         data = dict(source or {})
     data.update({key: value for key, value in overrides.items() if value is not None})
     try:
         return MergeConfig(**data)
     except ValidationError as error:
-        raise ValueError(explain(error, "merge config")) from None
+        raise UserError(explain(error, "merge config")) from None
 
 
 def merge(models: Sequence[nn.Module], method: str | None = None, config: MergeConfig | dict | str | Path | None = None,
