@@ -22,6 +22,7 @@ from torch import nn
 
 from . import errors
 from .atomic import atomic_directory
+from .errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -37,7 +38,7 @@ def load_source(source: str | Path, checkpoint: str | Path | None = None, allow_
     if source.startswith("timm:"):
         model = load_timm(source[len("timm:") :], checkpoint, allow_pickle, timm_kwargs or {})
     elif checkpoint is not None:
-        raise ValueError("--checkpoint goes with a timm:ARCH source only")
+        raise UserError("--checkpoint goes with a timm:ARCH source only")
     elif source.endswith(".gguf"):
         model = load_hf_directory(cache_gguf(source))
     else:
@@ -45,7 +46,7 @@ def load_source(source: str | Path, checkpoint: str | Path | None = None, allow_
         if not path.exists():
             raise FileNotFoundError(f"source {source} does not exist (expected a directory, a .gguf file or timm:ARCH)")
         if not path.is_dir():
-            raise ValueError(f"source {source} is a file; give a model directory, a .gguf file or timm:ARCH")
+            raise UserError(f"source {source} is a file; give a model directory, a .gguf file or timm:ARCH")
         if is_upcycle_directory(path):
             from .export import load
 
@@ -81,23 +82,23 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as error:
-            raise ValueError(f"checkpoint {path} cannot be read ({error}); it is truncated or corrupt") from None
+            raise UserError(f"checkpoint {path} cannot be read ({error}); it is truncated or corrupt") from None
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise ValueError(
+            raise UserError(
                 f"{path} is a pickle file, which can run code when loaded; convert it to safetensors or pass "
                 "--allow-pickle to read it with torch.load(weights_only=True)"
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
         return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    raise ValueError(f"checkpoint {path} has an unknown format; expected .safetensors")
+    raise UserError(f"checkpoint {path} has an unknown format; expected .safetensors")
 
 
 def load_timm(arch: str, checkpoint: str | Path | None, allow_pickle: bool, kwargs: dict) -> nn.Module:
     import timm
 
     if not timm.is_model(arch):
-        raise ValueError(f"timm has no architecture {arch!r}; see timm.list_models()")
+        raise UserError(f"timm has no architecture {arch!r}; see timm.list_models()")
     with torch.random.fork_rng():
         torch.manual_seed(0)  # a random-init source is the same model every time, so verify can rebuild it
         model = timm.create_model(arch, pretrained=False, **kwargs)
@@ -108,7 +109,7 @@ def load_timm(arch: str, checkpoint: str | Path | None, allow_pickle: bool, kwar
             model.load_state_dict(state, strict=True)
         except RuntimeError as error:
             first = str(error).strip().splitlines()[:6]
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {checkpoint} does not fit timm:{arch} {kwargs}:\n" + "\n".join(first)
             ) from None
     return model
@@ -122,21 +123,21 @@ def load_hf_directory(path: str | Path, allow_pickle: bool = False) -> nn.Module
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory: config.json is missing")
     has_safetensors = any(path.glob("*.safetensors"))
     if not has_safetensors and not allow_pickle:
-        raise ValueError(f"{path} holds no .safetensors weights; pickle weights are refused unless --allow-pickle")
+        raise UserError(f"{path} holds no .safetensors weights; pickle weights are refused unless --allow-pickle")
     try:
         config = transformers.AutoConfig.from_pretrained(path)
     except (ValueError, OSError) as error:
-        raise ValueError(f"{path}/config.json cannot be read by transformers: {error}") from None
+        raise UserError(f"{path}/config.json cannot be read by transformers: {error}") from None
     model_class = _model_class(config)
     try:
         model, info = model_class.from_pretrained(
             path, dtype=torch.float32, use_safetensors=has_safetensors, output_loading_info=True
         )
     except Exception as error:  # transformers raises many types for damaged checkpoints
-        raise ValueError(f"cannot load {path}: {type(error).__name__}: {str(error).strip()[:400]}") from None
+        raise UserError(f"cannot load {path}: {type(error).__name__}: {str(error).strip()[:400]}") from None
     problems = {key: info.get(key) for key in ("missing_keys", "mismatched_keys", "unexpected_keys") if info.get(key)}
     if problems.get("missing_keys") or problems.get("mismatched_keys"):
-        raise ValueError(f"the weights in {path} do not match its config.json: {_short(problems)}")
+        raise UserError(f"the weights in {path} do not match its config.json: {_short(problems)}")
     model.upcycle_origin = str(path)  # its tokenizer files travel with saves and exports
     return model
 
@@ -178,7 +179,7 @@ def cache_gguf(gguf_file: str | Path) -> Path:
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     except Exception as error:
-        raise ValueError(f"transformers cannot read {gguf_file}: {type(error).__name__}: {error}") from None
+        raise UserError(f"transformers cannot read {gguf_file}: {type(error).__name__}: {error}") from None
     # the weights are plain fp32 now; drop the GGUF quantizer marker so save_pretrained writes safetensors
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
