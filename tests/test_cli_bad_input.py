@@ -145,6 +145,9 @@ CASES = [
          2, "is not valid YAML"),
     Case("run recipe is a string", lambda w: ["run", w.write("run.yaml", "just text\n"), "--out", str(w.out)],
          2, "must hold a mapping of keys (key: value lines), got a str"),
+    Case("run recipe boolean for an integer", lambda w: ["run", w.write("run.yaml", "run: {source: 'timm:vit_tiny_"
+         "patch16_224'}\nconvert: {num_experts: true}\n"), "--out", str(w.out)], 2, "num_experts: Input should be a "
+         "valid integer, got True"),
     Case("d2dmoe recipe boolean for an integer", lambda w: ["d2dmoe", w.copy("vit"), "--recipe",
          w.write("d.yaml", "d2dmoe: {data: digits, num_experts: true}\n"), "--out", str(w.out)], 2,
          "num_experts: Input should be a valid integer"),

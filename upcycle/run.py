@@ -111,6 +111,7 @@ def run_recipe(path: str | Path, out: str | Path | None = None, redo: bool = Fal
     from .train import train
 
     run, recipe = load_run_recipe(path)
+    check_sections(run, recipe)
     out = Path(out or run.out or Path("runs") / Path(path).stem)
     model = load_run_source(run, progress)
     if run.finetune is not None:
@@ -130,6 +131,27 @@ def run_recipe(path: str | Path, out: str | Path | None = None, redo: bool = Fal
             summary["exported"] = export_stages(out, "mix-*", run.export)
         return {**summary, "out": str(out)}
     return {**convert_and_train(model, recipe, run, out, progress), "out": str(out)}
+
+
+def check_sections(run: RunSection, recipe: dict) -> None:
+    """Every section validated before a model is loaded or trained, so a typo fails in seconds, not after the
+    pre-training; the pipelines validate them again with the resolved model."""
+    from .config import load_convert_config, load_train_config
+
+    if run.finetune is not None:
+        load_train_config(run.finetune)
+    if "convert" in recipe:
+        load_convert_config(recipe["convert"])
+    if "train" in recipe:
+        load_train_config(recipe["train"])
+    if "d2dmoe" in recipe:
+        from .d2dmoe import load_recipe
+
+        load_recipe(recipe["d2dmoe"])
+    if "bam" in recipe:
+        from .bam import load_recipe
+
+        load_recipe(recipe["bam"])
 
 
 def export_stages(out: Path, pattern: str, format: str) -> dict[str, str | None]:
