@@ -216,3 +216,43 @@ def test_slicing_rejects_bad_indices():
         slice_expert_weights(dense, torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0, 1]]))
     with pytest.raises(ValueError, match="shape"):
         slice_expert_weights(dense, torch.tensor([[0, 1]]), torch.arange(13)[None])  # d > d_src
+
+
+def test_uniform_selection_warns_only_when_experts_share_sets():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        uniform_selection(64, 4, 16)  # four distinct offsets for four experts: nothing to warn about
+
+
+def test_weighted_graph_partition_passes_bounded_integer_edge_weights(monkeypatch):
+    """Edge weights are the counts rescaled to integers 1..1000 (METIS sums them in 32 bits); the cut follows them."""
+    import pymetis
+
+    seen = {}
+    part_graph = pymetis.part_graph
+
+    def spy(parts, **kwargs):
+        seen["eweights"] = kwargs["eweights"]
+        return part_graph(parts, **kwargs)
+
+    monkeypatch.setattr(pymetis, "part_graph", spy)
+    counts = torch.ones(8, 8)  # a complete graph: unweighted, every balanced cut costs the same
+    counts[:4, :4] = counts[4:, 4:] = 100.0  # heavy edges inside two cliques
+    for seed in range(4):
+        groups = graph_partition_sampling(counts, 2, 4, gen(seed), parts=2, weighted=True)
+        assert sorted(sorted(row.tolist()) for row in groups) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    weights = torch.tensor(seen["eweights"])
+    assert weights.numel() == 8 * 7 and weights.min() == 11 and weights.max() == 1000  # 1 + round(999 * w / max)
+    graph_partition_sampling(counts, 2, 4, gen(), parts=2)
+    assert seen["eweights"] is None  # unweighted, like the released code
+
+
+def test_graph_partition_draws_only_from_its_generator():
+    """The overshooting part's subset comes from the given generator: the global RNG does not change the result."""
+    counts, _ = planted_blocks()
+    torch.manual_seed(0)
+    first = graph_partition_sampling(counts, 4, 20, gen(3), parts=8, threshold=20)
+    torch.manual_seed(1)
+    assert torch.equal(graph_partition_sampling(counts, 4, 20, gen(3), parts=8, threshold=20), first)

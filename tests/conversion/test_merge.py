@@ -132,3 +132,11 @@ def test_bad_inputs_are_refused():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50))
     with pytest.raises(ValueError, match="Llama-style causal LMs"):
         upcycle.merge([gpt2], method="bam")
+
+
+def test_bam_config_carries_the_seeds_rope_theta_and_top_k():
+    seed = tiny_llama(rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    bam = upcycle.merge([seed, seed], method="bam", top_k=2, renormalize=True)
+    assert bam.config.rope_theta == 500.0
+    assert (bam.config.num_experts_per_tok, bam.config.norm_topk_prob, bam.config.num_local_experts) == (2, True, 2)
+    assert bam.config.parallel_attention is False

@@ -141,3 +141,15 @@ def test_bam_recipe_router_init_std_reaches_the_mixture(variant):
     mixture = merged(seed, {"shakespeare": seed, "python_code": seed}, recipe, variant)
     routers = [p for name, p in mixture.named_parameters() if "router" in name and name.endswith("weight")]
     assert abs(torch.cat([p.flatten() for p in routers]).std().item() / 0.5 - 1) < 0.15
+
+
+def test_dense_ffn_reference_applies_the_hidden_layer_norm():
+    """The reference forward normalises the hidden units over their last dim with weight, bias and eps."""
+    g = torch.Generator().manual_seed(0)
+    w_up, w_down = torch.randn(H, D, generator=g), torch.randn(D, H, generator=g)
+    weight, bias = torch.randn(H, generator=g), torch.randn(H, generator=g)
+    dense = DenseFFN(w_up=w_up, w_down=w_down, activation="relu", hidden_norm=(weight, bias, 10.0))
+    x = torch.randn(2, 3, D, generator=g)
+    hidden = torch.relu(x @ w_up.T)
+    normed = (hidden - hidden.mean(-1, keepdim=True)) / (hidden.var(-1, unbiased=False, keepdim=True) + 10.0).sqrt()
+    torch.testing.assert_close(dense.forward(x), (normed * weight + bias) @ w_down.T)

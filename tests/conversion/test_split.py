@@ -78,3 +78,9 @@ def test_random_partition_is_balanced_and_seeded():
     b = partition_hidden_units(dense, 3, "random", 1, torch.Generator().manual_seed(0))
     check_balanced(a, 12, 3)
     assert torch.equal(a, b) and not torch.equal(a.flatten(), torch.arange(12))
+
+
+def test_an_expert_count_that_does_not_divide_the_width_suggests_divisors():
+    dense = DenseFFN(w_up=torch.randn(12, 4), w_down=torch.randn(4, 12), activation="relu")
+    with pytest.raises(ValueError, match=r"5 experts do not divide the FFN hidden size 12.*\(e\.g\. 2, 3, 4, 6, 12\)"):
+        partition_hidden_units(dense, 5, "kmeans", 1, torch.Generator())
