@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PIP_VERSION := 26.3
 
-.PHONY: install lock data test test-newest lint demo bench clean
+.PHONY: install lock data test test-newest lint demo bench mutation clean
 
 install: $(VENV)/.installed
 
@@ -80,5 +80,14 @@ bench: install data
 	$(VENV)/bin/upcycle bench convert --out results
 	$(VENV)/bin/upcycle bench bam --out results
 
+# Mutation testing of recycling, export, d2dmoe, train and eval (configuration: [tool.mutmut] in pyproject.toml);
+# each mutant runs only the fast tests that executed the mutated function. Resumable: a rerun skips the mutants
+# already tried (rm -rf mutants to start over). MUTANTS narrows it, e.g. MUTANTS='upcycle.recycling.*'. Writes
+# results/mutation/mutation.json; survivors: $(VENV)/bin/mutmut results, $(VENV)/bin/mutmut show NAME.
+MUTANTS ?=
+mutation: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(or $(JOBS),2) $(MUTANTS)
+	$(PY) results/mutation/summarize.py
+
 clean:
-	rm -rf $(VENV) $(VENV)-newest $(VENV)-lock out .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(VENV)-newest $(VENV)-lock out mutants .pytest_cache .ruff_cache *.egg-info

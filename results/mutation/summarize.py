@@ -1,0 +1,102 @@
+"""Summarise a mutmut run (mutants/**/*.meta) per source folder into results/mutation/mutation.json.
+
+Run from the repository root after ``mutmut run`` (``make mutation`` does both). A mutant counts as killed when a
+test failed (or timed out: the mutation made the code loop); "survived" and "no tests" are the mutants no fast test
+caught; "not checked" are the ones the run did not reach (interrupted, or a subset was asked for).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import io
+import json
+import re
+import sys
+import tokenize
+from collections import Counter, defaultdict
+from pathlib import Path
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
+          24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "type check", -11: "segfault",
+          -9: "segfault", None: "not checked"}  # fmt: skip
+FOLDERS = ["upcycle/recycling", "upcycle/export", "upcycle/d2dmoe", "upcycle/train", "upcycle/eval"]
+D2DMOE = ("upcycle/d2dmoe/", "upcycle/recycling/d2dmoe.py")  # the D2DMoE code, counted once more on its own
+
+
+def function_sources(mutated: Path) -> dict[str, str]:
+    """Every function of a mutmut-rewritten file (originals ``*__mutmut_orig`` and mutants ``*__mutmut_N``)."""
+    text = mutated.read_text()
+    lines = text.splitlines()
+    return {node.name: "\n".join(lines[node.lineno - 1 : node.end_lineno]) for node in ast.walk(ast.parse(text))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and "__mutmut_" in node.name}  # fmt: skip
+
+
+def without_text(line: str) -> str:
+    """``line`` with the contents of its string literals blanked (f-strings included) and stacklevel dropped."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(line.strip()).readline))
+        skip = (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)
+        kept = " ".join("S" if t.type == tokenize.STRING or "FSTRING" in tokenize.tok_name[t.type] else t.string
+                        for t in tokens if t.type not in skip)  # fmt: skip
+    except (tokenize.TokenError, IndentationError, SyntaxError):  # a line of a multi-line string or call
+        kept = re.sub(r"([\"']).*?(\1|$)", "S", line)
+    text = re.sub(r"\s+", "", kept).replace("None", "S")
+    return re.sub(r"stacklevel=\d+,?", "", re.sub(r"S+", "S", text))
+
+
+def mutant_diff(sources: dict[str, str], mutant: str) -> tuple[list[str], str]:
+    """(changed lines, "message" if only prose string literals / a stacklevel changed, else "behaviour")."""
+    name = mutant.rsplit(".", 1)[-1]
+    original = sources.get(name.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", "").splitlines()
+    changed = sources.get(name, "").splitlines()
+    diff = [line for line in difflib.unified_diff(original[1:], changed[1:], lineterm="", n=0)
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))]  # fmt: skip
+    minus = "".join(without_text(line[1:]) for line in diff if line.startswith("-"))
+    plus = "".join(without_text(line[1:]) for line in diff if line.startswith("+"))
+    # text, not data: the changed literal is prose (has a space: error / warning / log wording) or a stacklevel
+    prose = any(re.search(r"([\"'])[^\"']*\s[^\"']*\1", line) or "stacklevel" in line for line in diff)
+    return [line.rstrip() for line in diff], "message" if minus == plus and prose else "behaviour"
+
+
+def folder_of(path: str) -> str:
+    return next((f for f in FOLDERS if path.startswith(f + "/")), str(Path(path).parent))
+
+
+def summary(counts: Counter) -> dict:
+    killed = counts["killed"] + counts["timeout"]
+    checked = sum(n for status, n in counts.items() if status != "not checked")
+    share = round(killed / checked, 4) if checked else None
+    return {"killed": killed, "checked": checked, "total": sum(counts.values()), "killed_share": share,
+            "by_status": dict(sorted(counts.items()))}  # fmt: skip
+
+
+def main(root: Path = Path("mutants"), out: Path = Path("results/mutation/mutation.json")) -> dict:
+    per_folder, per_file, not_killed = defaultdict(Counter), defaultdict(Counter), defaultdict(list)
+    for meta in sorted(root.glob("upcycle/**/*.py.meta")):
+        path = str(meta.relative_to(root)).removesuffix(".meta")
+        sources = function_sources(root / path)
+        for mutant, code in sorted(json.loads(meta.read_text())["exit_code_by_key"].items()):
+            status = STATUS.get(code, "suspicious")
+            for group in {folder_of(path), *(["d2dmoe code"] if path.startswith(D2DMOE) else [])}:
+                per_folder[group][status] += 1
+            per_file[path][status] += 1
+            if status in ("survived", "no tests", "suspicious", "segfault"):
+                diff, kind = mutant_diff(sources, mutant)
+                not_killed[path].append({"mutant": mutant, "status": status, "kind": kind, "diff": diff})
+    report = {
+        "tool": "mutmut", "command": "make mutation",
+        "folders": {folder: summary(counts) for folder, counts in sorted(per_folder.items())},
+        "files": {path: summary(counts) for path, counts in sorted(per_file.items())},
+        "not_killed": dict(sorted(not_killed.items())),
+    }  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    for folder, s in report["folders"].items():
+        share = "-" if s["killed_share"] is None else f"{100 * s['killed_share']:.1f}%"
+        print(f"{folder:22s} killed {s['killed']:5d} / checked {s['checked']:5d} ({share}); total {s['total']}")
+    return report
+
+
+if __name__ == "__main__":
+    main(*(Path(a) for a in sys.argv[1:]))
