@@ -109,3 +109,35 @@ def test_bad_input(predecessor, tmp_path):
                      num_key_value_heads=1)  # fmt: skip
     with pytest.raises(ValueError, match="moe_jetpack recycles vision models"):
         jetpack(lm)
+
+
+def test_the_strategy_decides_the_index_sets(predecessor):
+    """uniform: the evenly spaced sets themselves (not, e.g., importance samples) of the predecessor's 256 units."""
+    from upcycle.recycling.jetpack_sampling import uniform_selection
+
+    moe = jetpack(vit(32), predecessor, strategy="uniform", core_experts=2, universal_experts=3)
+    units = moe_layers(moe)[0][1].core_hidden_units  # [2, h]
+    assert torch.equal(units, uniform_selection(256, 2, units.shape[1]))
+
+
+def test_router_options_reach_the_sphero_router(predecessor):
+    """Every SpheroMoE switch of the recipe (and the router section's slots and noise) is the router's setting."""
+    options = {"key_projection": True, "key_norm": False, "temperatures": "one", "temperature_init": 0.25,
+               "combine": "entmax15", "router_slots_per_expert": 2, "router_noise_std": 0.125}  # fmt: skip
+    router = moe_layers(jetpack(vit(32), predecessor, core_experts=2, universal_experts=3, **options))[0][1].router
+    assert router._spec == {**router._spec, "key_projection": True, "key_norm": False, "temperatures": "one",
+                            "temperature_init": 0.25, "combine": "entmax15", "slots_per_expert": 2,
+                            "noise_std": 0.125}  # fmt: skip
+    assert router.key_projection is not None and router.log_temperature.numel() == 1
+
+
+@pytest.mark.parametrize("slot_router", ["sphero", "soft"])
+def test_router_init_comes_from_the_conversion_seed(slot_router, predecessor):
+    """The slot queries are drawn from the conversion's generator: the global RNG does not change them."""
+    queries = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        moe = jetpack(vit(32), predecessor, slot_router=slot_router, strategy="uniform", core_experts=2,
+                      universal_experts=3)  # fmt: skip
+        queries.append(moe_layers(moe)[0][1].router.slot_queries.detach().clone())
+    assert torch.equal(*queries)

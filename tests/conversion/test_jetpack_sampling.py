@@ -256,3 +256,14 @@ def test_graph_partition_draws_only_from_its_generator():
     first = graph_partition_sampling(counts, 4, 20, gen(3), parts=8, threshold=20)
     torch.manual_seed(1)
     assert torch.equal(graph_partition_sampling(counts, 4, 20, gen(3), parts=8, threshold=20), first)
+
+
+def test_zero_importance_fill_is_distinct_zero_units_from_the_generator():
+    importance = torch.zeros(64)
+    importance[::2] = 1.0  # 32 positive units
+    torch.manual_seed(0)
+    index = importance_sampling(importance, 4, 40, gen(7))
+    torch.manual_seed(1)  # the global RNG plays no part
+    assert torch.equal(importance_sampling(importance, 4, 40, gen(7)), index)
+    for row in index:
+        assert row.unique().numel() == 40 and (importance[row] == 0).sum() == 8
