@@ -267,3 +267,29 @@ def test_zero_importance_fill_is_distinct_zero_units_from_the_generator():
     assert torch.equal(importance_sampling(importance, 4, 40, gen(7)), index)
     for row in index:
         assert row.unique().numel() == 40 and (importance[row] == 0).sum() == 8
+
+
+@pytest.mark.parametrize(
+    ("index", "match"),
+    [
+        ([0, 1], "integer tensor"),  # not a tensor
+        (torch.tensor([0, 1]), "integer tensor"),  # 1-D
+        (torch.tensor([[0.0, 1.0]]), "integer tensor"),  # float
+        (torch.tensor([[True, False]]), "integer tensor"),  # bool masks are not index sets
+        (torch.zeros(0, 2, dtype=torch.long), "at least one expert"),
+        (torch.zeros(1, 0, dtype=torch.long), "at least one expert"),
+        (torch.arange(21)[None], "at least one expert"),  # more units than the 20 there are
+        (torch.tensor([[-1, 2]]), "outside 0..19"),
+        (torch.tensor([[0, 20]]), "outside 0..19"),
+    ],
+)
+def test_index_sets_are_checked(index, match):
+    with pytest.raises(ValueError, match=match):
+        slice_expert_weights(dense_ffn(False, False), index)
+
+
+def test_one_unit_experts_and_the_edge_indices_are_valid():
+    dense = dense_ffn(False, False)
+    weights = slice_expert_weights(dense, torch.tensor([[0], [19]], dtype=torch.int32))
+    assert weights["w_up"].shape == (2, 1, 12) and torch.equal(weights["w_up"][1, 0], dense.w_up[19])
+    assert slice_expert_weights(dense, torch.arange(20)[None])["w_up"].shape == (1, 20, 12)  # h = H: the whole FFN
