@@ -141,3 +141,28 @@ def test_router_init_comes_from_the_conversion_seed(slot_router, predecessor):
                       universal_experts=3)  # fmt: skip
         queries.append(moe_layers(moe)[0][1].router.slot_queries.detach().clone())
     assert torch.equal(*queries)
+
+
+@pytest.mark.parametrize("strategy", ["importance", "graph", "uniform", "random", "copy"])
+def test_each_strategy_calls_its_sampler_with_the_recipe_and_generator(strategy, predecessor, monkeypatch):
+    from upcycle.recycling import jetpack as module
+
+    calls = []
+    for name in ("importance_sampling", "graph_partition_sampling", "uniform_selection", "random_sampling"):
+        original = getattr(module, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append((_name, args, kwargs))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    jetpack(vit(32), predecessor, strategy=strategy, core_experts=2, universal_experts=3, graph_parts=5,
+            graph_threshold=0.5)  # fmt: skip
+    expected = {"importance": "importance_sampling", "graph": "graph_partition_sampling",
+                "uniform": "uniform_selection", "random": "random_sampling", "copy": "random_sampling"}[strategy]  # fmt: skip
+    assert calls and {name for name, _, _ in calls} == {expected}  # copy: only the narrower universal experts
+    for name, args, kwargs in calls:
+        if name != "uniform_selection":
+            assert isinstance(args[3], torch.Generator)  # drawn from the conversion's seed
+        if name == "graph_partition_sampling":
+            assert (kwargs["parts"], kwargs["threshold"]) == (5, 0.5)
