@@ -158,8 +158,9 @@ def test_each_strategy_calls_its_sampler_with_the_recipe_and_generator(strategy,
         monkeypatch.setattr(module, name, spy)
     jetpack(vit(32), predecessor, strategy=strategy, core_experts=2, universal_experts=3, graph_parts=5,
             graph_threshold=0.5)  # fmt: skip
-    expected = {"importance": "importance_sampling", "graph": "graph_partition_sampling",
-                "uniform": "uniform_selection", "random": "random_sampling", "copy": "random_sampling"}[strategy]  # fmt: skip
+    samplers = {"importance": "importance_sampling", "graph": "graph_partition_sampling",
+                "uniform": "uniform_selection", "random": "random_sampling", "copy": "random_sampling"}  # fmt: skip
+    expected = samplers[strategy]
     assert calls and {name for name, _, _ in calls} == {expected}  # copy: only the narrower universal experts
     for name, args, kwargs in calls:
         if name != "uniform_selection":
