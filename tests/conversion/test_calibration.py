@@ -97,3 +97,16 @@ def test_site_selection_mode_and_hooks_are_restored():
         collect_ffn_statistics(model, images, sites=["blocks.7.mlp"])
     with pytest.raises(ValueError, match="batch_size"):
         collect_ffn_statistics(model, images, batch_size=0)
+
+
+def test_running_totals_are_float64_on_the_ffns_device():
+    """Sums over millions of calibration tokens stay exact in float64 (module docstring); counts included."""
+    from upcycle.recycling.calibration import _Accumulator
+    from upcycle.recycling.dense_ffn import DenseFFN
+
+    dense = DenseFFN(w_up=torch.randn(6, 4), w_down=torch.randn(4, 6), activation="relu")
+    accumulator = _Accumulator(dense, channels_first=False, threshold=0.0, coactivation=True)
+    for total in (accumulator.hidden_sq, accumulator.input_sq, accumulator.output_sq, accumulator.coactivation):
+        assert total.dtype == torch.float64 and total.device == dense.w_up.device
+    accumulator(None, (torch.randn(3, 4),), None)
+    assert accumulator.result().coactivation.dtype == torch.float64 and accumulator.tokens == 3
