@@ -293,3 +293,15 @@ def test_one_unit_experts_and_the_edge_indices_are_valid():
     weights = slice_expert_weights(dense, torch.tensor([[0], [19]], dtype=torch.int32))
     assert weights["w_up"].shape == (2, 1, 12) and torch.equal(weights["w_up"][1, 0], dense.w_up[19])
     assert slice_expert_weights(dense, torch.arange(20)[None])["w_up"].shape == (1, 20, 12)  # h = H: the whole FFN
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+@pytest.mark.parametrize("what", ["importance", "channel importance"])
+def test_importance_must_be_finite_and_non_negative(bad, what):
+    importance = torch.ones(16)
+    importance[3] = bad
+    with pytest.raises(ValueError, match=f"^{what} must be finite and non-negative"):
+        if what == "importance":
+            importance_sampling(importance, 2, 4, gen())
+        else:
+            channel_selection(importance, 8, 2, "sampled", gen())
