@@ -110,3 +110,14 @@ def test_running_totals_are_float64_on_the_ffns_device():
         assert total.dtype == torch.float64 and total.device == dense.w_up.device
     accumulator(None, (torch.randn(3, 4),), None)
     assert accumulator.result().coactivation.dtype == torch.float64 and accumulator.tokens == 3
+
+
+def test_a_unit_is_active_only_above_the_threshold():
+    """ReLU units at exactly 0 (the threshold) are off: co-activation counts tokens with switch > threshold."""
+    from upcycle.recycling.calibration import _Accumulator
+    from upcycle.recycling.dense_ffn import DenseFFN
+
+    dense = DenseFFN(w_up=torch.eye(2), w_down=torch.eye(2), activation="relu")
+    accumulator = _Accumulator(dense, channels_first=False, threshold=0.0, coactivation=True)
+    accumulator(None, (torch.tensor([[1.0, -1.0], [2.0, 0.0], [0.0, 0.0]]),), None)
+    assert accumulator.result().coactivation.tolist() == [[2.0, 0.0], [0.0, 0.0]]

@@ -140,3 +140,17 @@ def test_bam_config_carries_the_seeds_rope_theta_and_top_k():
     assert bam.config.rope_theta == 500.0
     assert (bam.config.num_experts_per_tok, bam.config.norm_topk_prob, bam.config.num_local_experts) == (2, True, 2)
     assert bam.config.parallel_attention is False
+
+
+def test_merge_config_from_an_object_a_yaml_file_and_its_merge_section(tmp_path):
+    from upcycle.recycling.merge import MergeConfig, load_merge_config
+
+    config = MergeConfig(method="btx", top_k=2, router_init_std=0.5, seed=3)
+    assert load_merge_config(config) == config
+    assert load_merge_config(config, top_k=1).top_k == 1  # keywords override the object
+    whole = tmp_path / "merge.yaml"
+    whole.write_text("method: btx\ntop_k: 2\n")
+    section = tmp_path / "recipe.yaml"
+    section.write_text("merge:\n  method: bam\n  shared_kv: true\n")
+    assert (load_merge_config(whole).method, load_merge_config(str(whole)).top_k) == ("btx", 2)
+    assert (load_merge_config(section).method, load_merge_config(section).shared_kv) == ("bam", True)
