@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import UserError, yaml_mapping
 
 LayerSelection = Literal["all", "every_other", "last_half"] | list[int]
+# recipe fields that choose how a model computes, not what it is: they apply to the model in hand and are never saved
+# with it (a saved model loads with the default expert backend, whatever was active when it was saved)
+RUNTIME_FIELDS = frozenset({"backend"})
 
 
 class StrictModel(BaseModel):

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, find_adapter, get_adapter
-from .config import ConvertConfig, LayerSelection, load_convert_config
+from .config import RUNTIME_FIELDS, ConvertConfig, LayerSelection, load_convert_config
 from .errors import check_finite
 from .layers import describe_moe, moe_layers
 from .recycling import get_method
@@ -83,7 +83,7 @@ def convert(
         "adapter": adapter.name,
         "source": source,
         "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
-        "convert": cfg.model_dump(),
+        "convert": cfg.model_dump(exclude=RUNTIME_FIELDS),
         "layers": layers,
     }
     target.upcycle_record = json_pure(record)

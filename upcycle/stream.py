@@ -46,7 +46,7 @@ from .adapters import get_adapter
 from .adapters.activations import from_hf
 from .adapters.base import FFNSite
 from .atomic import atomic_directory
-from .config import ConvertConfig, load_convert_config
+from .config import RUNTIME_FIELDS, ConvertConfig, load_convert_config
 from .convert import RECORD_VERSION, select_layers
 from .errors import check_finite
 from .export.saving import build_skeleton, write_record
@@ -401,7 +401,7 @@ def convert_streaming(
             "adapter": adapter.name,
             "source": source,
             "dtype": record_dtype(dense, written),
-            "convert": cfg.model_dump(),
+            "convert": cfg.model_dump(exclude=RUNTIME_FIELDS),
             "layers": layers,
         }
         check_written(record, written)

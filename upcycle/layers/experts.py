@@ -93,19 +93,22 @@ class Experts(nn.Module):
             nn.init.zeros_(self.shared_bias)
 
     def spec(self) -> dict:
-        """Constructor arguments that rebuild this module's structure (not its weights)."""
+        """Constructor arguments that rebuild this module's structure (not its weights). The backend is left out: it
+        is a runtime choice of whoever runs the model, so a saved model loads with the default one."""
         return {
             "num_experts": self.num_experts, "d_model": self.d_model, "d_hidden": self.d_hidden,
             "activation": self.activation, "gated": self.gated,
             "bias": [self.b_up is not None, self.b_down is not None],
-            "shared_bias": self.shared_bias is not None, "backend": self.backend,
+            "shared_bias": self.shared_bias is not None,
             "hidden_norm_eps": self.hidden_norm_eps,
         }  # fmt: skip
 
     @classmethod
     def from_spec(cls, spec: dict) -> Experts:
-        """Inverse of :meth:`spec` (also after a JSON round trip, which turns the bias pair into a list)."""
-        return cls(**{**spec, "bias": tuple(spec["bias"])})
+        """Inverse of :meth:`spec` (also after a JSON round trip, which turns the bias pair into a list). A
+        ``backend`` in a spec saved by an older version is ignored: the module gets the default backend."""
+        arguments = {key: value for key, value in spec.items() if key != "backend"}
+        return cls(**{**arguments, "bias": tuple(spec["bias"])})
 
     @property
     def backend(self) -> str:

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..adapters.hf_common import rope_parameters
-from ..config import StrictModel, explain
+from ..config import RUNTIME_FIELDS, StrictModel, explain
 from ..errors import UserError, yaml_mapping
 from ..layers import Experts, MoE, TopKRouter, describe_moe, moe_layers
 from ..layers.routers import SoftAttentionRouter
@@ -154,7 +154,7 @@ def _record(model: nn.Module, adapter_name: str, cfg: MergeConfig, layers: dict)
     return json_pure({
         "version": RECORD_VERSION, "adapter": adapter_name, "source": get_adapter(adapter_name).describe(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "convert": None,
-        "merge": {**cfg.model_dump(), "paper": MERGE_METHODS[cfg.method][1]}, "layers": layers,
+        "merge": {**cfg.model_dump(exclude=RUNTIME_FIELDS), "paper": MERGE_METHODS[cfg.method][1]}, "layers": layers,
     })  # fmt: skip
 
 
