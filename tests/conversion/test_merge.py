@@ -154,3 +154,22 @@ def test_merge_config_from_an_object_a_yaml_file_and_its_merge_section(tmp_path)
     section.write_text("merge:\n  method: bam\n  shared_kv: true\n")
     assert (load_merge_config(whole).method, load_merge_config(str(whole)).top_k) == ("btx", 2)
     assert (load_merge_config(section).method, load_merge_config(section).shared_kv) == ("bam", True)
+
+
+def test_refusals_name_the_model_and_what_differs():
+    seed = tiny_lm()
+    with pytest.raises(ValueError, match=r"model 2 is not the seed's architecture \(tensors that differ: \[\("):
+        upcycle.merge([seed, seed, tiny_lm(hidden_size=64)], method="btx")
+    with pytest.raises(ValueError, match=r"model 0 is Linear \(model_type None\)"):
+        upcycle.merge([torch.nn.Linear(2, 2)], method="btx")
+
+
+def test_merge_reads_its_config_file_and_keeps_the_tokenizer_origin(tmp_path):
+    seed = tiny_lm()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("merge:\n  method: btx\n  top_k: 2\n  renormalize: true\n")
+    merged = upcycle.merge([seed, seed], config=recipe)
+    assert merged.upcycle_record["merge"]["method"] == "btx" and merged.upcycle_record["merge"]["top_k"] == 2
+    assert getattr(merged, "upcycle_origin", None) is None  # nothing to carry
+    seed.upcycle_origin = "where/the/tokenizer/is"
+    assert upcycle.merge([seed], method="bam").upcycle_origin == "where/the/tokenizer/is"
