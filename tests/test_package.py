@@ -2,7 +2,6 @@
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,25 +63,6 @@ def test_every_cli_argument_is_explained():
         if not isinstance(action, argparse._HelpAction) and not action.help
     ]
     assert unexplained == []
-
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def test_readme_commands_match_the_cli():
-    """The README's command table lists every subcommand, and every flag the README shows a command with exists."""
-    readme = README.read_text()
-    table = readme.split("### Commands", 1)[1].split("\n### ", 1)[0]
-    assert sorted(re.findall(r"^\| `upcycle (\w+)", table, flags=re.M)) == sorted(_subcommands())
-    unknown = []
-    for name, flags in re.findall(r"upcycle (\w+)([^\n`|]*)", readme):
-        parser = _subcommands().get(name)
-        if parser is None:
-            continue  # prose such as "upcycle turns ..."
-        known = {option for action in parser._actions for option in action.option_strings}
-        shown = re.findall(r"(?<![\w-])--[a-z][\w-]*", flags)
-        unknown += [f"upcycle {name} {flag}" for flag in shown if flag not in known]
-    assert unknown == []
 
 
 def test_cli_rejects_unknown_benchmark(capsys):

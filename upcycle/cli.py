@@ -28,7 +28,7 @@ examples:
   upcycle run recipes/moefication_minilm.yaml         a whole paper pipeline from one recipe
 
 SOURCE: a Hugging Face model folder, a .gguf file, timm:ARCH, or a folder written by upcycle.
-Each command has its own --help; the README is the guide.
+Each command has its own --help; the README is the guide and docs/cli.md the reference.
 """
 
 

@@ -44,7 +44,8 @@ def test_identical_copies_with_renormalised_topk_equal_dense(backend, num_expert
 
 
 def test_identical_copies_without_renormalisation_shrink_output():
-    """The counter-case: raw top-k probabilities sum to < 1, so the output is scaled down (METHODS §1)."""
+    """The counter-case: raw top-k probabilities sum to < 1, so the output is scaled down
+    (docs/methods/sparse_upcycling.md)."""
     ffn = FFN(16, 32)
     moe = MoE(TopKRouter(16, 8, top_k=2, renormalize=False, init="zero"), copies_of(ffn, 8))
     x = torch.randn(4, 16)

@@ -1,4 +1,4 @@
-"""The BAM / BTX recipe: every phase's settings in one validated YAML (METHODS §4).
+"""The BAM / BTX recipe: every phase's settings in one validated YAML (docs/methods/bam.md).
 
     bam:
       domains: [shakespeare, python_code, python_docs]

@@ -1,4 +1,4 @@
-"""The D2DMoE / MoEfication recipe: every stage's settings in one validated YAML (METHODS §3).
+"""The D2DMoE / MoEfication recipe: every stage's settings in one validated YAML (docs/methods/d2dmoe.md).
 
     d2dmoe:
       data: fashion_mnist

@@ -2,7 +2,8 @@
 arXiv 2406.04801): checkpoint recycling into a SpheroMoE layer.
 
 Experts are sampled out of a dense FFN: from the model itself or from a **wider predecessor** (the paper fills
-ViT-T-sized experts from ViT-S MLPs), using activation statistics measured on calibration images (METHODS.md §2.1):
+ViT-T-sized experts from ViT-S MLPs), using activation statistics measured on calibration images
+(docs/methods/jetpack.md, "Checkpoint recycling"):
 
     importance  per expert, h hidden units drawn without replacement ∝ their activation magnitude (paper default)
     graph       METIS parts of the co-activation graph, unioned at random up to h units
@@ -15,11 +16,11 @@ With a predecessor of width d_src > d, model channels are chosen too: ``channels
 set by importance averaged over the MoE layers) or ``sampled`` (released code: per expert ∝ importance). Weights
 outside the MoE layers (patch embedding, attention, norms, head) stay those of the model being converted.
 
-The layer (METHODS.md §2.2): dual-path experts, E_core core experts of hidden width h and E_univ universal
-experts of width h / ``universal_ratio``, one slot each by default (``router.slots_per_expert``), under the
-SpheroMoE router (or Soft MoE for the component ablation: ``slot_router=soft``). Defaults follow the paper:
-E_core ≈ n/2 and E_univ ≈ n for n tokens per example. The sampled index sets are saved with the model as
-buffers (a seed is not portable across devices).
+The layer (docs/methods/jetpack.md, "SpheroMoE layer"): dual-path experts, E_core core experts of hidden width h
+and E_univ universal experts of width h / ``universal_ratio``, one slot each by default
+(``router.slots_per_expert``), under the SpheroMoE router (or Soft MoE for the component ablation:
+``slot_router=soft``). Defaults follow the paper: E_core ≈ n/2 and E_univ ≈ n for n tokens per example. The sampled
+index sets are saved with the model as buffers (a seed is not portable across devices).
 """
 
 from __future__ import annotations
