@@ -73,7 +73,7 @@ def test_auto_weight_scaling_keeps_a_biased_granular_layer_dense_equivalent(reno
 
 def test_paper_weight_scaling_is_exact_for_squared_relu():
     """The paper's (E·G²/T)^(1/3) on each matrix (and E·G²/T on b_down) is exact when act(c·x) = c²·act(x)."""
-    dense = DenseFFN(**{**biased_ffn().__dict__, "activation": "relu2", "b_up": None})
+    dense = DenseFFN(**{**biased_ffn().__dict__, "activation": "relu2"})  # relu2(c·(Wx + b)) = c²·relu2(Wx + b)
     copies, shards = 2, 2
     moe = upcycled(dense, num_experts=copies, top_k=copies * shards, granularity=shards, router_renormalize=False,
                    router_init="zero", weight_scaling="paper")  # fmt: skip
@@ -153,3 +153,13 @@ def test_dense_ffn_reference_applies_the_hidden_layer_norm():
     hidden = torch.relu(x @ w_up.T)
     normed = (hidden - hidden.mean(-1, keepdim=True)) / (hidden.var(-1, unbiased=False, keepdim=True) + 10.0).sqrt()
     torch.testing.assert_close(dense.forward(x), (normed * weight + bias) @ w_down.T)
+
+
+@pytest.mark.parametrize(("renormalize", "factor"), [(True, 2.0), (False, 2 * 2**2 / 3)])
+def test_auto_weight_scaling_factor(renormalize, factor):
+    """auto: W_down and b_down times G (renormalised) or E·G²/T (not), here E = 2, G = 2, T = 3."""
+    dense = biased_ffn()
+    experts = upcycled(dense, num_experts=2, top_k=3, granularity=2, router_renormalize=renormalize).experts
+    torch.testing.assert_close(experts.w_down[1], dense.w_down[:, 8:] * factor)
+    torch.testing.assert_close(experts.b_down[1], dense.b_down / 2 * factor)
+    torch.testing.assert_close(experts.w_up[1], dense.w_up[8:])  # the other matrices are left alone
