@@ -178,16 +178,12 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(commands.choices)
 
 
-def _markdown_files() -> list[Path]:
-    return sorted(p for p in _repository_files() if p.suffix == ".md")
-
-
 def test_cli_reference_matches_the_cli():
     """docs/cli.md's command table lists every subcommand, and every flag any doc shows a command with exists."""
     table = CLI_DOC.read_text().split("## Commands", 1)[1].split("\n## ", 1)[0]
     assert sorted(re.findall(r"^\| `upcycle (\w+)", table, flags=re.M)) == sorted(_subcommands())
     unknown = []
-    for path in _markdown_files():
+    for path in sorted(p for p in _repository_files() if p.suffix == ".md"):
         for name, flags in re.findall(r"upcycle (\w+)([^\n`|]*)", path.read_text()):
             parser = _subcommands().get(name)
             if parser is None:
@@ -198,10 +194,10 @@ def test_cli_reference_matches_the_cli():
     assert unknown == []
 
 
-def _repository_files() -> list[Path]:
+def _repository_files(root: Path = ROOT) -> list[Path]:
     files = []
-    for path in ROOT.rglob("*"):
-        parts = path.relative_to(ROOT).parts
+    for path in root.rglob("*"):
+        parts = path.relative_to(root).parts
         if any(part in SKIP_DIRS or part.endswith(".egg-info") or part.startswith(".") for part in parts[:-1]):
             continue
         if path.is_file():
@@ -209,14 +205,16 @@ def _repository_files() -> list[Path]:
     return files
 
 
-# A path-like reference: docs/..., results/..., recipes/..., or any NAME.md; the METHODS section style of old.
+# A path-like reference: docs/..., results/..., recipes/..., or any NAME.md.
 PATH_REF = re.compile(r"(?<![\w/.$~-])((?:docs|results|recipes)/[\w./-]*\w|[\w./-]*\w\.md)\b")
 # Output locations and templates that name no repository file.
 NOT_A_FILE = re.compile(r"^(out|runs)/|<|\{|NAME|\*")
+# Section references into a methods file that was never part of the repository (the word, then a section sign).
+METHODS_SECTION = re.compile(r"\bMETHODS(\.md)?\s*§")
 
 
 def _python_comment_text(path: Path) -> list[tuple[int, str]]:
-    """Comments and docstrings of a Python file, with their line numbers."""
+    """Comments and docstrings (any triple-quoted string) of a Python file, line by line with line numbers."""
     found = []
     for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
         if token.type == tokenize.COMMENT or (
@@ -226,20 +224,15 @@ def _python_comment_text(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def _exists(reference: str, relative_to: Path, names: set[str]) -> bool:
-    if "/" not in reference:
-        return reference in names  # a bare file name: some file of the repository has it
-    return any((base / reference).exists() for base in (relative_to, ROOT))
-
-
-def test_every_referenced_doc_or_file_exists():
+def missing_references(root: Path) -> list[str]:
     """Every doc (docs/..., *.md) named in a comment or docstring, and every docs/, results/, recipes/ or *.md path
-    named in a markdown file, exists here. (Code may name the outputs it writes, such as results/NAME.json.)"""
-    files = _repository_files()
+    named in a markdown file, that does not exist under ``root``. Code may name the outputs it writes (such as
+    results/NAME.json) without their being committed; a bare NAME.md must be the name of some file in the tree."""
+    files = _repository_files(root)
     names = {path.name for path in files}
     missing = []
     for path in files:
-        rel = path.relative_to(ROOT)
+        rel = path.relative_to(root)
         if path.suffix == ".py":
             texts = _python_comment_text(path)
         elif path.suffix == ".md":
@@ -247,41 +240,89 @@ def test_every_referenced_doc_or_file_exists():
         else:
             continue
         for line, text in texts:
-            if re.search(r"\bMETHODS(\.md)?\s*§", text):
-                missing.append(f"{rel}:{line}: METHODS § (no such file; point to docs/methods/)")
+            if METHODS_SECTION.search(text):
+                missing.append(f"{rel}:{line}: METHODS § (no such file; point to the docs/ page)")
             for reference in PATH_REF.findall(text):
                 if NOT_A_FILE.search(reference):
                     continue
                 if path.suffix == ".py" and not (reference.startswith("docs/") or reference.endswith(".md")):
                     continue
-                if not _exists(reference, path.parent, names):
+                if "/" in reference:
+                    found = any((base / reference).exists() for base in (path.parent, root))
+                else:
+                    found = reference in names
+                if not found:
                     missing.append(f"{rel}:{line}: {reference}")
-    assert missing == [], "\n".join(missing)
+    return missing
 
 
 def _slug(heading: str) -> str:
-    """The anchor GitHub gives a heading."""
-    text = re.sub(r"[`*_]|\[([^]]*)\]\([^)]*\)", r"\1", heading.strip()).lower()
+    """The anchor GitHub gives a heading: lower case, punctuation dropped (not - or _), spaces to hyphens."""
+    text = re.sub(r"[`*]|\[([^]]*)\]\([^)]*\)", r"\1", heading.strip()).lower()
     text = re.sub(r"[^\w\- ]", "", text)
     return text.replace(" ", "-")
 
 
-def test_markdown_links_point_to_files_and_headings_that_exist():
+def broken_links(root: Path) -> list[str]:
+    """Relative markdown links under ``root`` whose file, or whose #heading in a markdown file, does not exist."""
     broken = []
-    for path in _markdown_files():
-        text = path.read_text()
-        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+    for path in sorted(p for p in _repository_files(root) if p.suffix == ".md"):
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
             if re.match(r"[a-z]+:", target):
                 continue  # https:, mailto:
             file_part, _, anchor = target.partition("#")
             linked = (path.parent / file_part).resolve() if file_part else path
             if not linked.exists():
-                broken.append(f"{path.relative_to(ROOT)}: {target}")
+                broken.append(f"{path.relative_to(root)}: {target}")
             elif anchor and linked.suffix == ".md":
                 headings = {_slug(h) for h in re.findall(r"^#+ (.*)$", linked.read_text(), flags=re.M)}
                 if anchor not in headings:
-                    broken.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
+                    broken.append(f"{path.relative_to(root)}: {target} (no such heading)")
+    return broken
+
+
+def test_every_referenced_doc_or_file_exists():
+    missing = missing_references(ROOT)
+    assert missing == [], "\n".join(missing)
+
+
+def test_markdown_links_point_to_files_and_headings_that_exist():
+    broken = broken_links(ROOT)
     assert broken == [], "\n".join(broken)
+
+
+def test_the_reference_checks_find_what_is_broken(tmp_path: Path):
+    (tmp_path / "docs" / "methods").mkdir(parents=True)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "docs" / "methods" / "jetpack.md").write_text("# MoE Jetpack\n\n## SpheroMoE layer\n")
+    (tmp_path / "pkg" / "mod.py").write_text(
+        '"""The layer (docs/methods/jetpack.md); recycling (docs/methods/gone.md)."""\n'
+        "# see METHODS.md §2.2 and DESIGN.md\n"
+        'OUT = "docs/not_a_comment.md"  # a string that is code, not a docstring\n'
+        '"""Writes results/NAME.json and results/bench.json, outputs that need not exist."""\n'
+    )
+    (tmp_path / "README.md").write_text(
+        "[ok](docs/methods/jetpack.md#spheromoe-layer) [no file](docs/cli.md) "
+        "[no heading](docs/methods/jetpack.md#checkpoint-recycling) [web](https://arxiv.org/abs/2406.04801)\n"
+        "Results: results/README.md; out/demo/report.md is an output.\n"
+    )
+    assert sorted(missing_references(tmp_path)) == [
+        "README.md:1: docs/cli.md",
+        "README.md:2: results/README.md",
+        "pkg/mod.py:1: docs/methods/gone.md",
+        "pkg/mod.py:2: DESIGN.md",
+        "pkg/mod.py:2: METHODS § (no such file; point to the docs/ page)",
+        "pkg/mod.py:2: METHODS.md",
+    ]
+    assert broken_links(tmp_path) == [
+        "README.md: docs/cli.md",
+        "README.md: docs/methods/jetpack.md#checkpoint-recycling (no such heading)",
+    ]
+    assert _slug("Supported models × methods") == "supported-models--methods"
+    assert _slug("Results (`upcycle bench jetpack`, `results/jetpack.json`)") == (
+        "results-upcycle-bench-jetpack-resultsjetpackjson"
+    )
+    assert _slug("`sparse_upcycling`") == "sparse_upcycling"
 
 
 if __name__ == "__main__":
