@@ -84,3 +84,12 @@ def test_an_expert_count_that_does_not_divide_the_width_suggests_divisors():
     dense = DenseFFN(w_up=torch.randn(12, 4), w_down=torch.randn(4, 12), activation="relu")
     with pytest.raises(ValueError, match=r"5 experts do not divide the FFN hidden size 12.*\(e\.g\. 2, 3, 4, 6, 12\)"):
         partition_hidden_units(dense, 5, "kmeans", 1, torch.Generator())
+
+
+def test_partition_depends_only_on_the_direction_of_each_row():
+    """Spherical k-means: rescaling any unit's weight row (e.g. by a later LayerNorm) changes nothing."""
+    points, _ = planted(clusters=4, size=8, spread=0.8, seed=4)
+    scales = torch.rand(32, 1, generator=torch.Generator().manual_seed(9)) * 100 + 0.01
+    a = balanced_kmeans(points, 4, iterations=25, generator=torch.Generator().manual_seed(0))
+    b = balanced_kmeans(points * scales, 4, iterations=25, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
