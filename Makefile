@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Nothing is fetched from a model hub at run time; Hugging Face libraries read this when they start.
+# Nothing is fetched from a model hub by the demo, tests or benchmarks; Hugging Face libraries read these when they
+# start. The library itself sets neither: a user's hub ids need the network.
 export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PIP_VERSION := 26.3
 

@@ -5,12 +5,17 @@
     upcycle.save(moe, "out/"); moe = upcycle.load("out/")
     bam = upcycle.merge([seed, *branches], method="bam")   # BAM / BTX: dense LMs -> one MoE
 
-The environment fixes below run before anything imports torchvision or a Hugging Face library (see ``_compat``).
+Importing upcycle changes nothing in the process (no environment variable, no import hook). On a CPU-only torch it
+defines torchvision's missing operator schemas, only where ``import torchvision`` would otherwise fail (see
+``_compat``): import upcycle before timm there. To load exported models through timm's or transformers' own
+loaders, ``register_with_timm()`` / ``register_with_transformers()`` (done at import for a library already imported).
 """
 
-from ._compat import apply_environment_fixes
+import sys as _sys
 
-apply_environment_fixes()
+from ._compat import fix_torchvision_operators
+
+fix_torchvision_operators()
 
 from .adapters import list_adapters  # noqa: E402
 from .config import ConvertConfig, load_convert_config  # noqa: E402
@@ -18,14 +23,16 @@ from .convert import convert  # noqa: E402
 from .export import export, load, save  # noqa: E402
 from .export.timm_export import register_with_timm  # noqa: E402
 from .layers import list_backends, list_routers  # noqa: E402
-from .models import register_on_transformers_import  # noqa: E402
+from .models import register as register_with_transformers  # noqa: E402
+from .models import register_loaded  # noqa: E402
 from .recycling import list_methods  # noqa: E402
 from .recycling.merge import merge  # noqa: E402
 from .stream import convert_streaming  # noqa: E402
 from .verify import verify  # noqa: E402
 
-register_with_timm()
-register_on_transformers_import()  # transformers' Auto classes learn model_type "upcycle_lm" when they load
+if "timm" in _sys.modules:  # imported before upcycle: register now (never imports timm or transformers itself)
+    register_with_timm()
+register_loaded()  # the Auto classes transformers has already imported learn model_type upcycle_lm / upcycle_bam
 
 __version__ = "0.1.0"
 __all__ = [
@@ -41,6 +48,8 @@ __all__ = [
     "load",
     "load_convert_config",
     "merge",
+    "register_with_timm",
+    "register_with_transformers",
     "save",
     "verify",
 ]

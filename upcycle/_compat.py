@@ -1,13 +1,13 @@
-"""Environment fixes applied before any torchvision / Hugging Face import.
+"""The one fix ``import upcycle`` applies, and only where an import would otherwise fail.
 
-1. Offline by default: Hugging Face libraries read ``HF_HUB_OFFLINE`` when they are imported, so it is set
-   here (``setdefault``: a user who exports ``HF_HUB_OFFLINE=0`` keeps hub access). upcycle never fetches from a
-   model hub at run time.
-2. The torchvision wheel on PyPI is a CUDA build. Next to a CPU-only torch its compiled ``_C`` library fails to
-   load, and ``import torchvision`` (hence ``import timm`` and transformers' model classes) then dies with
-   ``operator torchvision::nms does not exist`` while registering fake kernels. We define the missing operator
-   schemas so the import succeeds; only torchvision's detection ops stay unusable. The fix is applied only when
-   the import would fail: if the real library loads (a GPU machine with a matching torchvision) nothing changes.
+The torchvision wheel on PyPI is a CUDA build. Next to a CPU-only torch its compiled ``_C`` library fails to load,
+and ``import torchvision`` (hence ``import timm`` and transformers' model classes) then dies with ``operator
+torchvision::nms does not exist`` while registering fake kernels. We define the missing operator schemas so the
+import succeeds; only torchvision's detection ops stay unusable. If the real library loads (a GPU machine with a
+matching torchvision), or torchvision is not installed, nothing is touched.
+
+Nothing else in the process changes: no environment variable (``HF_HUB_OFFLINE`` is the caller's choice: the
+Makefile and the tests set it, a user's hub ids need the network), no import hook.
 """
 
 from __future__ import annotations
@@ -45,9 +45,8 @@ def _torchvision_ops_missing() -> bool:
     return True
 
 
-def apply_environment_fixes() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+def fix_torchvision_operators() -> None:
+    """Define torchvision's missing operator schemas when (and only when) its compiled library cannot load."""
     if _torchvision_ops_missing():
         library = torch.library.Library("torchvision", "DEF")
         for schema in _SCHEMAS:

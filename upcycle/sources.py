@@ -124,6 +124,9 @@ def load_hf_directory(path: str | Path, allow_pickle: bool = False) -> nn.Module
     has_safetensors = any(path.glob("*.safetensors"))
     if not has_safetensors and not allow_pickle:
         raise UserError(f"{path} holds no .safetensors weights; pickle weights are refused unless --allow-pickle")
+    from .models import register
+
+    register()  # a folder of upcycle's own model types (upcycle_lm, upcycle_bam) reads through the Auto classes
     try:
         config = transformers.AutoConfig.from_pretrained(path)
     except (ValueError, OSError) as error:

@@ -1,7 +1,9 @@
-"""timm export: after ``import upcycle``, timm rebuilds the converted model by name from the directory."""
+"""timm export: once upcycle has registered its entrypoint (``upcycle.register_with_timm()``, or ``import upcycle``
+after timm), timm rebuilds the converted model by name from the directory."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ import upcycle
 from upcycle.cli import main
 
 from ..conversion.tiny_models import build
+
+COMPAT = str(Path(upcycle.__file__).parent / "_compat.py")
 
 
 @pytest.mark.parametrize("case", ["vit", "eva02_swiglu_norm", "convnext_conv"])
@@ -25,14 +29,23 @@ def test_timm_local_dir_round_trip(case, tmp_path):
         torch.testing.assert_close(rebuilt(x), moe(x))
 
 
-def test_registration_works_whichever_is_imported_first(tmp_path):
-    """A fresh process that imports timm *before* upcycle still finds the upcycle_moe entrypoint."""
+@pytest.mark.parametrize(
+    "imports",
+    [
+        # timm first (after the torchvision fix, run from its file, as a CPU torch needs): `import upcycle` registers
+        f"import importlib.util as u; s = u.spec_from_file_location('fix', {COMPAT!r}); c = u.module_from_spec(s); "
+        "s.loader.exec_module(c); c.fix_torchvision_operators(); "
+        "import sys, timm; assert 'upcycle' not in sys.modules; import upcycle",
+        # upcycle first: nothing hooks the import of timm, so the caller registers
+        "import upcycle; upcycle.register_with_timm(); import timm",
+    ],
+    ids=["timm_first", "upcycle_first"],
+)
+def test_a_fresh_process_loads_the_export_in_either_import_order(imports, tmp_path):
     moe = upcycle.convert(build("vit"), "sparse_upcycling", num_experts=2, top_k=1, progress=False)
     upcycle.export(moe, tmp_path / "timm", format="timm")
-    code = (
-        "import upcycle._compat as c; c.apply_environment_fixes(); import timm; import upcycle; "
-        f"m = timm.create_model('local-dir:{tmp_path / 'timm'}', pretrained=True); print(type(m).__name__)"
-    )
+    load = f"m = timm.create_model('local-dir:{tmp_path / 'timm'}', pretrained=True); print(type(m).__name__)"
+    code = f"{imports}; {load}"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "VisionTransformer"

@@ -59,7 +59,8 @@ class HFTokenizer:
     def from_path(cls, path: str | Path) -> HFTokenizer:
         from transformers import AutoTokenizer  # late: importing transformers is slow and not needed for bytes
 
-        # a local folder; with HF_HUB_OFFLINE=1 (set by upcycle) a hub id fails instead of downloading
+        # a local folder is read locally; anything else is a hub id the user named (HF_HUB_OFFLINE=1 in their
+        # environment makes it fail instead of downloading; upcycle never sets it)
         return cls(AutoTokenizer.from_pretrained(str(path)))
 
     def encode(self, text: str) -> list[int]:

@@ -1,17 +1,15 @@
 """Export a converted timm model so timm rebuilds it by name: ``timm.create_model("local-dir:DIR")``.
 
 The directory holds ``model.safetensors`` and a timm-style ``config.json`` whose ``architecture`` is the
-``upcycle_moe`` entrypoint and whose ``model_args`` carry the conversion record. ``import upcycle`` registers the
-entrypoint with timm's registry (at once if timm is imported, else the moment it is), so timm's own
-``local-dir:`` loader builds the MoE skeleton from the record and loads the weights; no hub, no pickle.
+``upcycle_moe`` entrypoint and whose ``model_args`` carry the conversion record. Once the entrypoint is in timm's
+registry (``upcycle.register_with_timm()``; ``import upcycle`` does it if timm is already imported, exporting does
+it too), timm's own ``local-dir:`` loader builds the MoE skeleton from the record and loads the weights; no hub,
+no pickle.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import json
-import sys
 from pathlib import Path
 
 from torch import nn
@@ -43,6 +41,7 @@ def export_timm(model: nn.Module, directory: str | Path, overwrite: bool = False
             for name, tensor in unique_state(model).items():
                 writer.add(name, tensor)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    register_with_timm()  # timm.create_model("local-dir:DIR") works at once in this process
     return Path(directory)
 
 
@@ -60,39 +59,11 @@ def upcycle_moe(pretrained: bool = False, pretrained_cfg=None, upcycle_record: d
     return model
 
 
-def _register() -> None:
+def register_with_timm() -> None:
+    """Teach timm's registry the ``upcycle_moe`` entrypoint, so ``timm.create_model("local-dir:DIR")`` builds an
+    exported model. Imports timm; idempotent. ``import upcycle`` calls it when timm is already imported, and
+    exporting calls it, so only a process that imports upcycle before timm and then loads an export calls it."""
     from timm.models import is_model, register_model
 
     if not is_model(ARCHITECTURE):
         register_model(upcycle_moe)
-
-
-class _RegisterAfterTimmImport(importlib.abc.MetaPathFinder):
-    """Runs ``_register`` right after ``import timm`` finishes, so importing upcycle does not import timm.
-
-    It stays on ``sys.meta_path`` until timm has really been executed: libraries probe ``find_spec("timm")`` only
-    to test availability (transformers does), and those probes must not use it up.
-    """
-
-    def find_spec(self, name, path, target=None):
-        if name != "timm":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)  # the ordinary finder, without recursing here
-        if spec is not None and spec.loader is not None:
-            run_module = spec.loader.exec_module
-
-            def exec_then_register(module) -> None:
-                run_module(module)
-                if self in sys.meta_path:
-                    sys.meta_path.remove(self)
-                _register()
-
-            spec.loader.exec_module = exec_then_register
-        return spec
-
-
-def register_with_timm() -> None:
-    if "timm" in sys.modules:
-        _register()
-    elif not any(isinstance(finder, _RegisterAfterTimmImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterTimmImport())
