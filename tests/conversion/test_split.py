@@ -93,3 +93,9 @@ def test_partition_depends_only_on_the_direction_of_each_row():
     a = balanced_kmeans(points, 4, iterations=25, generator=torch.Generator().manual_seed(0))
     b = balanced_kmeans(points * scales, 4, iterations=25, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
+
+
+def test_identical_rows_still_split_into_equal_groups():
+    """Every row the same direction (e.g. dead units with equal weights): seeding cannot spread, and must not fail."""
+    groups = balanced_kmeans(torch.ones(8, 3), 4, iterations=5, generator=torch.Generator().manual_seed(0))
+    check_balanced(groups, 8, 4)
