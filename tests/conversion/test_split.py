@@ -97,5 +97,6 @@ def test_partition_depends_only_on_the_direction_of_each_row():
 
 def test_identical_rows_still_split_into_equal_groups():
     """Every row the same direction (e.g. dead units with equal weights): seeding cannot spread, and must not fail."""
-    groups = balanced_kmeans(torch.ones(8, 3), 4, iterations=5, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([[2.0, 0.0, 0.0]]).repeat(8, 1)  # cosine distances exactly 0
+    groups = balanced_kmeans(rows, 4, iterations=5, generator=torch.Generator().manual_seed(0))
     check_balanced(groups, 8, 4)
