@@ -216,3 +216,15 @@ def test_count_restores_training_mode():
     model[1].eval()
     count_macs(model, {"x": torch.randn(2, 4)})
     assert model.training and model[0].training and not model[1].training
+
+
+def test_flops_fraction_counts_both_models_with_the_given_forward(llama):
+    dense, inputs = llama
+    moe = upcycle.convert(dense, "sparse_upcycling", num_experts=4, top_k=2, progress=False)
+
+    def first_tokens(model, batch):  # a forward of the caller's choosing: here, the first 4 tokens only
+        return model(input_ids=batch["input_ids"][:, :4])
+
+    moe_macs = count_macs(moe, inputs, forward=first_tokens).total
+    expected = moe_macs / count_macs(dense, inputs, forward=first_tokens).total
+    assert flops_fraction(moe, dense, inputs, forward=first_tokens) == pytest.approx(expected, rel=1e-12)
