@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import errors
+from ._optional import require
 from .atomic import atomic_directory
 from .errors import UserError
 
@@ -174,6 +175,8 @@ def cache_gguf(gguf_file: str | Path) -> Path:
     target = cache_root() / "gguf" / f"{gguf_file.stem}-{key}"
     if (target / "config.json").is_file():
         return target
+    for module in ("gguf", "accelerate"):  # transformers needs both to dequantise; say so before it does
+        require(module, extra="gguf", purpose=f"reading the GGUF checkpoint {gguf_file.name}")
     import transformers
 
     try:

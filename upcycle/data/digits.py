@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from .._optional import install_hint
 from .image import AugmentPolicy, ImageDataset, ImageSource, pixel_stats
 from .paths import missing
 from .registry import register
@@ -27,7 +28,7 @@ def _read() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise missing(NAME, "scikit-learn is not installed.", ["python -m pip install scikit-learn"]) from err
+        raise missing(NAME, "scikit-learn is not installed.", [install_hint("sklearn")]) from err
     bunch = load_digits()
     return bunch.images.astype(np.uint8), bunch.target.astype(np.int64)  # [1797, 8, 8] in 0..16, [1797]
 

@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .._optional import install_hint
 from . import fashion_mnist, mnist5k, python_code, shakespeare
 from .paths import downloads_dir
 
@@ -116,7 +117,7 @@ def fetch_fashion_mnist() -> str:
 
 def _check_digits() -> str:
     found = importlib.util.find_spec("sklearn") is not None
-    return "present" if found else "missing: scikit-learn is not installed (python -m pip install scikit-learn)"
+    return "present" if found else f"missing: scikit-learn is not installed ({install_hint('sklearn')})"
 
 
 def _check_stdlib() -> str:

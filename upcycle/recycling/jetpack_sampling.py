@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from .._optional import require
 from .dense_ffn import DenseFFN
 
 
@@ -236,10 +237,7 @@ def _metis_parts(counts: torch.Tensor, parts: int, threshold: float, weighted: b
     adjacency = counts > threshold
     if parts == 1 or not adjacency.any():
         return list(torch.randperm(total, generator=generator).tensor_split(parts))
-    try:
-        import pymetis
-    except ImportError:
-        raise ImportError("graph partition sampling needs pymetis: pip install pymetis") from None
+    pymetis = require("pymetis", extra="metis", purpose="graph-partition sampling (METIS)")
     rows, cols = adjacency.nonzero(as_tuple=True)  # row-major order, i.e. CSR order
     starts = torch.zeros(total + 1, dtype=torch.long)
     starts[1:] = adjacency.sum(dim=1).cumsum(0)

@@ -1,4 +1,5 @@
-"""Training metrics: rows in ``metrics.csv``, scalars in TensorBoard (``tb/``), curves as ``curves.png``.
+"""Training metrics: rows in ``metrics.csv``, scalars in TensorBoard (``tb/``, the ``tensorboard`` extra), curves as
+``curves.png``.
 
 On resume the CSV keeps only rows up to the resumed step, so an interrupted and resumed run leaves the same file
 as an uninterrupted one.
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from pathlib import Path
+
+from .._optional import available, install_hint
 
 FIELDS = ("step", "split", "loss", "accuracy", "perplexity", "lr", "items_per_s", "aux", "sparsity", "router_fit")
 
@@ -25,12 +29,13 @@ class MetricsLog:
             writer = csv.DictWriter(handle, FIELDS)
             writer.writeheader()
             writer.writerows(kept)
-        try:
+        if available("tensorboard"):
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(out / "tb"), purge_step=resume_step or None)
-        except ImportError:  # tensorboard is optional at run time
-            self.writer = None
+        else:  # an optional extra: the run goes on with metrics.csv and curves.png
+            hint = install_hint("tensorboard")
+            warnings.warn(f"TensorBoard logs are skipped, tensorboard is not installed: {hint}", stacklevel=2)
 
     def log(self, step: int, split: str, values: dict) -> None:
         if not self.enabled:
