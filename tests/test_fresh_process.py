@@ -48,10 +48,16 @@ def test_the_done_when_command():
 
 def test_import_changes_nothing_in_the_process():
     code = """
-import builtins, os, sys
+import builtins, logging, os, sys, warnings
+import torch
 environ, meta_path, path_hooks = dict(os.environ), list(sys.meta_path), list(sys.path_hooks)
-importer = builtins.__import__
+importer, filters, handlers = builtins.__import__, list(warnings.filters), list(logging.getLogger().handlers)
+def torch_state():
+    return torch.get_default_dtype(), torch.get_num_threads(), torch.is_grad_enabled(), torch.initial_seed()
+before = torch_state()
 import upcycle
+assert list(warnings.filters) == filters and logging.getLogger().handlers == handlers
+assert torch_state() == before
 assert dict(os.environ) == environ, {k: v for k, v in os.environ.items() if environ.get(k) != v}
 assert len(sys.meta_path) == len(meta_path) and all(a is b for a, b in zip(sys.meta_path, meta_path)), sys.meta_path
 assert len(sys.path_hooks) == len(path_hooks) and all(a is b for a, b in zip(sys.path_hooks, path_hooks))
