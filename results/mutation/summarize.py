@@ -46,7 +46,8 @@ def without_text(line: str) -> str:
 
 
 def mutant_diff(sources: dict[str, str], mutant: str) -> tuple[list[str], str]:
-    """(changed lines, "message" if only prose string literals / a stacklevel changed, else "behaviour")."""
+    """(changed lines, kind): "message" if only prose string literals / a stacklevel changed, "device" if only a
+    device argument, else "behaviour"."""
     name = mutant.rsplit(".", 1)[-1]
     original = sources.get(name.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", "").splitlines()
     changed = sources.get(name, "").splitlines()
@@ -55,8 +56,15 @@ def mutant_diff(sources: dict[str, str], mutant: str) -> tuple[list[str], str]:
     minus = "".join(without_text(line[1:]) for line in diff if line.startswith("-"))
     plus = "".join(without_text(line[1:]) for line in diff if line.startswith("+"))
     # text, not data: the changed literal is prose (has a space: error / warning / log wording) or a stacklevel
-    prose = any(re.search(r"([\"'])[^\"']*\s[^\"']*\1", line) or "stacklevel" in line for line in diff)
-    return [line.rstrip() for line in diff], "message" if minus == plus and prose else "behaviour"
+    prose = any(re.search(r"([\"'])[^\"']*\s[^\"']*\1|raise |Error\(|warn\(|stacklevel", line) for line in diff)
+    if minus == plus and prose:
+        return [line.rstrip() for line in diff], "message"
+    # where tensors live: every tensor of the CPU-only tests is on the CPU already, so these cannot fail there
+    device = r"device=[\w.\[\]]+|\"cpu\"|None|,|\s"
+    minus_text = "".join(re.sub(device, "", line[1:]) for line in diff if line.startswith("-"))
+    plus_text = "".join(re.sub(device, "", line[1:]) for line in diff if line.startswith("+"))
+    on_cpu = minus_text == plus_text and any("device" in line or '"cpu"' in line for line in diff)
+    return [line.rstrip() for line in diff], "device" if on_cpu else "behaviour"
 
 
 def folder_of(path: str) -> str:
@@ -72,6 +80,8 @@ def summary(counts: Counter) -> dict:
 
 
 def main(root: Path = Path("mutants"), out: Path = Path("results/mutation/mutation.json")) -> dict:
+    equivalent_file = Path(__file__).with_name("equivalent.json")  # survivors shown equivalent, by hand, with why
+    equivalent = json.loads(equivalent_file.read_text()) if equivalent_file.is_file() else {}
     per_folder, per_file, not_killed = defaultdict(Counter), defaultdict(Counter), defaultdict(list)
     for meta in sorted(root.glob("upcycle/**/*.py.meta")):
         path = str(meta.relative_to(root)).removesuffix(".meta")
@@ -83,10 +93,19 @@ def main(root: Path = Path("mutants"), out: Path = Path("results/mutation/mutati
             per_file[path][status] += 1
             if status in ("survived", "no tests", "suspicious", "segfault"):
                 diff, kind = mutant_diff(sources, mutant)
-                not_killed[path].append({"mutant": mutant, "status": status, "kind": kind, "diff": diff})
+                entry = {"mutant": mutant, "status": status, "kind": kind, "diff": diff}
+                if mutant in equivalent:
+                    entry.update(kind="equivalent", why=equivalent[mutant])
+                not_killed[path].append(entry)
+    kinds = defaultdict(Counter)
+    for path, entries in not_killed.items():
+        for entry in entries:
+            for group in {folder_of(path), *(["d2dmoe code"] if path.startswith(D2DMOE) else [])}:
+                kinds[group][entry["kind"]] += 1
     report = {
         "tool": "mutmut", "command": "make mutation",
-        "folders": {folder: summary(counts) for folder, counts in sorted(per_folder.items())},
+        "folders": {folder: {**summary(counts), "not_killed_by_kind": dict(sorted(kinds[folder].items()))}
+                    for folder, counts in sorted(per_folder.items())},
         "files": {path: summary(counts) for path, counts in sorted(per_file.items())},
         "not_killed": dict(sorted(not_killed.items())),
     }  # fmt: skip
