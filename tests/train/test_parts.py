@@ -147,3 +147,24 @@ def test_train_config_refusals():
         _config(strategy="fsdp", ema=0.99)
     with pytest.raises(ValueError, match="strategy"):
         _config(strategy="zero3")
+
+
+def test_auxiliary_losses_are_minimised_not_maximised(tmp_path):
+    """With only the routers training and renormalised top-1 (weight 1: no task gradient reaches a router), the
+    load-balancing loss alone moves them, and it must fall: it is added to the objective, not subtracted."""
+    import csv
+
+    import upcycle
+    from upcycle.sources import load_timm
+    from upcycle.train import train
+
+    dense = load_timm("vit_tiny_patch16_224", None, False, {"img_size": 8, "patch_size": 2, "in_chans": 1,
+                      "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 10})  # fmt: skip
+    moe = upcycle.convert(dense, "sparse_upcycling", num_experts=4, top_k=1, router_init_std=1.0, seed=1,
+                          progress=False)  # fmt: skip
+    config = {"data": "digits", "steps": 20, "batch_size": 64, "lr": 3e-2, "warmup": 0, "freeze": "all_but_routers",
+              "aux": {"load_balancing": 1.0, "z_loss": 0.0}, "log_every": 1}  # fmt: skip
+    train(moe, config, tmp_path / "run", progress=False)
+    with open(tmp_path / "run" / "metrics.csv") as handle:
+        balance = [float(row["aux"]) for row in csv.DictReader(handle) if row["split"] == "train"]
+    assert balance[-1] < balance[0] - 0.05, balance
