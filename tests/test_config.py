@@ -91,3 +91,17 @@ def test_training_data_options_are_checked_against_the_dataset():
         load_train_config(data="text_mixture", steps=1, data_options={"wieghts": weights})
     with pytest.raises(ValueError, match="set by the training run"):
         load_train_config(data="shakespeare", steps=1, data_options={"seq_len": 64})
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads ``3e-3`` as a string, which strict recipe types would refuse; recipes read it as
+    YAML 1.2 does. Quoted, it stays a string (and is refused where a number belongs)."""
+    from upcycle.cli import _key_values
+    from upcycle.errors import parse_yaml, read_yaml
+
+    assert parse_yaml("3e-3") == 0.003 and parse_yaml("-2E+3") == -2000.0 and parse_yaml("1.5e2") == 150.0
+    assert parse_yaml('"3e-3"') == "3e-3" and parse_yaml("abc") == "abc" and parse_yaml("7") == 7
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 3e-4\n")
+    assert read_yaml(recipe) == {"train": {"lr": 0.0003}}
+    assert _key_values(["lr=3e-3"]) == {"lr": 0.003}

@@ -93,11 +93,13 @@ def test_digits_without_scikit_learn(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     digits._read.cache_clear()
+    digits._splits.cache_clear()  # splits an earlier test read would otherwise be served without reading again
     try:
         with pytest.raises(FileNotFoundError, match=r"pip install 'upcycle\[sklearn\]'"):
             load_dataset("digits", "train")
     finally:
         digits._read.cache_clear()
+        digits._splits.cache_clear()
 
 
 def test_training_without_tensorboard_warns_and_keeps_its_csv(tmp_path, monkeypatch):

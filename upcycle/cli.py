@@ -15,7 +15,7 @@ import yaml
 
 from . import __version__
 from .bench import BENCHMARKS
-from .errors import UserError, positive_finite
+from .errors import UserError, parse_yaml, positive_finite
 from .export import FORMATS
 
 EXAMPLES = """\
@@ -148,7 +148,7 @@ def _key_values(items: list[str]) -> dict:
         if not sep or not key:
             raise UserError(f"--set expects KEY=VALUE, got {item!r}")
         try:
-            values[key] = yaml.safe_load(value)  # numbers, booleans and strings as YAML reads them
+            values[key] = parse_yaml(value)  # numbers (1e-3 too), booleans and strings as recipes read them
         except yaml.YAMLError:
             raise UserError(f"--set {key}: {value!r} is not a YAML value (quote it: --set 'k=[1, 2]')") from None
     return values

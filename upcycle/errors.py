@@ -8,6 +8,7 @@ flag, a config value, a damaged or unsuitable checkpoint), 1 for a run that fail
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 
 import torch
@@ -52,10 +53,27 @@ def positive_finite(value: float | None, flag: str) -> float | None:
     return value
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float rule: PyYAML follows YAML 1.1, where ``3e-3`` (no dot) is a
+    string, and strict recipe types would then refuse the way everybody writes a learning rate."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str):
+    """YAML text as recipes read it (safe, and ``1e-3`` is a float)."""
+    return yaml.load(text, Loader=RecipeLoader)  # safe: RecipeLoader is a SafeLoader (no Python objects)
+
+
 def read_yaml(path, what: str = "recipe"):
     """A YAML file's content; a syntax error names the file, line and column instead of a parser traceback."""
     try:
-        return yaml.safe_load(path.read_text())
+        return parse_yaml(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
