@@ -478,8 +478,6 @@ def main(argv: list[str] | None = None) -> int:
 def describe_error(error: Exception) -> tuple[str, int]:
     """The message and exit code of an error: bad input (``UserError`` and the library's ``ValueError``, a missing
     or existing path) exits 2; a failure of the machine (a read-only folder, a full disk) or of the run exits 1."""
-    from .errors import UserError
-
     if isinstance(error, UserError):
         return str(error), error.exit_code
     if isinstance(error, ValueError | FileExistsError | FileNotFoundError):
