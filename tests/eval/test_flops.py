@@ -228,3 +228,17 @@ def test_flops_fraction_counts_both_models_with_the_given_forward(llama):
     moe_macs = count_macs(moe, inputs, forward=first_tokens).total
     expected = moe_macs / count_macs(dense, inputs, forward=first_tokens).total
     assert flops_fraction(moe, dense, inputs, forward=first_tokens) == pytest.approx(expected, rel=1e-12)
+
+
+def test_bert_ffn_is_found_by_its_adapters_sites():
+    from tests.conversion.tiny_models import build
+
+    bert = build("bert")  # BertIntermediate / BertOutput: class names alone do not say "FFN"
+    T, d, h, layers = 8, 32, 64, 3
+    ids = torch.randint(0, 97, (2, T))
+    report = count_macs(bert, {"input_ids": ids, "attention_mask": torch.ones(2, T, dtype=torch.long)})
+    assert report.breakdown["ffn"] == layers * T * 2 * d * h  # up (intermediate) and down (output) projections
+    assert report.per_module["encoder.layer.0.output"] == T * h * d
+    assert report.breakdown["other"] == d * d  # the pooler, on the first token
+    as_dict = report.to_dict()
+    assert as_dict["total"] == report.total and as_dict["breakdown"] == report.breakdown

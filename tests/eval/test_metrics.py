@@ -145,3 +145,36 @@ def test_mean_pool_skips_masked_tokens():
     assert torch.equal(mean_pool(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[0.5, 0.5]]))
     assert torch.equal(mean_pool(hidden), hidden.mean(1))
     assert mean_pool(torch.ones(2, 4, 3, 3)).shape == (2, 4)  # channels-first grid
+
+
+def test_mean_pool_averages_each_example_over_its_own_tokens():
+    hidden = torch.tensor([[[2.0, 4.0], [8.0, 8.0], [9.0, 9.0]], [[1.0, 3.0], [3.0, 5.0], [5.0, 7.0]]])  # [2, 3, 2]
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]])  # one token kept in the first example, all three in the second
+    assert torch.equal(mean_pool(hidden, mask), torch.tensor([[2.0, 4.0], [3.0, 5.0]]))
+    assert torch.equal(mean_pool(hidden, torch.tensor([[0, 0, 0], [1, 1, 1]]))[0], torch.zeros(2))  # nothing kept
+
+
+class NoFeatures(nn.Module):
+    """An image model without ``forward_features``: its output is what fidelity compares."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.proj(x.mean((2, 3)))
+
+
+def test_representation_of_each_kind_of_model(dense_vit, dense_llama):
+    from upcycle.eval.metrics import representation
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(representation(dense_vit, {"x": x}), dense_vit.forward_features(x))  # timm: features
+        plain = NoFeatures()
+        assert torch.equal(representation(plain, {"x": x}), plain(x))  # no forward_features: the output
+        ids = torch.randint(0, 97, (2, 6))
+        hidden = dense_llama.model(input_ids=ids).last_hidden_state  # HF: the last hidden state, not the logits
+        assert torch.equal(representation(dense_llama, {"input_ids": ids}), hidden)
+        logits = representation(dense_llama, {"input_ids": ids}, lambda m, inputs: m(**inputs).logits)
+        assert logits.shape == (2, 6, 97)  # a given forward is what is compared

@@ -8,7 +8,7 @@ from torch import nn
 
 import upcycle
 from upcycle.eval import count_parameters
-from upcycle.layers import FFN, Experts, MoE, SoftMoERouter, TopKRouter
+from upcycle.layers import FFN, Experts, MoE, Router, SoftMoERouter, TopKRouter
 
 from .helpers import FixedRouter
 
@@ -76,3 +76,31 @@ def test_converted_llama_with_tied_embeddings(dense_llama):
 def test_active_scales_with_k(k):
     counts = count_parameters(model_with(TopKRouter(D, E, top_k=k)))
     assert counts["experts_active"] == k * PER_EXPERT
+
+
+def test_experts_shared_by_two_layers_count_once():
+    first = MoE(TopKRouter(D, E, top_k=2), Experts(E, D, H))
+    second = MoE(TopKRouter(D, E, top_k=2), first.experts)  # the same expert weights, a second router
+    counts = count_parameters(nn.Sequential(first, second))
+    assert counts["experts_total"] == E * PER_EXPERT
+    assert counts["experts_active"] == 2 * PER_EXPERT
+    assert counts["total"] == E * PER_EXPERT + 2 * D * E  # parameters() yields the shared experts once
+    assert counts["active"] == counts["total"] - (E - 2) * PER_EXPERT
+
+
+class Unregistered(Router):
+    """A router class that was never registered (no registry name): neither top-k nor slots."""
+
+    def forward(self, x):
+        raise NotImplementedError
+
+
+def test_unregistered_router_uses_every_expert_unless_measured():
+    model = model_with(Unregistered(D, E))
+    assert count_parameters(model)["experts_active"] == E * PER_EXPERT
+    assert count_parameters(model, experts_per_token=3.0)["experts_active"] == 3 * PER_EXPERT
+
+
+def test_slot_router_ignores_a_measured_figure():
+    model = model_with(SoftMoERouter(D, E, slots_per_expert=2))
+    assert count_parameters(model, experts_per_token=1.0)["experts_active"] == E * PER_EXPERT

@@ -81,3 +81,77 @@ def test_heatmap_is_written_atomically(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["load.png"]  # no temporary file left behind
     with pytest.raises(ValueError, match="no routing statistics"):
         plot_expert_load({}, tmp_path / "empty.png")
+
+
+def one_call(load, kind, tokens=4):
+    return {"tokens": tokens, "load": load, "entropy": 0.0, "max_entropy": 1.0, "dropped_pairs": 0.0,
+            "dropped_tokens": 0.0, "kind": kind}  # fmt: skip
+
+
+def test_dead_experts_by_the_rule_of_each_kind_of_routing():
+    from upcycle.eval.routing_report import aggregate
+
+    loads = [0.6, 0.37, 0.028, 0.002]  # one expert below 1% of the uniform share (0.0025), one above
+    assert aggregate([one_call(loads, "sparse")])["dead_experts"] == 0  # sparse: only experts with no pair
+    assert aggregate([one_call([0.7, 0.3, 0.0, 0.0], "sparse")])["dead_experts"] == 2
+    assert aggregate([one_call(loads, "slots")])["dead_experts"] == 1  # slots: below 1% of a uniform share
+    assert aggregate([one_call([0.6, 0.3975, 0.0, 0.0025], "slots")])["dead_experts"] == 1  # at the bound: alive
+
+
+def test_a_single_token_is_its_own_average():
+    from upcycle.eval.routing_report import aggregate
+
+    layer = aggregate([{**one_call([0.0, 1.0], "sparse", tokens=1), "entropy": 0.5}])
+    assert layer["load"] == [0.0, 1.0] and layer["entropy"] == 0.5 and layer["dead_experts"] == 1
+
+
+def saved_figure(monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+
+    def spy(self, *args, **kwargs):
+        figures.append((self, kwargs.get("format")))
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    return figures
+
+
+def test_heatmap_shows_each_layers_load_on_a_scale_from_zero(tmp_path, monkeypatch):
+    figures = saved_figure(monkeypatch)
+    stats = {"layers.0": {"load": [0.25, 0.25, 0.25, 0.25]}, "layers.1": {"load": [0.5, 0.5]}}
+    plot_expert_load(stats, tmp_path / "load.png")
+    (figure, _), = figures
+    heatmap = figure.axes[0]
+    image = heatmap.images[0]
+    assert image.get_clim()[0] == 0.0  # a uniform router is not drawn at the bottom of the scale
+    shown = torch.tensor(image.get_array().filled(float("nan")))
+    assert torch.equal(shown[0], torch.full((4,), 0.25))
+    assert torch.equal(shown[1, :2], torch.tensor([0.5, 0.5])) and shown[1, 2:].isnan().all()  # padded, blank
+    assert [t.get_text() for t in heatmap.get_yticklabels()] == ["layers.0", "layers.1"]
+    assert list(heatmap.get_xticks()) == [0, 1, 2, 3]
+    assert len(figure.axes) == 2 and image.colorbar.ax is figure.axes[1]  # the colour bar is the heatmap's scale
+
+
+@pytest.mark.parametrize(("name", "magic"), [("load.svg", b"<?xml"), ("load.pdf", b"%PDF"), ("load", b"\x89PNG"),
+                                             ("load.PNG", b"\x89PNG")])  # fmt: skip
+def test_heatmap_format_follows_the_suffix(tmp_path, name, magic):
+    path = plot_expert_load({"layers.0": {"load": [0.5, 0.5]}}, tmp_path / name)
+    assert path.read_bytes().startswith(magic)
+
+
+def test_heatmap_grows_with_experts_and_layers_up_to_a_bound(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    sizes = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: sizes.append(tuple(self.get_size_inches())))
+
+    def size(layers, experts):
+        plot_expert_load({f"layers.{i}": {"load": [1 / experts] * experts} for i in range(layers)}, tmp_path / "x.png")
+        return sizes[-1]
+
+    few, more_experts, more_layers = size(2, 2), size(2, 8), size(8, 2)
+    assert more_experts[0] > few[0] and more_experts[1] == few[1]
+    assert more_layers[1] > few[1] and more_layers[0] == few[0]
+    assert size(2, 64) == size(2, 128) and size(64, 2) == size(128, 2)  # bounded: huge models stay readable

@@ -1,0 +1,59 @@
+"""``evaluate_model`` (``upcycle eval``) on a tiny ViT and its MoE on sklearn digits: the metric, MACs, parameters
+and routing of the split asked for, written to ``eval.json`` (and the expert-load heatmap) when ``out`` is given."""
+
+import json
+
+import pytest
+import torch
+
+import upcycle
+from upcycle.data import load_dataset
+from upcycle.eval import accuracy, count_macs, count_parameters
+from upcycle.eval.report import evaluate_model
+from upcycle.sources import load_timm
+
+SIZES = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return load_timm("vit_tiny_patch16_224", None, False, {"num_classes": 10, **SIZES}).eval()
+
+
+@pytest.fixture(scope="module")
+def vit_moe(vit):
+    return upcycle.convert(vit, "sparse_upcycling", num_experts=4, top_k=2, progress=False, router_init_std=1.0)
+
+
+def test_dense_model_on_the_test_split_by_default(vit):
+    test = load_dataset("digits", "test", image_size=8, channels=1)
+    result = evaluate_model(vit, "digits", batch_size=128)
+    assert result["split"] == "test" and result["data"] == "digits"
+    assert result["examples"] == len(test)  # every example once, the short last batch included
+    batches = [{"x": torch.stack([test[i]["x"] for i in range(s, min(s + 128, len(test)))]),
+                "labels": torch.stack([test[i]["labels"] for i in range(s, min(s + 128, len(test)))])}
+               for s in range(0, len(test), 128)]  # fmt: skip
+    assert result["accuracy"] == accuracy(vit, batches)
+    first = batches[0]["x"][:8]
+    assert result["macs_per_sample"] == count_macs(vit, {"x": first}).total
+    assert result["parameters"] == count_parameters(vit)
+    assert "routing" not in result  # no MoE layer
+
+
+def test_max_batches_bounds_the_examples_and_routing(vit_moe, tmp_path):
+    result = evaluate_model(vit_moe, "digits", "val", batch_size=16, max_batches=3, out=tmp_path)
+    assert result["split"] == "val" and result["examples"] == 3 * 16
+    assert sorted(result["routing"]) == ["blocks.0.mlp.moe"]
+    assert result["routing"]["blocks.0.mlp.moe"]["calls"] == 3  # the routing walks the same bounded batches
+    assert result["routing"]["blocks.0.mlp.moe"]["tokens"] == 3 * 16 * 5  # 4 patches + the class token
+    assert result["expert_load_png"] == str(tmp_path / "expert_load.png")
+    assert (tmp_path / "expert_load.png").read_bytes().startswith(b"\x89PNG")
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["examples"] == 48 and written["accuracy"] == pytest.approx(result["accuracy"])
+    assert written["routing"]["blocks.0.mlp.moe"]["load"] == pytest.approx(result["routing"]["blocks.0.mlp.moe"]["load"])
+    assert result["parameters"]["active"] < result["parameters"]["total"]  # top-2 of 4 experts
+
+
+def test_training_split_is_refused(vit):
+    with pytest.raises(ValueError, match="held-out split"):
+        evaluate_model(vit, "digits", "train")
