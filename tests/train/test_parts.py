@@ -168,3 +168,51 @@ def test_auxiliary_losses_are_minimised_not_maximised(tmp_path):
     with open(tmp_path / "run" / "metrics.csv") as handle:
         balance = [float(row["aux"]) for row in csv.DictReader(handle) if row["split"] == "train"]
     assert balance[-1] < balance[0] - 0.05, balance
+
+
+def test_a_resumed_run_ends_with_the_weights_and_ema_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """In process and small (the SIGKILL test of test_runs is slow): a run stopped after its step-2 checkpoint and
+    resumed ends like the straight run, EMA included (the final model holds the EMA weights)."""
+    import copy
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from upcycle.sources import load_timm
+    from upcycle.train import train
+    from upcycle.train.metrics_log import MetricsLog
+
+    monkeypatch.setattr(MetricsLog, "plot", lambda self, metric: None)  # the curves are not what is tested here
+    dense = load_timm("vit_tiny_patch16_224", None, False, {"img_size": 8, "patch_size": 4, "in_chans": 1,
+                      "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 10})  # fmt: skip
+    config = {"data": "digits", "steps": 4, "batch_size": 16, "lr": 1e-2, "warmup": 0, "ema": 0.5,
+              "checkpoint_every": 2, "eval_batches": 1, "log_every": 1}  # fmt: skip
+    out = tmp_path / "run"
+    train(copy.deepcopy(dense), config, out, progress=False)
+    straight = load_file(out / "model" / "model.safetensors")
+    shutil.rmtree(out / "checkpoints" / "step-00000004")  # as if killed between the two checkpoints
+    shutil.rmtree(out / "model")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(copy.deepcopy(dense), config, out, progress=False)
+    train(copy.deepcopy(dense), config, out, resume=True, progress=False)
+    resumed = load_file(out / "model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight  # tied, as an LM head often is
+
+
+def test_checkpoint_state_of_an_unsharded_model_holds_tied_tensors_once(tmp_path):
+    from upcycle.train.sharding import full_model_state
+
+    model = TiedLM()
+    state = full_model_state(model)
+    assert list(state) == ["embed.weight"]  # safetensors refuses two names for one storage
+    save_checkpoint(tmp_path, 1, state, {}, None, keep=1)
+    assert torch.equal(latest_checkpoint(tmp_path).model["embed.weight"], model.embed.weight)
