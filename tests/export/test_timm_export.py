@@ -64,3 +64,21 @@ def test_cli_export_timm_and_refusals(tmp_path, capsys):
         upcycle.export(lm, tmp_path / "x", format="timm")
     with pytest.raises(ValueError, match="unknown export format 'onnx'"):
         upcycle.export(lm, tmp_path / "x", format="onnx")
+
+
+def test_export_carries_the_preprocessing_config_and_refuses_a_new_head(tmp_path):
+    import json
+
+    import timm
+
+    vit = build("vit")
+    moe = upcycle.convert(vit, "sparse_upcycling", num_experts=2, top_k=1, progress=False).eval()
+    upcycle.export(moe, tmp_path / "timm", format="timm")
+    config = json.loads((tmp_path / "timm" / "config.json").read_text())
+    for key in ("input_size", "mean", "std", "first_conv", "classifier"):  # what timm's transforms and heads read
+        assert config["pretrained_cfg"][key] == json.loads(json.dumps(vit.pretrained_cfg[key]))
+    assert config["num_classes"] == 5 and config["num_features"] == vit.num_features
+    rebuilt = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True, num_classes=5)
+    assert rebuilt.num_classes == 5  # asking for the exported head size is fine
+    with pytest.raises(ValueError, match="resizing its head is not supported"):
+        timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True, num_classes=7)
