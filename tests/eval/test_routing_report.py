@@ -122,7 +122,7 @@ def test_heatmap_shows_each_layers_load_on_a_scale_from_zero(tmp_path, monkeypat
     figures = saved_figure(monkeypatch)
     stats = {"layers.0": {"load": [0.25, 0.25, 0.25, 0.25]}, "layers.1": {"load": [0.5, 0.5]}}
     plot_expert_load(stats, tmp_path / "load.png")
-    (figure, _), = figures
+    ((figure, _),) = figures
     heatmap = figure.axes[0]
     image = heatmap.images[0]
     assert image.get_clim()[0] == 0.0  # a uniform router is not drawn at the bottom of the scale
