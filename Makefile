@@ -70,6 +70,7 @@ data: install
 lint: install
 	$(VENV)/bin/ruff check upcycle tests
 	$(VENV)/bin/ruff format --check upcycle tests
+	$(VENV)/bin/lint-imports  # the layering contracts in pyproject.toml
 
 test: install lint data
 	$(PY) -m pytest --durations=10

@@ -93,7 +93,7 @@ def _disk_full(tensors, filename, metadata=None):
 
 def _nan_on_step(step: int):
     """A loss that turns NaN on optimizer step ``step`` (1-based)."""
-    from upcycle.train.tasks import ImageClassification
+    from upcycle.eval.tasks import ImageClassification
 
     original, calls = ImageClassification.loss, {"n": 0}
 
@@ -174,7 +174,7 @@ CASES = [
     Case("export of a saved model with NaN weights", lambda w: ["export", w.poison("moe", "lm_head.weight"),
          "--format", "mixtral", "--out", str(w.out)], 2, "contains NaN or Inf in lm_head.weight"),
     Case("NaN loss on the last step", lambda w: (w.monkeypatch.setattr(
-         "upcycle.train.tasks.ImageClassification.loss", _nan_on_step(2)), _train(w))[1], 1,
+         "upcycle.eval.tasks.ImageClassification.loss", _nan_on_step(2)), _train(w))[1], 1,
          "the loss became nan at step 2", absent="model"),
     Case("weights Inf after the last update", lambda w: [*_train_args(w.copy("vit"), w.out, steps=1), "--lr", "1e39",
          "--set", "grad_clip=null", "--set", "warmup=0"], 1, "the weights became NaN or Inf at step 1", absent="model"),

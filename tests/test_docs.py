@@ -51,7 +51,7 @@ def render_registries() -> str:
     from upcycle.layers import get_backend, list_backends
     from upcycle.layers.routers import build_router  # noqa: F401  (registers every router)
     from upcycle.layers.routers.base import _ROUTERS
-    from upcycle.recycling.merge import MERGE_METHODS
+    from upcycle.methods.bam.merge import MERGE_METHODS
 
     lines = [
         "# Registries: everything chosen by name",

@@ -65,7 +65,7 @@ def test_available(monkeypatch):
 
 
 def test_graph_partition_sampling_without_pymetis(monkeypatch):
-    from upcycle.recycling.jetpack_sampling import graph_partition_sampling
+    from upcycle.methods.jetpack.sampling import graph_partition_sampling
 
     monkeypatch.setitem(sys.modules, "pymetis", None)
     counts = torch.ones(8, 8)

@@ -1,13 +1,12 @@
-"""Every YAML recipe shipped in recipes/ validates against the config models."""
-
-from pathlib import Path
+"""Every YAML recipe shipped with the package validates against the config models and is found by name."""
 
 import pytest
 import yaml
 
 from upcycle.config import load_convert_config, load_train_config
+from upcycle.recipes import list_recipes
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted(list_recipes().values())
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -21,11 +20,11 @@ def test_recipe_validates(path):
 
         load_run_recipe(path)
     if "bam" in sections:
-        from upcycle.bam import load_recipe
+        from upcycle.methods.bam import load_recipe
 
         load_recipe(path)
     if "d2dmoe" in sections:
-        from upcycle.d2dmoe import load_recipe
+        from upcycle.methods.d2dmoe import load_recipe
 
         load_recipe(path)
     if "train" in sections:
@@ -39,9 +38,9 @@ def test_there_are_recipes():
 
 
 def test_jetpack_recipe_is_what_the_benchmark_runs():
-    from upcycle.bench import jetpack
+    from upcycle.methods.jetpack import bench as jetpack
 
-    path = Path(__file__).parent.parent / "recipes" / "jetpack_mnist5k.yaml"
+    path = list_recipes()["jetpack_mnist5k"]
     train = load_train_config(path)
     expected = load_train_config({**jetpack.FULL.finetune, "data": "mnist5k"})
     ignored = {"eval_every", "log_every"}  # the benchmark sets them per dataset
@@ -53,27 +52,27 @@ def test_jetpack_recipe_is_what_the_benchmark_runs():
 
 
 def test_d2dmoe_recipe_is_what_the_benchmark_runs():
-    from upcycle.bench import d2dmoe
-    from upcycle.d2dmoe import load_recipe
+    from upcycle.methods.d2dmoe import bench as d2dmoe
+    from upcycle.methods.d2dmoe import load_recipe
 
-    shipped = load_recipe(Path(__file__).parent.parent / "recipes" / "d2dmoe_vit_fashion_mnist.yaml")
+    shipped = load_recipe(list_recipes()["d2dmoe_vit_fashion_mnist"])
     bench = load_recipe({**d2dmoe.FULL.vit_recipe, "attention": d2dmoe.FULL.vit_attention})
     assert shipped == bench
 
 
 def test_bam_recipe_is_what_the_benchmark_runs():
-    from upcycle.bam import load_recipe
-    from upcycle.bench import bam
+    from upcycle.methods.bam import bench as bam
+    from upcycle.methods.bam import load_recipe
 
-    shipped = load_recipe(Path(__file__).parent.parent / "recipes" / "bam_lm_tiny_text.yaml")
+    shipped = load_recipe(list_recipes()["bam_lm_tiny_text"])
     assert shipped == load_recipe(bam.FULL.recipe)
 
 
 PIPELINES = {  # the issue's list: one recipe per paper pipeline, each runnable with `upcycle run`
-    "jetpack_mnist5k.yaml": "convert", "jetpack_convnext_mnist5k.yaml": "convert",
-    "d2dmoe_vit_fashion_mnist.yaml": "d2dmoe", "moefication_minilm.yaml": "d2dmoe", "btx_lm_tiny_text.yaml": "bam",
-    "bam_expert_kv_lm_tiny_text.yaml": "bam", "bam_shared_kv_lm_tiny_text.yaml": "bam",
-    "sparse_upcycling_smollm2.yaml": "convert",
+    "jetpack_mnist5k": "convert", "jetpack_convnext_mnist5k": "convert",
+    "d2dmoe_vit_fashion_mnist": "d2dmoe", "moefication_minilm": "d2dmoe", "btx_lm_tiny_text": "bam",
+    "bam_expert_kv_lm_tiny_text": "bam", "bam_shared_kv_lm_tiny_text": "bam",
+    "sparse_upcycling_smollm2": "convert",
 }  # fmt: skip
 
 
@@ -81,5 +80,31 @@ PIPELINES = {  # the issue's list: one recipe per paper pipeline, each runnable 
 def test_every_paper_pipeline_has_a_runnable_recipe(name):
     from upcycle.run import load_run_recipe
 
-    run, recipe = load_run_recipe(Path(__file__).parent.parent / "recipes" / name)
+    run, recipe = load_run_recipe(name)
     assert PIPELINES[name] in recipe and run.source
+
+
+def test_a_recipe_is_found_by_name_or_path_and_a_wrong_name_lists_the_built_in_ones(tmp_path):
+    from upcycle.errors import UserError
+    from upcycle.recipes import recipe_file
+
+    builtin = recipe_file("jetpack_mnist5k")
+    assert builtin.parent.parent.name == "jetpack"  # in the method's home
+    assert recipe_file("jetpack_mnist5k.yaml") == builtin
+    own = tmp_path / "jetpack_mnist5k.yaml"
+    own.write_text("train: {}\n")
+    assert recipe_file(own) == own  # a file the user names wins over a built-in of the same name
+    with pytest.raises(FileNotFoundError, match=r"not a built-in recipe; built-in: .*moefication_minilm"):
+        recipe_file("jetpack_mnist")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        recipe_file(tmp_path / "missing.yaml")  # a path is never looked up among the built-in names
+    with pytest.raises(UserError, match="is not a file"):
+        recipe_file(tmp_path)
+
+
+def test_every_method_recipe_lives_in_its_method_home():
+    homes = {"jetpack": "jetpack", "d2dmoe": "d2dmoe", "moefication": "d2dmoe", "bam": "bam", "btx": "bam",
+             "sparse_upcycling": "sparse_upcycling", "pretrain": "recipes"}  # fmt: skip
+    for name, path in list_recipes().items():
+        home = next(home for prefix, home in homes.items() if name.startswith(prefix))
+        assert home in path.parts[-3:-1], (name, path)

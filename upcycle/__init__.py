@@ -17,16 +17,17 @@ from ._compat import fix_torchvision_operators
 
 fix_torchvision_operators()
 
+from . import methods  # noqa: E402,F401  (registers every method's recycling functions and routers)
 from .adapters import list_adapters  # noqa: E402
 from .config import ConvertConfig, load_convert_config  # noqa: E402
 from .convert import convert  # noqa: E402
 from .export import export, load, save  # noqa: E402
 from .export.timm_export import register_with_timm  # noqa: E402
 from .layers import list_backends, list_routers  # noqa: E402
+from .methods.bam.merge import merge  # noqa: E402
 from .models import register as register_with_transformers  # noqa: E402
 from .models import register_loaded  # noqa: E402
 from .recycling import list_methods  # noqa: E402
-from .recycling.merge import merge  # noqa: E402
 from .stream import convert_streaming  # noqa: E402
 from .verify import verify  # noqa: E402
 

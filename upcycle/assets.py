@@ -45,6 +45,16 @@ def minilm_dir() -> Path:
     return path
 
 
+def minilm_classifier(num_labels: int):
+    """all-MiniLM-L6-v2 with a fresh classification head of ``num_labels`` classes (its tokenizer is its origin)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" notice is expected
+    model = transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels)
+    model.upcycle_origin = str(minilm_dir())
+    return model
+
+
 def main() -> None:
     """``python -m upcycle.assets`` (part of ``make data``): locate both checkpoints and dequantise SmolLM2 now, so
     the first run that needs it does not wait."""

@@ -25,7 +25,7 @@ examples:
   upcycle verify DIR --against SOURCE                 max |moe - dense| end to end and per layer
   upcycle train DIR --data shakespeare --steps 200 --out RUN
   upcycle export RUN/model --format mixtral --out HF_DIR
-  upcycle run recipes/moefication_minilm.yaml         a whole paper pipeline from one recipe
+  upcycle run moefication_minilm         a whole paper pipeline from one recipe
 
 SOURCE: a Hugging Face model folder, a .gguf file, timm:ARCH, or a folder written by upcycle.
 Each command has its own --help; the README is the guide and docs/cli.md the reference.
@@ -193,7 +193,7 @@ def _pipeline_recipe(load, args: argparse.Namespace):
 
 
 def _cmd_d2dmoe(args: argparse.Namespace) -> int:
-    from .d2dmoe import load_recipe, run_d2dmoe
+    from .methods.d2dmoe import load_recipe, run_d2dmoe
     from .sources import load_source
 
     recipe = _pipeline_recipe(load_recipe, args)
@@ -207,7 +207,7 @@ def _cmd_d2dmoe(args: argparse.Namespace) -> int:
 
 
 def _cmd_bam(args: argparse.Namespace) -> int:
-    from .bam import load_recipe, run_bam
+    from .methods.bam import load_recipe, run_bam
     from .sources import load_source
 
     recipe = _pipeline_recipe(load_recipe, args)
@@ -273,7 +273,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print("methods:")
         for method in upcycle.list_methods():
             print(f"  {method['name']:<18} {method['description']}  [{method['paper']}]")
-        from .recycling.merge import MERGE_METHODS
+        from .methods.bam.merge import MERGE_METHODS
 
         print("merge methods (several dense LMs -> one MoE; upcycle.merge, upcycle bam):")
         for name, (description, paper) in MERGE_METHODS.items():
@@ -290,6 +290,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
         from .data import list_datasets
 
         print(f"datasets: {', '.join(list_datasets())}")
+    if args.what in ("recipes", "all"):
+        from .recipes import list_recipes
+
+        print("recipes (upcycle run NAME, or --config / --recipe NAME):")
+        for name, path in list_recipes().items():
+            home = path.parent.parent.name if "methods" in path.parts else "dense pre-training"
+            print(f"  {name:<34} {home}")
     return 0
 
 
@@ -298,7 +305,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.rounds and args.name != "layers":
         raise ValueError("--rounds applies to the layers benchmark only")
-    module = importlib.import_module(f"upcycle.bench.{args.name}")
+    module = importlib.import_module(BENCHMARKS[args.name])
     options = {"rounds": args.rounds} if args.rounds else {}
     result = module.run(out=args.out, quick=args.quick, **options)
     print(json.dumps(result["summary"], indent=2))
@@ -401,11 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     bam.set_defaults(func=_cmd_bam)
 
     run = commands.add_parser(
-        "run", help="run a whole pipeline from one YAML recipe (recipes/*.yaml)",
+        "run", help="run a whole pipeline from one YAML recipe (a file, or a built-in name: upcycle list recipes)",
         description="RECIPE: a YAML file with a 'run' section (source, optional pretrain / finetune / export) and "
                     "one pipeline section: d2dmoe, bam, or convert (+ train). Reruns resume.",
     )  # fmt: skip
-    run.add_argument("recipe", help="e.g. recipes/moefication_minilm.yaml")
+    run.add_argument("recipe", help="e.g. moefication_minilm")
     run.add_argument("--out", help="run folder (default: the recipe's run.out, else runs/<recipe name>)")
     run.add_argument("--redo", action="store_true", help="rebuild stages whose recipe fields changed")
     run.set_defaults(func=_cmd_run)
@@ -431,13 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.set_defaults(func=_cmd_eval)
 
     listing = commands.add_parser(
-        "list", help="list methods (conversion and merge), adapters, routers, expert backends, datasets"
+        "list", help="list methods (conversion and merge), adapters, routers, expert backends, datasets, recipes"
     )
     listing.add_argument(
         "what",
         nargs="?",
         default="all",
-        choices=["all", "methods", "adapters", "routers", "backends", "datasets"],
+        choices=["all", "methods", "adapters", "routers", "backends", "datasets", "recipes"],
         help="what to list (default all)",
     )
     listing.set_defaults(func=_cmd_list)

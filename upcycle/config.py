@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError, yaml_mapping
+from .recipes import recipe_file
 
 LayerSelection = Literal["all", "every_other", "last_half"] | list[int]
 # recipe fields that choose how a model computes, not what it is: they apply to the model in hand and are never saved
@@ -87,9 +88,7 @@ def load_convert_config(source: str | Path | dict | ConvertConfig | None = None,
     if isinstance(source, ConvertConfig):
         data = source.model_dump()
     elif isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+        path = recipe_file(source, "config")
         data = yaml_mapping(path, "config")
         data = data.get("convert", data)
         if not isinstance(data, dict):
@@ -223,9 +222,7 @@ def load_train_config(source: str | Path | dict | TrainConfig | None = None, **o
     if isinstance(source, TrainConfig):
         data = source.model_dump()
     elif isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+        path = recipe_file(source, "config")
         loaded = yaml_mapping(path, "config")
         data = loaded.get("train", loaded)
         if not isinstance(data, dict):
@@ -260,9 +257,7 @@ def load_recipe_section(source, section: str, model: type[BaseModel], what: str,
     if isinstance(source, model):
         return source
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} does not exist")
+        path = recipe_file(source, "recipe")
         loaded = yaml_mapping(path)
         source = loaded.get(section, loaded)
     if source is None and empty_ok:
@@ -273,3 +268,17 @@ def load_recipe_section(source, section: str, model: type[BaseModel], what: str,
         return model(**source)
     except ValidationError as error:
         raise UserError(explain(error, what, whole="recipe")) from None
+
+
+def select_layers(count: int, selection: LayerSelection) -> list[int]:
+    """Indices of the FFNs to convert among ``count``: all, every other (1, 3, 5, ...), the last half, or a list."""
+    if selection == "all":
+        return list(range(count))
+    if selection == "every_other":
+        return list(range(1, count, 2))  # odd layers, as Switch / GShard interleave MoE with dense layers
+    if selection == "last_half":
+        return list(range(count // 2, count))
+    out_of_range = [i for i in selection if i >= count]
+    if out_of_range:
+        raise ValueError(f"layers {out_of_range} do not exist: the model has {count} FFNs (indices 0..{count - 1})")
+    return sorted(selection)

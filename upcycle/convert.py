@@ -8,7 +8,6 @@ each MoE layer's structure, which is all ``upcycle.save`` / ``upcycle.load`` nee
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -16,26 +15,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, find_adapter, get_adapter
-from .config import RUNTIME_FIELDS, ConvertConfig, LayerSelection, load_convert_config
+from .config import RUNTIME_FIELDS, ConvertConfig, load_convert_config, select_layers
 from .errors import check_finite
-from .layers import describe_moe, moe_layers
+from .layers import describe_moe
+from .record import RECORD_VERSION, json_pure
 from .recycling import get_method
-
-RECORD_VERSION = 1
-
-
-def select_layers(count: int, selection: LayerSelection) -> list[int]:
-    """Indices of the FFNs to convert among ``count``: all, every other (1, 3, 5, ...), the last half, or a list."""
-    if selection == "all":
-        return list(range(count))
-    if selection == "every_other":
-        return list(range(1, count, 2))  # odd layers, as Switch / GShard interleave MoE with dense layers
-    if selection == "last_half":
-        return list(range(count // 2, count))
-    out_of_range = [i for i in selection if i >= count]
-    if out_of_range:
-        raise ValueError(f"layers {out_of_range} do not exist: the model has {count} FFNs (indices 0..{count - 1})")
-    return sorted(selection)
 
 
 def convert(
@@ -90,38 +74,6 @@ def convert(
     check_finite(target.state_dict().items(), "the converted model",
                  f"check the {cfg.method} options (a scale or std too large?)")  # fmt: skip
     return target
-
-
-def ensure_record(model: nn.Module) -> dict:
-    """The model's conversion record; a dense model gets one with no MoE layers, so it saves and loads the same way."""
-    record = getattr(model, "upcycle_record", None)
-    if record is None:
-        adapter = find_adapter(model)
-        record = json_pure({
-            "version": RECORD_VERSION, "adapter": adapter.name, "source": adapter.describe(model),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "convert": None, "layers": {},
-        })  # fmt: skip
-        model.upcycle_record = record
-    return record
-
-
-def sync_router_specs(model: nn.Module) -> None:
-    """Refresh each recorded layer's router spec from the live router: options set after conversion (the dynamic-k
-    ``tau``, ``top_k``, see ``set_tau`` / ``set_top_k``) are part of what a saved model must reload with."""
-    record = getattr(model, "upcycle_record", None) or {}
-    sites = record.get("layers", {})
-    for name, layer in moe_layers(model):
-        site = next((site for site in sites if name == site or name.startswith(f"{site}.")), None)
-        if site is not None:
-            sites[site]["router"] = json_pure(layer.router.spec())
-
-
-def json_pure(record: dict) -> dict:
-    """The record exactly as it reads back from config.json (tuples become lists), or a clear error."""
-    try:
-        return json.loads(json.dumps(record))
-    except TypeError as error:
-        raise ValueError(f"the model description is not plain data ({error}); pass JSON-friendly kwargs") from None
 
 
 def convert_source(

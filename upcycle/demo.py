@@ -50,7 +50,7 @@ class DemoScale:
     finetune: dict  # SmolLM2 fine-tuning on Shakespeare, the MoE's and (longer) the dense control's
     new_tokens: int  # length of the generated sample
     minilm_finetune: dict  # MiniLM + head, dense
-    minilm_recipe: dict  # upcycle.d2dmoe recipe; eval_examples: held-out passages per split
+    minilm_recipe: dict  # upcycle.methods.d2dmoe recipe; eval_examples: held-out passages per split
     mac_examples: int  # held-out passages whose MACs are averaged at each τ
 
 
@@ -128,8 +128,8 @@ def held_out_point(model: nn.Module, config: dict) -> dict:
     a model before its first step: ``{"loss", "perplexity"}``."""
     from .adapters import adapter_of
     from .config import load_train_config
-    from .train.loop import held_out_batches
-    from .train.tasks import make_task
+    from .data.batches import held_out_batches
+    from .eval.tasks import make_task
 
     cfg = load_train_config(config)
     task = make_task(model, adapter_of(model), cfg)
@@ -174,13 +174,14 @@ def smollm2_job(out: Path, scale: DemoScale, step: Steps, progress: bool) -> dic
     """Upcycle SmolLM2, check it, fine-tune it, measure it, export it, reload it, sample from it."""
     import transformers
 
-    import upcycle
-
     from .assets import smollm2_dir
+    from .convert import convert
     from .eval import collect_routing_stats, count_macs, plot_expert_load
     from .eval.held_out import HeldOut
+    from .export import export
     from .sources import load_source
     from .train import train
+    from .verify import verify
 
     config = scale.finetune
     step("SmolLM2-135M: load the real checkpoint (dequantised from its GGUF once, then cached)")
@@ -188,10 +189,10 @@ def smollm2_job(out: Path, scale: DemoScale, step: Steps, progress: bool) -> dic
     dense = load_source(path).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     step(f"sparse upcycling: every FFN -> {scale.experts} experts, top-{scale.top_k}, renormalised; step-0 points")
-    moe = upcycle.convert(dense, "sparse_upcycling", num_experts=scale.experts, top_k=scale.top_k, progress=progress)
+    moe = convert(dense, "sparse_upcycling", num_experts=scale.experts, top_k=scale.top_k, progress=progress)
     held_out = HeldOut(moe, "shakespeare", "val", 4, config["seq_len"])
     sample_batch = next(iter(held_out.batches(1)))
-    check = upcycle.verify(moe, dense, {"input_ids": sample_batch["input_ids"][:4]})
+    check = verify(moe, dense, {"input_ids": sample_batch["input_ids"][:4]})
     max_abs_diff = check.end_to_end
     print(f"      max |moe - dense| on held-out text: {max_abs_diff:.2e} (worst layer {check.worst_layer}: "
           f"{check.worst_relative:.1e} of its output)")  # fmt: skip
@@ -214,7 +215,7 @@ def smollm2_job(out: Path, scale: DemoScale, step: Steps, progress: bool) -> dic
     stats = collect_routing_stats(moe, held_out.batches(2), max_batches=ROUTING_BATCHES)
     load_png = plot_expert_load(stats, out / "expert_load.png", "SmolLM2 MoE after fine-tuning, held-out Shakespeare")
     step("export as Mixtral and reload it with transformers")
-    mixtral_dir = upcycle.export(moe, out / "mixtral", format="mixtral", overwrite=True)
+    mixtral_dir = export(moe, out / "mixtral", format="mixtral", overwrite=True)
     mixtral = transformers.AutoModelForCausalLM.from_pretrained(mixtral_dir).eval()
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -254,7 +255,7 @@ def smollm2_job(out: Path, scale: DemoScale, step: Steps, progress: bool) -> dic
 
 def plot_lm(lm: dict, path: Path) -> Path:
     """Held-out perplexity of the MoE and its dense control from step 0, against steps and against training FLOPs."""
-    from .bench.plotting import pyplot, save_figure
+    from .plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -287,7 +288,7 @@ def control_steps(recipe) -> int:
 
 def plot_minilm(d2d: dict, path: Path) -> Path:
     """Val accuracy vs MACs: the τ sweep, the dense model it came from and the equal-compute dense control."""
-    from .bench.plotting import pyplot, save_figure
+    from .plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -312,15 +313,15 @@ def plot_minilm(d2d: dict, path: Path) -> Path:
 
 def minilm_job(out: Path, scale: DemoScale, step: Steps, progress: bool) -> dict:
     """MiniLM as a domain classifier, then D2DMoE swept over τ, beside the dense classifier trained as long."""
-    from .bench.d2dmoe import minilm_dense
-    from .d2dmoe import load_recipe, run_stages
-    from .d2dmoe.sweep import lowest_fraction_within, macs_per_example, sweep
     from .eval.held_out import HeldOut
     from .layers.moe import set_tau
+    from .methods.d2dmoe import load_recipe, run_stages
+    from .methods.d2dmoe.sweep import lowest_fraction_within, macs_per_example, sweep
+    from .pretrain import finetuned_minilm
     from .train import train
 
     step("MiniLM-L6: fine-tune a 3-way text-domain classifier (Shakespeare / Python code / Python docs)")
-    dense = minilm_dense(scale.minilm_finetune, out / "dense", progress)
+    dense = finetuned_minilm(scale.minilm_finetune, out / "dense", progress=progress)
     recipe = load_recipe(scale.minilm_recipe)
     step(f"D2DMoE: ReLU + sparsity, {recipe.num_experts} experts per FFN, routers that predict expert norms")
     model = run_stages(dense, recipe, out, progress=progress)["d2dmoe"]
@@ -424,7 +425,7 @@ def write_report(out: Path, lm: dict, d2d: dict, seconds: float) -> Path:
     def relative(path: str | None) -> str:
         return str(Path(path).resolve().relative_to(out.resolve())) if path else ""
 
-    from .bench.common import provenance
+    from .provenance import provenance
 
     record = {"smollm2": lm, "minilm": d2d, "seconds": seconds, **provenance()}
     machine = record["machine"]

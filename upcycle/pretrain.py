@@ -80,3 +80,17 @@ def cached_pretrained(arch: str, config=None, progress: bool = True, model: dict
     if not (out / "model" / "config.json").is_file():
         pretrain(arch, out, cfg, resume=True, progress=progress, model=model)  # resume: an interrupted run goes on
     return out / "model"
+
+
+def finetuned_minilm(finetune: dict, out: Path, num_labels: int = 3, progress: bool = True) -> nn.Module:
+    """all-MiniLM-L6-v2 with a fresh head, fine-tuned densely with ``finetune`` (seed 0); cached in ``out``."""
+    from .assets import minilm_classifier
+    from .stages import stage_model
+    from .train import train
+
+    finished = stage_model(out)
+    if finished is not None:
+        return finished.eval()
+    model = minilm_classifier(num_labels)
+    train(model, {**finetune, "seed": 0}, out, resume=(out / "checkpoints").is_dir(), progress=progress)
+    return model.eval()

@@ -8,8 +8,8 @@ A recipe's ``run`` section names the dense model and where the run goes; the oth
       pretrain: {data: fashion_mnist, epochs: 3}   # how every pretrained:PRESET of the recipe is trained (cached)
       finetune: {data: text_mixture, steps: 150}   # optional: dense training before conversion
       export: auto                  # optional: the converted (and trained) model exported (auto: its natural format)
-    d2dmoe: {...}                   # the D2DMoE / MoEfication stages    (upcycle.d2dmoe)
-    bam: {...}                      # the BAM / BTX phases               (upcycle.bam)
+    d2dmoe: {...}                   # the D2DMoE / MoEfication stages    (upcycle.methods.d2dmoe)
+    bam: {...}                      # the BAM / BTX phases               (upcycle.methods.bam)
     convert: {...}                  # or a conversion (any method: sparse upcycling, MoE Jetpack, ...)
     train: {...}                    #    followed by fine-tuning
 
@@ -27,6 +27,7 @@ from torch import nn
 
 from .config import StrictModel, explain
 from .errors import UserError, yaml_mapping
+from .recipes import recipe_file
 
 PIPELINES = ("d2dmoe", "bam", "convert")
 PRETRAINED = "pretrained:"
@@ -49,9 +50,7 @@ class RunSection(StrictModel):
 
 def load_run_recipe(path: str | Path) -> tuple[RunSection, dict]:
     """The validated ``run`` section and the whole recipe; a recipe names exactly one pipeline."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist")
+    path = recipe_file(path)
     recipe = yaml_mapping(path)
     if "run" not in recipe:
         raise UserError(f"{path} has no 'run' section (source, and optionally pretrain / finetune / export)")
@@ -76,21 +75,16 @@ def pretrained_dir(preset: str, run: RunSection, progress: bool) -> Path:
 
 def load_run_source(run: RunSection, progress: bool) -> nn.Module:
     """The dense model the run starts from."""
-    import upcycle
-
-    from .assets import minilm_dir, smollm2_dir
+    from .assets import minilm_classifier, smollm2_dir
+    from .export import load
     from .sources import load_source
 
     if run.source.startswith(PRETRAINED):
-        model = upcycle.load(pretrained_dir(run.source.removeprefix(PRETRAINED), run, progress))
+        model = load(pretrained_dir(run.source.removeprefix(PRETRAINED), run, progress))
     elif run.source == "smollm2":
         model = load_source(str(smollm2_dir()))
     elif run.source == "minilm":
-        import transformers
-
-        transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" notice is expected
-        model = transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=run.num_labels)
-        model.upcycle_origin = str(minilm_dir())  # its tokenizer
+        model = minilm_classifier(run.num_labels)
     else:
         model = load_source(run.source)
     if run.reset_head is not None:
@@ -117,14 +111,14 @@ def run_recipe(path: str | Path, out: str | Path | None = None, redo: bool = Fal
     if run.finetune is not None:
         train(model, run.finetune, out / "dense", resume=(out / "dense" / "checkpoints").is_dir(), progress=progress)
     if "d2dmoe" in recipe:
-        from .d2dmoe import run_d2dmoe
+        from .methods.d2dmoe import run_d2dmoe
 
         summary = run_d2dmoe(model, recipe["d2dmoe"], out, progress, redo)
         if run.export is not None:  # the models with routers; set_tau / set_top_k move them after loading
             summary["exported"] = export_stages(out, "3-*-routers", run.export)
         return {**summary, "out": str(out)}
     if "bam" in recipe:
-        from .bam import run_bam
+        from .methods.bam import run_bam
 
         summary = run_bam(model, recipe["bam"], out, progress, redo)
         if run.export is not None:
@@ -145,11 +139,11 @@ def check_sections(run: RunSection, recipe: dict) -> None:
     if "train" in recipe:
         load_train_config(recipe["train"])
     if "d2dmoe" in recipe:
-        from .d2dmoe import load_recipe
+        from .methods.d2dmoe import load_recipe
 
         load_recipe(recipe["d2dmoe"])
     if "bam" in recipe:
-        from .bam import load_recipe
+        from .methods.bam import load_recipe
 
         load_recipe(recipe["bam"])
 
@@ -167,10 +161,10 @@ def export_model(model: nn.Module, directory: Path, format: str) -> str | None:
     """``upcycle.export`` with ``auto``: BAM -> bam, timm -> timm, an LM -> mixtral, else qwen2_moe (raw top-k
     probabilities, dense layers); None, with the reason printed, when no format expresses the model (a BTX of
     parallel blocks: ``upcycle.load`` reads its saved folder)."""
-    import upcycle
+    from .export import export
 
     if format != "auto":
-        return str(upcycle.export(model, directory, format=format, overwrite=True))
+        return str(export(model, directory, format=format, overwrite=True))
     if type(model).__name__ == "UpcycleBAMForCausalLM":
         candidates = ("bam",)
     elif model.upcycle_record["adapter"].startswith("timm"):
@@ -180,7 +174,7 @@ def export_model(model: nn.Module, directory: Path, format: str) -> str | None:
     reasons = []
     for candidate in candidates:
         try:
-            return str(upcycle.export(model, directory, format=candidate, overwrite=True))
+            return str(export(model, directory, format=candidate, overwrite=True))
         except ValueError as error:
             reasons.append(str(error))
     print(f"{directory.name}: not exported ({'; '.join(reasons)})")
@@ -188,17 +182,18 @@ def export_model(model: nn.Module, directory: Path, format: str) -> str | None:
 
 
 def convert_and_train(model: nn.Module, recipe: dict, run: RunSection, out: Path, progress: bool) -> dict:
-    import upcycle
-
+    from .convert import convert
+    from .export import save
     from .train import train
+    from .verify import verify
 
-    convert = dict(recipe["convert"])
-    convert["options"] = resolve_options(convert.get("options") or {}, run, progress)
-    moe = upcycle.convert(model, config=convert, progress=progress)
-    check = upcycle.verify(moe, model)  # end to end and per layer: LayerScale models hide a wrong FFN end to end
+    section = dict(recipe["convert"])
+    section["options"] = resolve_options(section.get("options") or {}, run, progress)
+    moe = convert(model, config=section, progress=progress)
+    check = verify(moe, model)  # end to end and per layer: LayerScale models hide a wrong FFN end to end
     summary = {"max_abs_diff": check.end_to_end, "max_layer_rel_diff": check.worst_relative}
     print(f"max |moe - dense| on random inputs: {check.summary()}")
-    upcycle.save(moe, out / "converted", overwrite=True)
+    save(moe, out / "converted", overwrite=True)
     if "train" in recipe:
         trained = train(moe, recipe["train"], out / "train", resume=(out / "train" / "checkpoints").is_dir(),
                         progress=progress)  # fmt: skip

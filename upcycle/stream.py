@@ -43,17 +43,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import get_adapter
-from .adapters.activations import from_hf
 from .adapters.base import FFNSite
+from .adapters.dense_ffn import DenseFFN
 from .atomic import atomic_directory
-from .config import RUNTIME_FIELDS, ConvertConfig, load_convert_config
-from .convert import RECORD_VERSION, select_layers
+from .config import RUNTIME_FIELDS, ConvertConfig, load_convert_config, select_layers
 from .errors import check_finite
 from .export.saving import build_skeleton, write_record
 from .export.shards import INDEX, SINGLE, ShardWriter, shard_files
 from .layers import MoE, describe_moe
+from .layers.activations import from_hf
+from .record import RECORD_VERSION
 from .recycling import get_method
-from .recycling.dense_ffn import DenseFFN
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ADAPTER = "hf_llama"  # the in-memory adapter of these families: same site names, same record

@@ -6,7 +6,7 @@ import torch
 
 import upcycle
 from upcycle.adapters import find_adapter
-from upcycle.convert import select_layers
+from upcycle.config import select_layers
 from upcycle.layers import moe_layers
 
 from .tiny_models import ALL_CASES, build

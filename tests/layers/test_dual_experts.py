@@ -6,18 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from upcycle.layers import (
-    DualPathExperts,
-    Experts,
-    MoE,
-    Routing,
-    SoftMoERouter,
-    SpheroMoERouter,
-    build_moe,
-    describe_moe,
-    set_backend,
-)
+from upcycle.layers import DualPathExperts, Experts, MoE, Routing, SoftMoERouter, build_moe, describe_moe, set_backend
 from upcycle.layers.reference import naive_dual_path_moe
+from upcycle.methods.jetpack.sphero import SpheroMoERouter
 
 from .helpers import random_experts, random_sparse_routing
 

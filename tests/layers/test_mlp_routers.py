@@ -6,17 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upcycle.layers import (
-    DynamicKRouter,
-    MoE,
-    MoEficationRouter,
-    build_router,
-    list_routers,
-    set_tau,
-    set_top_k,
-)
+from upcycle.layers import MoE, build_router, list_routers, set_tau, set_top_k
 from upcycle.layers import experts as experts_module
 from upcycle.layers.routers.mlp import MLPRouter
+from upcycle.methods.d2dmoe.dynamic_k_router import DynamicKRouter
+from upcycle.methods.d2dmoe.moefication_router import MoEficationRouter
 
 from .helpers import random_experts
 

@@ -1,20 +1,19 @@
 """The real-model path of BAM / BTX: SmolLM2-135M, two short domain branches, a BTX and a BAM mixture, exported
 (Mixtral; upcycle's BAM class), reloaded through transformers' Auto classes, same logits, same greedy text."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
 
 import upcycle
 from upcycle.assets import smollm2_dir
-from upcycle.bam import load_recipe, run_stages
+from upcycle.methods.bam import load_recipe, run_stages
+from upcycle.recipes import list_recipes
 from upcycle.sources import load_source
 
 pytestmark = pytest.mark.slow
 
-RECIPE = Path(__file__).parents[2] / "recipes" / "bam_smollm2.yaml"
+RECIPE = list_recipes()["bam_smollm2"]
 SHORT = {"batch_size": 2, "seq_len": 32, "eval_batches": 1, "log_every": 1}
 
 

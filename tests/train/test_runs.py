@@ -93,7 +93,7 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from upcycle.train.tasks import ImageClassification
+    from upcycle.eval.tasks import ImageClassification
 
     original = ImageClassification.loss
     calls = {"n": 0}

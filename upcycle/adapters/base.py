@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..layers import MoE
-from ..recycling.dense_ffn import DenseFFN
+from .dense_ffn import DenseFFN
 
 
 @dataclass(frozen=True)

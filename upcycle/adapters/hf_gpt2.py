@@ -7,9 +7,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import MoE
-from ..recycling.dense_ffn import DenseFFN
-from .activations import from_hf
+from ..layers.activations import from_hf
 from .base import Adapter, FFNSite, MoEFFN, register_adapter, set_submodule
+from .dense_ffn import DenseFFN
 from .hf_common import HFAdapterMixin, base_prefix, is_hf_model
 
 

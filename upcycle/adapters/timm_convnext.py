@@ -8,8 +8,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import MoE
-from ..recycling.dense_ffn import DenseFFN
 from .base import Adapter, FFNSite, MoEFFN, register_adapter, set_submodule
+from .dense_ffn import DenseFFN
 from .timm_common import TimmAdapterMixin, mlp_kind
 from .timm_vit import read_timm_mlp
 

@@ -1,8 +1,8 @@
 """timm ViT family: VisionTransformer (ViT, DeiT), Eva (EVA-02) and other models whose ``blocks[i].mlp`` is a timm
 ``Mlp``, ``SwiGLU`` or ``GluMlp`` (``SwiGLUPacked``). Tokens are ``[b, n, d]``; the FFN is channels-last.
 
-A ViT whose attention projections were replaced by ReLU MLPs (D2DMoE §3.4, :mod:`upcycle.d2dmoe.attention`) has
-those MLPs as FFN sites too, in forward order per block: ``attn.qkv.q``, ``.k``, ``.v``, ``attn.proj``, ``mlp``.
+A ViT whose attention projections were replaced by ReLU MLPs (D2DMoE §3.4, :mod:`.timm_vit_projections`) has those
+MLPs as FFN sites too, in forward order per block: ``attn.qkv.q``, ``.k``, ``.v``, ``attn.proj``, ``mlp``.
 Its description records the MLP width, and the rebuild replaces the projections again.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..d2dmoe.attention import PROJECTIONS, has_mlp_projections, projection_hidden, replace_attention_projections
-from ..recycling.dense_ffn import DenseFFN
 from .activations import from_module
 from .base import Adapter, FFNSite, register_adapter, tensor_or_none
+from .dense_ffn import DenseFFN
 from .timm_common import TimmAdapterMixin, hidden_norm_of, mlp_kind
+from .timm_vit_projections import PROJECTIONS, has_mlp_projections, projection_hidden, replace_attention_projections
 
 
 @register_adapter

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..recycling.dense_ffn import DenseFFN
 from .base import Adapter, FFNSite, register_adapter
+from .dense_ffn import DenseFFN
 from .hf_common import HFAdapterMixin, base_prefix, is_hf_model
 
 CLASSES = ("UpcycleBAMForCausalLM", "UpcycleBAMModel")

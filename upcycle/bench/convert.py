@@ -35,8 +35,8 @@ import torch
 
 from ..assets import smollm2_dir
 from ..export.shards import ShardWriter
+from ..provenance import write_results
 from ..stream import STREAM_SHARD_BYTES
-from .common import write_results
 
 GB = 1e9
 PEAK_RSS_TARGET_GB = 1.0
@@ -83,7 +83,7 @@ def directory_bytes(directory: Path) -> int:
 
 _CHILD = """
 import json, sys, time
-import upcycle
+from ..export import load
 import upcycle.stream
 import transformers
 
@@ -125,8 +125,7 @@ def convert_in_child(source: Path, out: Path, recipe: dict, max_shard_bytes: int
 
 def check_output(out: Path, source: Path, recipe: dict, full_load: bool) -> bool:
     """The output is an upcycle model of the recipe's shape whose experts copy the source FFNs (layer 0)."""
-    import upcycle
-
+    from ..export import load
     from ..export.saving import read_record
     from ..stream import Checkpoint
 
@@ -136,7 +135,7 @@ def check_output(out: Path, source: Path, recipe: dict, full_load: bool) -> bool
     if len(record["layers"]) != layers or shapes != {recipe["num_experts"]}:
         return False
     if full_load:  # small enough: the whole model loads and runs
-        model = upcycle.load(out)
+        model = load(out)
         with torch.no_grad():
             model(input_ids=torch.arange(8).unsqueeze(0))
         del model

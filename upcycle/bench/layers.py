@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..eval.timing import median_ms, time_interleaved
 from ..layers import FFN, Experts, MoE, SoftMoERouter, TopKRouter
-from .common import median_ms, time_interleaved, write_results
+from ..provenance import write_results
 
 SHAPES = {
     "vit": {"batch": 128, "tokens": 65, "d": 192, "h": 768},

@@ -11,8 +11,8 @@ from torch.utils.data import Subset
 
 from ..adapters import adapter_of
 from ..config import TrainConfig
-from ..train.loop import held_out_batches
-from ..train.tasks import make_task
+from ..data.batches import held_out_batches
+from .tasks import make_task
 
 BATCH = 64
 LOGIT_BUDGET = 2**27  # elements of one batch's [b, t, V] logits (512 MB in fp32): big vocabularies, smaller batches

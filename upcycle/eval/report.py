@@ -28,8 +28,8 @@ def evaluate_model(
     out: str | Path | None = None,
 ) -> dict:
     from ..config import TrainConfig
-    from ..train.loop import held_out_batches
-    from ..train.tasks import make_task
+    from ..data.batches import held_out_batches
+    from .tasks import make_task
 
     if split not in ("val", "test"):
         raise ValueError(f"evaluate on a held-out split (val or test), not {split!r}")

@@ -1,17 +1,48 @@
 """Wall-clock latency of a callable: warm-up calls, then repeats, reported as the median and every sample.
 
-Built on :func:`upcycle.bench.common.time_interleaved` (one case, so nothing to interleave) and ``median_ms``.
+Benchmarks time several cases with :func:`time_interleaved` (round after round, so ratios are fair on a drifting
+machine); :func:`time_inference` is its one-case form.
 The median resists the odd slow repeat (a GC pause, another process). On CUDA the device is synchronised after
 each call, inside the timed region, so the time is the kernels' and not just their launch.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
-from ..bench.common import median_ms, time_interleaved
+
+def time_interleaved(
+    cases: dict[str, Callable[[], None]],
+    rounds: int,
+    warmup: int = 1,
+    setup: Callable[[str], None] | None = None,
+    desc: str = "timing",
+) -> dict[str, list[float]]:
+    """Run every case once per round, round after round, and return each case's seconds per round.
+
+    Interleaving puts all cases under the same machine conditions, so ratios between them are fair even when the
+    machine's speed drifts. ``setup(name)`` runs before each call, outside the timed region.
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    for round_index in tqdm(range(warmup + rounds), desc=desc, unit="round", leave=False):
+        for name, fn in cases.items():
+            if setup is not None:
+                setup(name)
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                seconds[name].append(elapsed)
+    return seconds
+
+
+def median_ms(samples: list[float]) -> float:
+    return 1000.0 * statistics.median(samples)
 
 
 def time_inference(

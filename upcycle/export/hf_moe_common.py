@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.activations import from_hf
 from ..adapters.hf_common import rope_parameters
 from ..atomic import atomic_directory
 from ..layers import MoE, TopKRouter
+from ..layers.activations import from_hf
 from .saving import DEFAULT_SHARD_BYTES
 from .shards import ShardWriter
 from .tokenizer_files import copy_tokenizer_files

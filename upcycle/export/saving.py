@@ -23,9 +23,9 @@ from torch import nn
 from ..adapters import get_adapter
 from ..adapters.base import FFNSite
 from ..atomic import atomic_directory
-from ..convert import RECORD_VERSION, ensure_record, sync_router_specs
 from ..errors import UserError, check_finite
 from ..layers import build_moe
+from ..record import RECORD_VERSION, ensure_record, sync_router_specs
 from .shards import ShardWriter, read_weights
 from .tokenizer_files import copy_tokenizer_files
 

@@ -10,12 +10,9 @@ from .ffn import FFN
 from .losses import hoyer_sparsity, l1_sparsity, load_balancing_loss, router_z_loss
 from .moe import MoE, build_moe, collect_aux_losses, describe_moe, moe_layers, set_backend, set_tau, set_top_k
 from .routers import (
-    DynamicKRouter,
     MLPRouter,
-    MoEficationRouter,
     Router,
     SoftMoERouter,
-    SpheroMoERouter,
     TopKRouter,
     build_router,
     list_routers,
@@ -27,16 +24,13 @@ from .statistics import routing_statistics
 __all__ = [
     "FFN",
     "DualPathExperts",
-    "DynamicKRouter",
     "ExpertStatistics",
     "Experts",
     "MLPRouter",
     "MoE",
-    "MoEficationRouter",
     "Router",
     "Routing",
     "SoftMoERouter",
-    "SpheroMoERouter",
     "TopKRouter",
     "build_moe",
     "build_router",

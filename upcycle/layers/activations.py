@@ -23,3 +23,19 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+# Hugging Face ``hidden_act`` / ``activation_function`` strings -> upcycle's names (plain strings: no transformers
+# import, so the layer core stays pure torch)
+HF_ACTIVATIONS = {
+    "gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu", "quick_gelu": "quick_gelu",
+    "relu2": "relu2",
+}  # fmt: skip
+
+
+def from_hf(name: str) -> str:
+    try:
+        return HF_ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(HF_ACTIVATIONS)}") from None

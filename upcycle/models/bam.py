@@ -39,7 +39,7 @@ class UpcycleBAMDecoderLayer(UpcycleLMDecoderLayer):
         )  # fmt: skip
 
     def build_mlp(self, config: UpcycleBAMConfig) -> nn.Module:
-        from ..adapters.activations import from_hf
+        from ..layers.activations import from_hf
 
         router = TopKRouter(config.hidden_size, config.num_local_experts, top_k=config.num_experts_per_tok,
                             renormalize=config.norm_topk_prob, init_std=config.initializer_range)  # fmt: skip

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from .dense_ffn import DenseFFN
-
 
 @dataclass(frozen=True)
 class Method:
@@ -55,6 +53,4 @@ def list_methods() -> list[dict[str, str]]:
     ]
 
 
-from . import d2dmoe, jetpack, split, upcycle  # noqa: E402,F401  (registration side effect)
-
-__all__ = ["DenseFFN", "Method", "get_method", "list_methods", "register_method"]
+__all__ = ["Method", "get_method", "list_methods", "register_method"]

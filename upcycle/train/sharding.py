@@ -27,7 +27,7 @@ def wrap(model: nn.Module, strategy: str, context: Context) -> nn.Module:
         return DistributedDataParallel(model, find_unused_parameters=True)  # unselected experts get no gradient
     from torch.distributed.fsdp import fully_shard
 
-    from ..convert import ensure_record
+    from ..record import ensure_record
 
     ensure_record(model)  # recorded while the model is whole: the final save rebuilds it from the record
     for block in repeated_blocks(model):

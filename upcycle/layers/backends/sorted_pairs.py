@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register_backend
+from .registry import register_backend
 
 
 @register_backend("sorted")

@@ -1,0 +1,110 @@
+"""The BAM / BTX pipeline end to end on a tiny parallel-block LM and the real text domains: phases, resumption,
+the compute-matched dense run, the recipe's refusals, and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from upcycle.cli import main
+from upcycle.methods.bam import load_recipe, run_bam
+from upcycle.pretrain import build_dense
+
+TRAIN = {"batch_size": 4, "seq_len": 32, "log_every": 1, "eval_batches": 1}
+TINY_RECIPE = {"domains": ["shakespeare", "python_docs"], "branch": {**TRAIN, "steps": 2},
+               "mix": {**TRAIN, "steps": 2}, "eval_sequences": 8}  # fmt: skip
+
+
+def tiny_seed():
+    return build_dense("lm_tiny_parallel", hidden_size=32, intermediate_size=64, num_hidden_layers=2).eval()
+
+
+def test_pipeline_runs_resumes_and_matches_compute(tmp_path):
+    seed = tiny_seed()
+    summary = run_bam(seed, TINY_RECIPE, tmp_path, progress=False, timing=False)
+    for phase in ("branch-shakespeare", "branch-python_docs", "mix-btx", "mix-bam_expert_kv", "mix-bam_shared_kv",
+                  "dense-continued", "dense-mix-compute"):  # fmt: skip
+        assert (tmp_path / phase / "model" / "config.json").is_file(), phase
+    models = summary["models"]
+    assert set(models) == {"seed", "branch-shakespeare", "branch-python_docs", "btx", "bam_expert_kv",
+                           "bam_shared_kv", "dense_continued", "dense_mix_compute"}  # fmt: skip
+    for name in ("btx", "bam_expert_kv", "bam_shared_kv", "dense_continued", "dense_mix_compute", "seed"):
+        assert summary[f"{name}_ppl"] == models[name]["test"]["average"] > 1
+    assert summary["bam_over_btx"] == pytest.approx(summary["bam_expert_kv_ppl"] / summary["btx_ppl"])
+    assert set(models["btx"]["val"]) == {"shakespeare", "python_docs", "average"}
+    # experts: seed + 2 branches; BAM runs every attention expert, so it costs more per token than BTX
+    costs = {name: models[name]["macs_per_token"] for name in ("seed", "btx", "bam_expert_kv", "bam_shared_kv")}
+    assert costs["seed"] < costs["btx"] < costs["bam_shared_kv"] < costs["bam_expert_kv"]
+    assert models["btx"]["params_active"] < models["btx"]["params_total"]
+    compute = json.loads((tmp_path / "dense-continued" / "compute.json").read_text())
+    assert compute["branch_steps"] == 4
+    assert compute["steps"] == round(4 + 2 * compute["mix_macs_ratio"]) and compute["mix_macs_ratio"] > 1.5
+    mix_only = json.loads((tmp_path / "dense-mix-compute" / "stage.json").read_text())["steps"]
+    assert mix_only == compute["steps"] - 4
+    assert (tmp_path / "bam.png").stat().st_size > 10_000 and (tmp_path / "routing.png").stat().st_size > 10_000
+    usage = models["bam_shared_kv"]["expert_usage"]
+    assert set(usage) == {"shakespeare", "python_docs"} and len(usage["python_docs"]["ffn"]) == 3  # seed + 2
+    assert sum(usage["python_docs"]["ffn"]) == pytest.approx(1.0) and "expert_usage" not in models["seed"]
+    assert json.loads((tmp_path / "summary.json").read_text())["btx_ppl"] == summary["btx_ppl"]
+
+    stamp = (tmp_path / "mix-bam_expert_kv" / "model" / "config.json").stat().st_mtime_ns
+    again = run_bam(seed, TINY_RECIPE, tmp_path, progress=False, timing=False)  # every phase loads
+    assert (tmp_path / "mix-bam_expert_kv" / "model" / "config.json").stat().st_mtime_ns == stamp
+    assert again["bam_expert_kv_ppl"] == summary["bam_expert_kv_ppl"]
+
+    changed = {**TINY_RECIPE, "mix": {**TRAIN, "steps": 3}}
+    with pytest.raises(ValueError, match="holds this stage for another recipe"):
+        run_bam(seed, changed, tmp_path, progress=False, timing=False)
+
+
+def test_trained_mixtures_keep_their_routing_and_aux_losses(tmp_path):
+    import upcycle
+    from upcycle.layers import collect_aux_losses
+
+    run_bam(tiny_seed(), {**TINY_RECIPE, "variants": ["bam_expert_kv"], "dense_continued": False}, tmp_path,
+            progress=False, timing=False)  # fmt: skip
+    bam = upcycle.load(tmp_path / "mix-bam_expert_kv" / "model")
+    assert type(bam).__name__ == "UpcycleBAMForCausalLM"
+    assert bam.upcycle_record["merge"]["expert_names"] == ["seed", "shakespeare", "python_docs"]
+    bam.train()(input_ids=torch.randint(0, 256, (2, 16)))
+    assert set(collect_aux_losses(bam)) == {"load_balancing", "z_loss"}
+    import csv
+
+    with open(tmp_path / "mix-bam_expert_kv" / "metrics.csv") as handle:
+        train_rows = [row for row in csv.DictReader(handle) if row["split"] == "train"]
+    assert all(float(row["aux"]) > 0 for row in train_rows)  # the mixture phase trained with its router losses
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ({"domains": ["shakespeare", "poetry"]}, "unknown domain"),
+        ({"domains": ["shakespeare", "shakespeare"]}, "distinct"),
+        ({"top_k": 5}, "larger than the 4 experts"),
+        ({"branch": {"epochs": 1}}, "need steps, not epochs"),
+        ({"variants": ["btx"]}, "compute_reference"),
+        ({"mix": {"lr": -1}}, "lr"),
+        ({"variants": ["bam"]}, "variants"),
+    ],
+)
+def test_bad_recipes_are_refused(recipe, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe(recipe)
+
+
+def test_cli(tmp_path, capsys):
+    from upcycle import save
+
+    save(tiny_seed(), tmp_path / "seed")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"bam": {**TINY_RECIPE, "variants": ["btx", "bam_shared_kv"],
+                                          "dense_continued": False}}))  # fmt: skip
+    code = main(["bam", str(tmp_path / "seed"), "--recipe", str(recipe), "--out", str(tmp_path / "run"),
+                 "--set", "top_k=2"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "btx: average held-out test perplexity" in printed and "bam_shared_kv" in printed
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["recipe"]["top_k"] == 2
+    code = main(["export", str(tmp_path / "run" / "mix-bam_shared_kv" / "model"), "--format", "bam", "--out",
+                 str(tmp_path / "hf")])  # fmt: skip
+    assert code == 0 and (tmp_path / "hf" / "config.json").is_file()

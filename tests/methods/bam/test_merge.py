@@ -1,0 +1,174 @@
+"""upcycle.merge: BTX and BAM (arXiv 2403.07816, 2408.08274) mix a seed and its branches into one MoE.
+
+Dense equivalence (the seed alone, or identical copies with renormalised routing, reproduce the seed exactly),
+where each expert comes from, what is averaged, the refusals, and save / load."""
+
+import pytest
+import torch
+
+import upcycle
+from tests.export.helpers import tiny_llama
+from tests.models.helpers import tiny_lm
+from upcycle.layers import moe_layers
+from upcycle.layers.attention import MixtureOfAttention
+from upcycle.models import UpcycleBAMForCausalLM
+
+VARIANTS = {"btx": {"method": "btx"}, "bam_expert_kv": {"method": "bam"},
+            "bam_shared_kv": {"method": "bam", "shared_kv": True}}  # fmt: skip
+SEEDS = {
+    "upcycle_lm_sequential": lambda seed=0: tiny_lm(parallel=False, seed=seed),
+    "upcycle_lm_parallel": lambda seed=0: tiny_lm(parallel=True, seed=seed),
+    "llama": lambda seed=0: _seeded(tiny_llama, seed),
+}
+
+
+def _seeded(build, seed):
+    torch.manual_seed(seed)
+    return build()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def ids_for(model, seed=0):
+    return torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("seed_kind", SEEDS)
+def test_the_seed_alone_mixes_into_itself(variant, seed_kind):
+    seed = SEEDS[seed_kind]()
+    merged = upcycle.merge([seed], **VARIANTS[variant])
+    check = upcycle.verify(merged, seed, {"input_ids": ids_for(seed)})  # the logits and every FFN / attention layer
+    assert check.passed(atol=1e-5, rtol=1e-4), check
+    assert len(moe_layers(merged)) == seed.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_identical_copies_with_renormalised_routing_reproduce_the_seed(variant):
+    seed = tiny_lm(parallel=True)
+    merged = upcycle.merge([seed, seed, seed], **VARIANTS[variant], top_k=2, renormalize=True, router_init_std=1.0)
+    check = upcycle.verify(merged, seed, {"input_ids": ids_for(seed)})
+    assert check.passed(atol=1e-4, rtol=1e-4), check
+
+
+def test_raw_top1_probability_scales_the_expert_as_the_paper_does():
+    """BAM's default router (top-1, no renormalisation) weights the chosen expert by p < 1: copies are not exact."""
+    seed = tiny_lm(parallel=True)
+    merged = upcycle.merge([seed, seed], method="btx")
+    ids = ids_for(seed)
+    assert (logits(merged, ids) - logits(seed, ids)).abs().max() > 1e-3
+
+
+def test_each_expert_comes_from_its_model_and_the_rest_is_averaged():
+    models = [tiny_lm(parallel=True, seed=s) for s in range(3)]
+    bam = upcycle.merge(models, method="bam", expert_names=["seed", "a", "b"])
+    shared = upcycle.merge(models, method="bam", shared_kv=True)
+    btx = upcycle.merge(models, method="btx")
+    block = bam.model.layers[1]
+    for j, model in enumerate(models):
+        dense = model.model.layers[1]
+        assert torch.equal(block.mlp.experts.w_gate[j], dense.mlp.gate_proj.weight)
+        assert torch.equal(block.mlp.experts.w_down[j], dense.mlp.down_proj.weight)
+        assert torch.equal(block.self_attn.w_q[j], dense.self_attn.q_proj.weight)
+        assert torch.equal(block.self_attn.w_v[j], dense.self_attn.v_proj.weight)
+        assert torch.equal(btx.model.layers[1].mlp.moe.experts.w_up[j], dense.mlp.up_proj.weight)
+    mean_k = torch.stack([m.model.layers[1].self_attn.k_proj.weight for m in models]).mean(0)
+    torch.testing.assert_close(shared.model.layers[1].self_attn.w_k[0], mean_k)
+    assert shared.model.layers[1].self_attn.w_k.shape[0] == 1
+    mean_embed = torch.stack([m.model.embed_tokens.weight for m in models]).mean(0)
+    torch.testing.assert_close(bam.model.embed_tokens.weight, mean_embed)
+    mean_q = torch.stack([m.model.layers[1].self_attn.q_proj.weight for m in models]).mean(0)
+    torch.testing.assert_close(btx.model.layers[1].self_attn.q_proj.weight, mean_q)
+    assert bam.upcycle_record["merge"]["expert_names"] == ["seed", "a", "b"]
+    assert isinstance(block.self_attn, MixtureOfAttention) and isinstance(bam, UpcycleBAMForCausalLM)
+    for model in models:  # inputs untouched
+        assert not moe_layers(model)
+
+
+def test_merge_is_deterministic_in_its_seed():
+    models = [tiny_lm(seed=s) for s in range(2)]
+    a, b = upcycle.merge(models, method="bam", seed=3), upcycle.merge(models, method="bam", seed=3)
+    c = upcycle.merge(models, method="bam", seed=4)
+    ids = ids_for(models[0])
+    assert torch.equal(logits(a, ids), logits(b, ids))
+    assert not torch.equal(logits(a, ids), logits(c, ids))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_save_and_load_round_trip(variant, tmp_path):
+    models = [tiny_lm(parallel=True, seed=s) for s in range(3)]
+    merged = upcycle.merge(models, **VARIANTS[variant], router_init_std=0.5)
+    upcycle.save(merged, tmp_path / "m")
+    loaded = upcycle.load(tmp_path / "m")
+    ids = ids_for(models[0])
+    assert torch.equal(logits(merged, ids), logits(loaded, ids))
+    assert "merge:" in (tmp_path / "m" / "recipe.yaml").read_text()
+
+
+def test_bad_inputs_are_refused():
+    seed = tiny_lm()
+    with pytest.raises(ValueError, match="at least one model"):
+        upcycle.merge([], method="bam")
+    with pytest.raises(ValueError, match="not the seed's architecture"):
+        upcycle.merge([seed, tiny_lm(hidden_size=64)], method="btx")
+    with pytest.raises(ValueError, match="rms_norm_eps"):
+        upcycle.merge([seed, tiny_lm(rms_norm_eps=1e-3)], method="bam")
+    with pytest.raises(ValueError, match="is a LlamaForCausalLM but the seed a UpcycleLMForCausalLM"):
+        upcycle.merge([seed, tiny_llama(hidden_size=32, vocab_size=259)], method="bam")
+    with pytest.raises(ValueError, match="top_k=3 is larger"):
+        upcycle.merge([seed, seed], method="bam", top_k=3)
+    with pytest.raises(ValueError, match="already has MoE layers"):
+        upcycle.merge([upcycle.merge([seed], method="btx")], method="btx")
+    with pytest.raises(ValueError, match="invalid merge config"):
+        upcycle.merge([seed], method="moefication")
+    with pytest.raises(ValueError, match="expert_names names 1"):
+        upcycle.merge([seed, seed], method="bam", expert_names=["seed"])
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50))
+    with pytest.raises(ValueError, match="Llama-style causal LMs"):
+        upcycle.merge([gpt2], method="bam")
+
+
+def test_bam_config_carries_the_seeds_rope_theta_and_top_k():
+    seed = tiny_llama(rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    bam = upcycle.merge([seed, seed], method="bam", top_k=2, renormalize=True)
+    assert bam.config.rope_theta == 500.0
+    assert (bam.config.num_experts_per_tok, bam.config.norm_topk_prob, bam.config.num_local_experts) == (2, True, 2)
+    assert bam.config.parallel_attention is False
+
+
+def test_merge_config_from_an_object_a_yaml_file_and_its_merge_section(tmp_path):
+    from upcycle.methods.bam.merge import MergeConfig, load_merge_config
+
+    config = MergeConfig(method="btx", top_k=2, router_init_std=0.5, seed=3)
+    assert load_merge_config(config) == config
+    assert load_merge_config(config, top_k=1).top_k == 1  # keywords override the object
+    whole = tmp_path / "merge.yaml"
+    whole.write_text("method: btx\ntop_k: 2\n")
+    section = tmp_path / "recipe.yaml"
+    section.write_text("merge:\n  method: bam\n  shared_kv: true\n")
+    assert (load_merge_config(whole).method, load_merge_config(str(whole)).top_k) == ("btx", 2)
+    assert (load_merge_config(section).method, load_merge_config(section).shared_kv) == ("bam", True)
+
+
+def test_refusals_name_the_model_and_what_differs():
+    seed = tiny_lm()
+    with pytest.raises(ValueError, match=r"model 2 is not the seed's architecture \(tensors that differ: \[\("):
+        upcycle.merge([seed, seed, tiny_lm(hidden_size=64)], method="btx")
+    with pytest.raises(ValueError, match=r"model 0 is Linear \(model_type None\)"):
+        upcycle.merge([torch.nn.Linear(2, 2)], method="btx")
+
+
+def test_merge_reads_its_config_file_and_keeps_the_tokenizer_origin(tmp_path):
+    seed = tiny_lm()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("merge:\n  method: btx\n  top_k: 2\n  renormalize: true\n")
+    merged = upcycle.merge([seed, seed], config=recipe)
+    assert merged.upcycle_record["merge"]["method"] == "btx" and merged.upcycle_record["merge"]["top_k"] == 2
+    assert getattr(merged, "upcycle_origin", None) is None  # nothing to carry
+    seed.upcycle_origin = "where/the/tokenizer/is"
+    assert upcycle.merge([seed], method="bam").upcycle_origin == "where/the/tokenizer/is"

@@ -1,0 +1,21 @@
+"""Each paper's method in one home; what all share (layers, adapters, train, eval, export, data) stays outside.
+
+    sparse_upcycling/   sparse upcycling (arXiv 2212.05055): copies, noise, granular shards; its recipe
+    jetpack/            MoE Jetpack (arXiv 2406.04801): checkpoint recycling (calibration, sampling), SpheroMoE,
+                        recipes, plots, benchmark
+    d2dmoe/             D2DMoE (arXiv 2310.04361) and MoEfication (arXiv 2110.01786): neuron split, ReLU and
+                        sparsity stages, attention distillation, dynamic-k and MoEfication routers, the resumable
+                        pipeline, sweeps, recipes, plots, benchmark
+    bam/                BAM (arXiv 2408.08274) and BTX (arXiv 2403.07816): merging dense branches into one MoE, the
+                        branch / mix / dense-reference pipeline, evaluation, recipes, plots, benchmark
+
+Importing this package registers every method's recycling functions and routers; pipelines, plots and benchmarks
+load on first use.
+"""
+
+from .bam import merge  # noqa: F401  (registration side effect)
+from .d2dmoe import dynamic_k_router, moefication_router, split  # noqa: F401
+from .d2dmoe import recycling as _d2dmoe_recycling  # noqa: F401
+from .jetpack import recycling as _jetpack_recycling  # noqa: F401
+from .jetpack import sphero  # noqa: F401
+from .sparse_upcycling import recycling as _sparse_upcycling_recycling  # noqa: F401

@@ -1,0 +1,231 @@
+"""Several dense LMs -> one MoE: Branch-Train-MiX (BTX, Sukhbaatar et al., arXiv 2403.07816) and Branch-Attend-Mix
+(BAM, Zhang et al., arXiv 2408.08274).
+
+The inputs are the seed and its domain branches (N continued-pretrained copies), in expert order; their N+1 FFNs
+become the N+1 experts of every block, behind a randomly initialised top-k router (BAM: top-1 with the raw softmax
+probability; ``renormalize`` divides by the top-k sum, as Mixtral does).
+
+* **BTX**: everything else (embeddings, attention, norms, LM head) is the average of the inputs. The result is the
+  seed's own class with an MoE in each block (the ``hf_llama`` adapter's layout), so ``upcycle.save``/``load`` and
+  the Mixtral / Qwen2-MoE exporters take it as they take any converted model.
+* **BAM**: the attention projections become N+1 attention experts (:class:`~upcycle.layers.attention
+  .MixtureOfAttention`, soft-routed), each with its input model's W_q, W_k, W_v, W_o (``shared_kv=False``, "expert
+  KV") or with W_k, W_v averaged and shared (``shared_kv=True``, one KV cache); embeddings, norms and head averaged.
+  The result is :class:`~upcycle.models.UpcycleBAMForCausalLM`, a Hugging Face model of its own.
+
+With a single input (the seed alone) both reproduce it exactly: one expert, router probability 1.
+Inputs are Llama-style causal LMs (``LlamaForCausalLM`` or upcycle's ``UpcycleLMForCausalLM``, sequential or
+parallel blocks) of one architecture. Dimension letters: d model width, h FFN hidden, e = N+1 experts.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, ValidationError
+from torch import nn
+
+from ...adapters import get_adapter
+from ...adapters.hf_common import rope_parameters
+from ...config import RUNTIME_FIELDS, StrictModel, explain
+from ...errors import UserError, yaml_mapping
+from ...layers import Experts, MoE, TopKRouter, describe_moe, moe_layers
+from ...layers.routers import SoftAttentionRouter
+from ...recipes import recipe_file
+from ..sparse_upcycling.recycling import experts_for, fill_expert
+
+MERGE_METHODS = {  # name -> (what it does, paper)
+    "btx": ("FFN experts from each model, everything else averaged", "https://arxiv.org/abs/2403.07816"),
+    "bam": ("FFN and soft-routed attention experts (expert or shared KV), the rest averaged",
+            "https://arxiv.org/abs/2408.08274"),
+}  # fmt: skip
+SOURCE_TYPES = ("llama", "upcycle_lm")  # Llama-style attention (RoPE, GQA, RMSNorm) that both outputs reproduce
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class MergeConfig(StrictModel):
+    method: Literal["btx", "bam"] = Field("bam", description="btx: FFN experts only; bam: FFN and attention experts")
+    shared_kv: bool = Field(False, description="bam: attention experts share averaged K, V (one KV cache)")
+    top_k: int = Field(1, ge=1, description="FFN experts per token")
+    renormalize: bool = Field(False, description="divide the top-k probabilities by their sum (BAM/BTX papers: no)")
+    router_init_std: float = Field(0.02, ge=0, description="std of the random router weights (FFN and attention)")
+    backend: str = Field("grouped", description="expert compute backend (upcycle.list_backends())")
+    seed: int = Field(0, description="seed of the router initialisation")
+    expert_names: list[str] | None = Field(None, description="a name per input, e.g. seed and domains (provenance)")
+
+
+def load_merge_config(source: MergeConfig | dict | str | Path | None = None, **overrides) -> MergeConfig:
+    if isinstance(source, MergeConfig):
+        data = source.model_dump()
+    elif isinstance(source, (str, Path)):
+        data = yaml_mapping(recipe_file(source, "merge config"), "merge config")
+        data = data.get("merge", data)
+        if not isinstance(data, dict):
+            raise UserError(f"the merge section of {source} must be a mapping of keys, got {type(data).__name__}")
+    else:
+        data = dict(source or {})
+    data.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return MergeConfig(**data)
+    except ValidationError as error:
+        raise UserError(explain(error, "merge config")) from None
+
+
+def merge(models: Sequence[nn.Module], method: str | None = None, config: MergeConfig | dict | str | Path | None = None,
+          **overrides) -> nn.Module:  # fmt: skip
+    """The seed and its branches (``models``, in expert order) mixed into one MoE by ``method`` ("btx" or "bam").
+
+    Options (``config`` or keywords): ``shared_kv``, ``top_k``, ``renormalize``, ``router_init_std``, ``backend``,
+    ``seed``, ``expert_names``. The inputs are left unchanged."""
+    cfg = load_merge_config(config, method=method, **overrides)
+    check_inputs(models, cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)  # the routers' random init
+        merged = _merge_btx(models, cfg) if cfg.method == "btx" else _merge_bam(models, cfg)
+    from ...layers import set_backend
+
+    set_backend(merged, cfg.backend)
+    origin = getattr(models[0], "upcycle_origin", None)
+    if origin is not None:  # where the tokenizer files are
+        merged.upcycle_origin = origin
+    return merged
+
+
+def check_inputs(models: Sequence[nn.Module], cfg: MergeConfig) -> None:
+    """Refuse inputs the merge cannot mix, with what to change."""
+    if not models:
+        raise ValueError("merge needs at least one model (the seed)")
+    if cfg.expert_names is not None and len(cfg.expert_names) != len(models):
+        raise ValueError(f"expert_names names {len(cfg.expert_names)} experts but {len(models)} models were given")
+    if cfg.top_k > len(models):
+        raise ValueError(f"top_k={cfg.top_k} is larger than the {len(models)} experts (one per model); lower top_k")
+    for i, model in enumerate(models):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in SOURCE_TYPES or not hasattr(model, "lm_head"):
+            raise ValueError(
+                f"model {i} is {type(model).__name__} (model_type {model_type!r}); merge takes Llama-style causal "
+                f"LMs ({', '.join(SOURCE_TYPES)}) whose attention and SwiGLU FFNs the mixture reproduces"
+            )
+        if moe_layers(model):
+            raise ValueError(f"model {i} already has MoE layers; merge the dense seed and its dense branches")
+    reference = {name: tuple(t.shape) for name, t in models[0].state_dict().items()}
+    for i, model in enumerate(models[1:], start=1):
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        if type(model) is not type(models[0]):
+            raise ValueError(f"model {i} is a {type(model).__name__} but the seed a {type(models[0]).__name__}; "
+                             "branches must be copies of the seed")  # fmt: skip
+        if shapes != reference:
+            differ = sorted(set(shapes.items()) ^ set(reference.items()))[:3]
+            raise ValueError(f"model {i} is not the seed's architecture (tensors that differ: {differ}); branches "
+                             "must be copies of the seed")  # fmt: skip
+        for field in ("hidden_act", "rms_norm_eps", "parallel_attention", "tie_word_embeddings"):
+            a, b = getattr(models[0].config, field, None), getattr(model.config, field, None)
+            if a != b:
+                raise ValueError(f"model {i} has {field}={b!r} but the seed has {a!r}; branches must share the config")
+
+
+def _mean(states: Sequence[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
+    """The tensor ``name`` averaged over the inputs' state dicts (in fp32, returned in the inputs' dtype)."""
+    tensors = [state[name] for state in states]
+    return torch.stack([t.float() for t in tensors]).mean(0).to(tensors[0].dtype)
+
+
+def _averaged_names(model: nn.Module, experts: tuple[str, ...]) -> list[str]:
+    """Every tensor of the seed except the ones that become experts (names containing one of ``experts``)."""
+    return [name for name in model.state_dict() if not any(part in name for part in experts)]
+
+
+def _ffn_experts(models: Sequence[nn.Module], site) -> Experts:
+    """Block ``site``'s FFNs, one per input, stacked as the experts of one MoE layer (expert j = model j's FFN)."""
+    adapter = get_adapter("hf_llama")
+    dense = [adapter.read_ffn(model, site) for model in models]
+    experts = experts_for(dense[0], len(models), dense[0].d_hidden)
+    for j, ffn in enumerate(dense):
+        fill_expert(experts, j, ffn, slice(None))
+    return experts
+
+
+def _record(model: nn.Module, adapter_name: str, cfg: MergeConfig, layers: dict) -> dict:
+    from ...record import RECORD_VERSION, json_pure
+
+    return json_pure({
+        "version": RECORD_VERSION, "adapter": adapter_name, "source": get_adapter(adapter_name).describe(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "convert": None,
+        "merge": {**cfg.model_dump(exclude=RUNTIME_FIELDS), "paper": MERGE_METHODS[cfg.method][1]}, "layers": layers,
+    })  # fmt: skip
+
+
+@torch.no_grad()
+def _merge_btx(models: Sequence[nn.Module], cfg: MergeConfig) -> nn.Module:
+    adapter = get_adapter("hf_llama")
+    merged = copy.deepcopy(models[0])
+    state, states = merged.state_dict(), [model.state_dict() for model in models]
+    for name in _averaged_names(merged, (".mlp.",)):
+        state[name].copy_(_mean(states, name))
+    layers = {}
+    for site in adapter.ffn_sites(merged):
+        experts = _ffn_experts(models, site)
+        router = TopKRouter(experts.d_model, len(models), top_k=cfg.top_k, renormalize=cfg.renormalize,
+                            init_std=cfg.router_init_std)  # fmt: skip
+        moe = MoE(router.to(experts.w_up.dtype), experts).train(merged.training)
+        adapter.install(merged, site, moe)
+        layers[site.name] = {"index": site.index, **describe_moe(moe)}
+    merged.upcycle_record = _record(merged, "hf_llama", cfg, layers)
+    return merged
+
+
+def bam_config(source, num_experts: int, cfg: MergeConfig):
+    """The :class:`UpcycleBAMConfig` of a BAM model mixed from ``num_experts`` copies of a model with ``source``
+    config (Llama or upcycle_lm)."""
+    from ...models import UpcycleBAMConfig
+
+    rope = rope_parameters(source)
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(
+            f"the seed uses {rope['rope_type']!r} RoPE scaling; upcycle's BAM model implements plain RoPE only"
+        )
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
+              "tie_word_embeddings", "attention_bias", "mlp_bias", "initializer_range", "bos_token_id",
+              "eos_token_id", "pad_token_id")  # fmt: skip
+    values = {field: getattr(source, field) for field in fields if getattr(source, field, None) is not None}
+    return UpcycleBAMConfig(
+        **values, rope_theta=rope["rope_theta"],
+        parallel_attention=bool(getattr(source, "parallel_attention", False)), num_local_experts=num_experts,
+        num_experts_per_tok=cfg.top_k, norm_topk_prob=cfg.renormalize, num_attention_experts=num_experts,
+        shared_kv=cfg.shared_kv,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def _merge_bam(models: Sequence[nn.Module], cfg: MergeConfig) -> nn.Module:
+    from ...models import UpcycleBAMForCausalLM
+
+    seed = models[0]
+    dtype = next(seed.parameters()).dtype
+    bam = UpcycleBAMForCausalLM(bam_config(seed.config, len(models), cfg)).to(dtype).train(seed.training)
+    for module in bam.modules():  # the routers are the only weights that stay at a random init
+        if isinstance(module, TopKRouter | SoftAttentionRouter):
+            nn.init.normal_(module.gate.weight, std=cfg.router_init_std)
+    state, states = bam.state_dict(), [model.state_dict() for model in models]
+    for name in _averaged_names(seed, (".mlp.", ".self_attn.")):
+        state[name].copy_(_mean(states, name))
+    for site in get_adapter("hf_llama").ffn_sites(seed):
+        prefix = site.name.removesuffix("mlp")  # "model.layers.{i}."
+        block = bam.get_submodule(prefix.rstrip("."))
+        block.mlp.experts.load_state_dict(_ffn_experts(models, site).state_dict())
+        attention = block.self_attn
+        for part, projection in zip("qkvo", ATTENTION, strict=True):
+            stacked = torch.stack([s[f"{prefix}self_attn.{projection}.weight"] for s in states])  # [e, out, in]
+            shared = cfg.shared_kv and part in "kv"
+            getattr(attention, f"w_{part}").copy_(stacked.float().mean(0, keepdim=True) if shared else stacked)
+            bias = getattr(attention, f"b_{part}")
+            if bias is not None:
+                stacked = torch.stack([s[f"{prefix}self_attn.{projection}.bias"] for s in states])  # [e, out]
+                bias.copy_(stacked.float().mean(0, keepdim=True) if shared else stacked)
+    bam.upcycle_record = _record(bam, "upcycle_bam", cfg, {})
+    return bam

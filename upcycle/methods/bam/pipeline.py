@@ -1,0 +1,151 @@
+"""The BAM pipeline (Zhang et al., arXiv 2408.08274) with its BTX baseline (Sukhbaatar et al., arXiv 2403.07816)
+and the dense reference, phase by phase, each phase a folder of ``out`` (see ``upcycle.stages``: finished phases
+of the same recipe load, interrupted ones resume from their checkpoints):
+
+    branch-<domain>/     Branch + Train: a copy of the seed continued on its domain (+ general_share of the others)
+    mix-<variant>/       Mix: merge([seed, *branches]) by the variant, then trained on all domains
+    dense-continued/     the seed trained on the same mixture with the compute of ``compute_reference`` (branch
+                         phase included: dense steps = Σ branch steps + mix steps × MACs(reference) / MACs(dense))
+    dense-mix-compute/   the same with the mixture phase's compute only (mix steps × MACs(reference) / MACs(dense))
+    summary.json, bam.png   held-out perplexity per domain for every model; parameters, MACs per token, latency
+    routing.png          which experts each domain's text uses in every mixture (FFN and attention routers)
+
+Each phase's folder records the recipe fields it was built from; ``redo`` rebuilds a phase whose recipe changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from ...atomic import atomic_write_text
+from ...stages import cached_stage
+from .evaluate import domain_perplexity, example_ids, expert_usage, model_costs
+from .recipe import VARIANTS, BAMRecipe, load_recipe
+
+COST_SEQUENCES = 8  # sequences of the MAC count and the latency batch
+
+
+def branch_fingerprint(recipe: BAMRecipe, domain: str) -> dict:
+    return {"data": recipe.data, "seed": recipe.seed, "domain": domain,
+            "branch": recipe.branch_config(domain).model_dump(mode="json")}  # fmt: skip
+
+
+def mix_fingerprint(recipe: BAMRecipe, variant: str) -> dict:
+    return {
+        "branches": [branch_fingerprint(recipe, d) for d in recipe.domains], "variant": variant,
+        "merge": {"top_k": recipe.top_k, "renormalize": recipe.renormalize, "router_init_std": recipe.router_init_std},
+        "mix": recipe.mix_config().model_dump(mode="json"),
+    }  # fmt: skip
+
+
+def train_copy(model: nn.Module, config, where: Path, progress: bool) -> nn.Module:
+    """A copy of ``model`` trained by ``config`` in ``where`` (resuming its checkpoints); the input is untouched."""
+    from ...train import train
+
+    model = copy.deepcopy(model)
+    train(model, config, where, resume=(where / "checkpoints").is_dir(), progress=progress)
+    # the phase is finished (where/model); its resumable checkpoints (weights + optimizer, ~4x the model) are not
+    # needed any more, and for a real LM mixed from several branches they are gigabytes
+    shutil.rmtree(where / "checkpoints", ignore_errors=True)
+    return model
+
+
+def merged(seed: nn.Module, branches: dict[str, nn.Module], recipe: BAMRecipe, variant: str) -> nn.Module:
+    """The untrained mixture of ``variant``: experts in the order seed, then the recipe's domains."""
+    from .merge import merge
+
+    models = [seed, *(branches[d] for d in recipe.domains)]
+    return merge(models, **VARIANTS[variant], top_k=recipe.top_k, renormalize=recipe.renormalize,
+                         router_init_std=recipe.router_init_std, seed=recipe.seed,
+                         expert_names=["seed", *recipe.domains])  # fmt: skip
+
+
+def dense_steps(seed: nn.Module, branches: dict[str, nn.Module], recipe: BAMRecipe) -> dict:
+    """Steps of the dense run that spend the compute of the reference variant's branch and mixture phases."""
+    from ...eval import count_macs
+
+    ids = example_ids(seed, recipe, COST_SEQUENCES)
+    dense = count_macs(seed, {"input_ids": ids}).total
+    reference = count_macs(merged(seed, branches, recipe, recipe.compute_reference), {"input_ids": ids}).total
+    branch_steps = sum(recipe.branch_config(d).steps for d in recipe.domains)
+    steps = round(branch_steps + recipe.mix_config().steps * reference / dense)
+    return {"steps": steps, "branch_steps": branch_steps, "mix_macs_ratio": reference / dense}
+
+
+def run_stages(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str | Path, progress: bool = True,
+               redo: bool = False) -> dict[str, nn.Module]:  # fmt: skip
+    """Every phase; returns ``{"seed", "branch-<domain>"..., <variant>..., "dense_continued",
+    "dense_mix_compute"}`` models."""
+    recipe = load_recipe(recipe)
+    out = Path(out)
+
+    def trained(name: str, fingerprint: dict, start: Callable[[], nn.Module], config) -> nn.Module:
+        """The phase's model: ``start()`` trained by ``config`` in its folder (built now, or loaded / resumed)."""
+        return cached_stage(out / name, fingerprint, lambda: train_copy(start(), config, out / name, progress), redo)
+
+    seed = seed.eval()
+    models: dict[str, nn.Module] = {"seed": seed}
+    branches = {}
+    for domain in recipe.domains:
+        branch = trained(f"branch-{domain}", branch_fingerprint(recipe, domain), lambda: seed,
+                         recipe.branch_config(domain))  # fmt: skip
+        branches[domain] = models[f"branch-{domain}"] = branch
+    for variant in recipe.variants:
+        models[variant] = trained(f"mix-{variant}", mix_fingerprint(recipe, variant),
+                                  lambda v=variant: merged(seed, branches, recipe, v), recipe.mix_config())  # fmt: skip
+    if recipe.dense_continued:
+        budget = dense_steps(seed, branches, recipe)
+        fingerprint = {**mix_fingerprint(recipe, "dense_continued"), "compute": budget}
+        models["dense_continued"] = trained("dense-continued", fingerprint, lambda: seed,
+                                            recipe.mix_config(budget["steps"]))  # fmt: skip
+        atomic_write_text(out / "dense-continued" / "compute.json", json.dumps(budget, indent=2) + "\n")
+        # a second, weaker reference: the same dense run given only the mixture phase's compute
+        mix_only = round(budget["steps"] - budget["branch_steps"])
+        fingerprint = {**mix_fingerprint(recipe, "dense_mix_compute"), "steps": mix_only}
+        models["dense_mix_compute"] = trained("dense-mix-compute", fingerprint, lambda: seed,
+                                              recipe.mix_config(mix_only))  # fmt: skip
+    return models
+
+
+def evaluate_models(models: dict[str, nn.Module], recipe: BAMRecipe, timing: bool = True,
+                    splits: tuple[str, ...] = ("val", "test")) -> dict[str, dict]:  # fmt: skip
+    """Per model: perplexity per domain on each split, parameters, MACs per token, (``timing``) latency and, for
+    the mixtures, which experts each domain's validation text uses."""
+    ids = example_ids(models["seed"], recipe, COST_SEQUENCES)
+    results = {}
+    for name, model in models.items():
+        row = {split: domain_perplexity(model, recipe, split) for split in splits}
+        results[name] = {**row, **model_costs(model.eval(), ids, timing)}
+        usage = expert_usage(model, recipe)
+        if usage:
+            results[name]["expert_usage"] = usage
+    return results
+
+
+def run_bam(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str | Path, progress: bool = True,
+            redo: bool = False, timing: bool = True) -> dict:  # fmt: skip
+    """Every phase, then the evaluation; writes ``summary.json`` and ``bam.png`` to ``out`` and returns the summary.
+
+    Headline numbers (``*_ppl``) are the average held-out *test* perplexity over the domains."""
+    from .plots import plot_bam, plot_usage
+
+    recipe = load_recipe(recipe)
+    out = Path(out)
+    models = run_stages(seed, recipe, out, progress, redo)
+    results = evaluate_models(models, recipe, timing)
+    summary = {"recipe": recipe.model_dump(mode="json"), "models": results}
+    for name in [*recipe.variants, "dense_continued", "dense_mix_compute", "seed"]:
+        if name in results:
+            summary[f"{name}_ppl"] = results[name]["test"]["average"]
+    if "btx" in results and "bam_expert_kv" in results:
+        summary["bam_over_btx"] = summary["bam_expert_kv_ppl"] / summary["btx_ppl"]
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    summary["plot"] = str(plot_bam({"seed 0": results}, recipe.domains, out / "bam.png"))
+    summary["usage_plot"] = str(plot_usage(results, recipe.domains, out / "routing.png"))
+    return summary

@@ -1,0 +1,95 @@
+"""The BAM / BTX recipe: every phase's settings in one validated YAML (docs/methods/bam.md).
+
+    bam:
+      domains: [shakespeare, python_code, python_docs]
+      general_share: 0.1               # each branch: 90% its domain, 10% the others (the paper's general text)
+      branch: {steps: 600, lr: 1e-3}   # continued pre-training of each copy of the seed
+      mix: {steps: 600, lr: 5e-4}      # the mixture phase, on all domains in equal shares
+      variants: [btx, bam_expert_kv, bam_shared_kv]
+      dense_continued: true            # the seed continued on the mixture with bam_expert_kv's compute
+
+``branch`` and ``mix`` are training recipes (:class:`~upcycle.config.TrainConfig` fields; ``data``,
+``data_options`` and ``seed`` come from here). The mixture phase always trains with the load-balancing loss and the
+router z-loss on the FFN routers (``mix.aux`` sets their weights).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ...config import StrictModel, TrainConfig, load_recipe_section, load_train_config, stage_defaults
+
+Variant = Literal["btx", "bam_expert_kv", "bam_shared_kv"]
+VARIANTS: dict[str, dict] = {  # upcycle.merge arguments of each variant
+    "btx": {"method": "btx"},
+    "bam_expert_kv": {"method": "bam", "shared_kv": False},
+    "bam_shared_kv": {"method": "bam", "shared_kv": True},
+}
+BRANCH_DEFAULTS = {"steps": 600, "batch_size": 16, "lr": 1e-3, "warmup": 0.05, "weight_decay": 0.1}
+MIX_DEFAULTS = {"steps": 600, "batch_size": 16, "lr": 5e-4, "warmup": 0.05, "weight_decay": 0.1,
+                "aux": {"load_balancing": 0.01, "z_loss": 0.001}}  # fmt: skip
+
+
+class BAMRecipe(StrictModel):
+    data: str = Field("text_mixture", description="a dataset of domains with per-domain weights (text_mixture)")
+    domains: list[str] = Field(["shakespeare", "python_code", "python_docs"], min_length=1,
+                               description="one branch per domain, in expert order after the seed")  # fmt: skip
+    general_share: float = Field(0.1, ge=0, lt=1, description="share of the other domains in a branch's data")
+    branch: dict[str, Any] = Field(default_factory=dict, description="training recipe of each branch")
+    mix: dict[str, Any] = Field(default_factory=dict, description="training recipe of the mixture phase")
+    variants: list[Variant] = Field(["btx", "bam_expert_kv", "bam_shared_kv"], min_length=1)
+    top_k: int = Field(1, ge=1, description="FFN experts per token")
+    renormalize: bool = Field(False, description="divide the top-k probabilities by their sum (papers: no)")
+    router_init_std: float = Field(0.02, ge=0, description="std of the random routers")
+    dense_continued: bool = Field(True, description="also continue the seed on the mixture with the same compute")
+    compute_reference: Variant = Field("bam_expert_kv", description="the variant whose compute the dense run matches")
+    eval_sequences: int | None = Field(None, ge=1, description="held-out sequences per domain, evenly strided "
+                                       "(None: all)")  # fmt: skip
+    seed: int = Field(0, description="seed of every phase")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"domains must be distinct, got {self.domains}")
+        if self.data == "text_mixture":
+            from ...data.text_mixture import DOMAINS
+
+            unknown = sorted(set(self.domains) - set(DOMAINS))
+            if unknown:
+                raise ValueError(f"unknown domain(s) {', '.join(unknown)}; text_mixture has {', '.join(DOMAINS)}")
+        if self.top_k > len(self.domains) + 1:
+            raise ValueError(f"top_k={self.top_k} is larger than the {len(self.domains) + 1} experts (branches + seed)")
+        if self.dense_continued and self.compute_reference not in self.variants:
+            raise ValueError(f"compute_reference {self.compute_reference!r} is not among the variants {self.variants}")
+        configs = [self.branch_config(d) for d in self.domains]  # a bad training field fails before any phase runs
+        configs.append(self.mix_config())
+        if self.dense_continued and any(config.steps is None for config in configs):
+            raise ValueError("branch and mix need steps, not epochs: the dense run matches their compute in steps")
+        return self
+
+    def branch_weights(self, domain: str) -> dict[str, float]:
+        others = [d for d in self.domains if d != domain]
+        if not others:
+            return {domain: 1.0}
+        return {domain: 1 - self.general_share, **{d: self.general_share / len(others) for d in others}}
+
+    def branch_config(self, domain: str) -> TrainConfig:
+        return self._config(BRANCH_DEFAULTS, self.branch, {"weights": self.branch_weights(domain)})
+
+    def mix_config(self, steps: int | None = None) -> TrainConfig:
+        """The mixture phase (all domains in equal shares); ``steps`` overrides its length (the dense run)."""
+        config = self._config(MIX_DEFAULTS, self.mix, {"weights": dict.fromkeys(self.domains, 1.0)})
+        return config if steps is None else load_train_config(config, steps=steps, epochs=None)
+
+    def _config(self, defaults: dict, given: dict, data_options: dict) -> TrainConfig:
+        aux = {**defaults.get("aux", {}), **given.get("aux", {})}
+        return load_train_config({**stage_defaults(defaults, given), **given, "aux": aux, "data": self.data,
+                                  "data_options": data_options, "seed": self.seed})  # fmt: skip
+
+
+def load_recipe(source: str | Path | dict | BAMRecipe | None = None) -> BAMRecipe:
+    """A recipe from YAML (its ``bam`` section, or the whole file), a dict or a recipe; None: the defaults."""
+    return load_recipe_section(source, "bam", BAMRecipe, "BAM recipe", empty_ok=True)

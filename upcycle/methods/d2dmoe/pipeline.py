@@ -1,0 +1,159 @@
+"""The D2DMoE pipeline (Szatkowski et al., arXiv 2310.04361) and its MoEfication baseline (arXiv 2110.01786), stage
+by stage, each stage a folder of ``out`` holding its model (``upcycle.load``-able) so an interrupted run resumes at
+the first unfinished stage (and a training stage at its latest checkpoint):
+
+    0-attention/       ViT only, optional: Q/K/V/O -> equal-cost ReLU MLPs, distilled per module (§3.4)
+    1-sparsify/        FFN activations -> ReLU, fine-tuned with the squared-Hoyer (or L1) penalty (§3.1)
+    2-<method>/        the FFNs split into equal experts by balanced k-means, with the method's router (§3.2)
+    3-<method>-routers/  routers fitted with the backbone frozen and every expert running (§3.3)
+    sweep-<method>.json  τ (D2DMoE) or k (MoEfication) swept on the held-out splits: accuracy vs MACs (§3.4)
+    summary.json, curves.png   every sweep with the dense and ReLU reference points
+
+Both methods share stages 0-1 and get the same experts (same partition, same seed); only the router differs.
+Each stage folder records the recipe fields it was built from (``stage.json``: its own and its predecessors'). A
+finished stage is reused only when they match the recipe; otherwise the run stops and says which fields changed,
+unless ``redo=True``, which rebuilds that stage and everything after it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...atomic import atomic_write_text
+from ...eval.held_out import HeldOut
+from ...layers import set_backend, set_tau, set_top_k
+from ...stages import cached_stage, save_stage
+from .recipe import D2DMoERecipe, load_recipe
+from .relu import activation_sparsity, swap_to_relu
+from .sweep import lowest_fraction_within, macs_per_example, sweep
+
+
+def stage_fingerprints(recipe: D2DMoERecipe, method: str | None = None) -> dict[str, dict]:
+    """The recipe fields each stage depends on, its predecessors' included (keyed by stage folder)."""
+    attention = {"data": recipe.data, "seed": recipe.seed,
+                 "attention": None if recipe.attention is None else recipe.attention.model_dump()}  # fmt: skip
+    sparsify = {**attention, "sparsify": recipe.sparsify_config().model_dump(mode="json")}
+    prints = {"0-attention": attention, "1-sparsify": sparsify}
+    for name in recipe.methods if method is None else [method]:
+        split = {**sparsify, "method": name, "num_experts": recipe.num_experts, "partition": recipe.partition,
+                 "router_hidden": recipe.router_hidden}  # fmt: skip
+        prints[f"2-{name}"] = split
+        prints[f"3-{name}-routers"] = {**split, "routers": recipe.router_config().model_dump(mode="json")}
+    return prints
+
+
+def attention_stage(dense: nn.Module, recipe: D2DMoERecipe, out: Path, progress: bool) -> nn.Module:
+    from ...adapters.timm_vit_projections import replace_attention_projections
+    from .distill import distill_attention_projections
+
+    stage = recipe.attention
+    model = copy.deepcopy(dense)
+    replace_attention_projections(model, stage.hidden_ratio, torch.Generator().manual_seed(recipe.seed))
+    report = distill_attention_projections(model, dense, recipe.data, stage.steps, stage.batch_size, stage.lr,
+                                           stage.sparsity, seed=recipe.seed, progress=progress)  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "distillation.json", json.dumps(report, indent=2) + "\n")
+    save_stage(model, out)
+    return model
+
+
+def sparsify_stage(model: nn.Module, recipe: D2DMoERecipe, out: Path, progress: bool) -> nn.Module:
+    from ...train import train
+
+    model = copy.deepcopy(model)
+    swap_to_relu(model)
+    train(model, recipe.sparsify_config(), out, resume=(out / "checkpoints").is_dir(), progress=progress)
+    held_out = HeldOut(model, recipe.data, "val", examples=512, seq_len=recipe.sparsify_config().seq_len)
+    sparsity = activation_sparsity(model, held_out.batches())
+    atomic_write_text(out / "activation_sparsity.json", json.dumps(sparsity, indent=2) + "\n")
+    return model
+
+
+def split_stage(model: nn.Module, recipe: D2DMoERecipe, method: str, out: Path) -> nn.Module:
+    from ...convert import convert
+
+    options = {"partition": recipe.partition, "router_hidden": recipe.router_hidden}
+    moe = convert(model, method, num_experts=recipe.num_experts, top_k=1, layers="all", seed=recipe.seed,
+                          backend="sorted", progress=False, **options)  # fmt: skip
+    save_stage(moe, out)
+    return moe
+
+
+def router_stage(moe: nn.Module, recipe: D2DMoERecipe, out: Path, progress: bool) -> nn.Module:
+    from ...train import train
+
+    moe = copy.deepcopy(moe)
+    train(moe, recipe.router_config(), out, resume=(out / "checkpoints").is_dir(), progress=progress)
+    for param in moe.parameters():  # train() froze all but the routers; the returned model is whole again
+        param.requires_grad_(True)
+    return moe
+
+
+def run_stages(dense: nn.Module, recipe: D2DMoERecipe | dict | str | Path, out: str | Path,
+               progress: bool = True, redo: bool = False) -> dict[str, nn.Module]:  # fmt: skip
+    """Stages 0-3; returns ``{"sparse": ReLU model, method: model with fitted routers}``. Finished stages of the
+    same recipe load (see :func:`cached_stage`)."""
+    recipe = load_recipe(recipe)
+    out = Path(out)
+    prints = stage_fingerprints(recipe)
+
+    def stage(name: str, build: Callable[[Path], nn.Module]) -> nn.Module:
+        return cached_stage(out / name, prints[name], lambda: build(out / name), redo)
+
+    model = dense
+    if recipe.attention is not None:
+        model = stage("0-attention", lambda where: attention_stage(dense, recipe, where, progress))
+    sparse = stage("1-sparsify", lambda where: sparsify_stage(model, recipe, where, progress))
+    models = {"sparse": sparse}
+    for method in recipe.methods:
+        split = stage(f"2-{method}", lambda where, m=method: split_stage(sparse, recipe, m, where))
+        fitted = stage(f"3-{method}-routers", lambda where, s=split: router_stage(s, recipe, where, progress))
+        set_backend(fitted, "sorted")  # inference: only the selected pairs, no padding
+        models[method] = fitted
+    return models
+
+
+def sweep_methods(models: dict[str, nn.Module], dense: nn.Module, recipe: D2DMoERecipe, out: Path,
+                  splits: tuple[str, ...] = ("val", "test"), mac_examples: int = 256) -> dict:  # fmt: skip
+    """The τ / k sweeps of every method and the dense and ReLU-sparse reference points, written to ``out``."""
+    seq_len = recipe.sparsify_config().seq_len
+    held_out = {s: HeldOut(dense, recipe.data, s, recipe.eval_examples, seq_len) for s in splits}
+    dense_macs = macs_per_example(dense, held_out[splits[0]], mac_examples)
+    results = {
+        "dense": {s: h.metric(dense) for s, h in held_out.items()} | {"flops_fraction": 1.0},
+        "sparse": {s: h.metric(models["sparse"]) for s, h in held_out.items()}
+        | {"flops_fraction": macs_per_example(models["sparse"], held_out[splits[0]], mac_examples) / dense_macs},
+    }
+    for method in recipe.methods:
+        points, apply = (recipe.taus, set_tau) if method == "d2dmoe" else (recipe.ks(), set_top_k)
+        rows = sweep(models[method], dense_macs, points, apply, held_out, mac_examples, desc=f"{method} sweep")
+        results[method] = rows
+        atomic_write_text(out / f"sweep-{method}.json", json.dumps(rows, indent=2) + "\n")
+    return results
+
+
+def run_d2dmoe(dense: nn.Module, recipe: D2DMoERecipe | dict | str | Path, out: str | Path,
+               progress: bool = True, redo: bool = False) -> dict:  # fmt: skip
+    """Every stage, then the sweeps; writes ``summary.json`` and ``curves.png`` (validation accuracy: the split
+    operating points are chosen on) to ``out`` and returns the summary."""
+    from .plots import plot_curves
+
+    recipe = load_recipe(recipe)
+    out = Path(out)
+    models = run_stages(dense, recipe, out, progress, redo)
+    results = sweep_methods(models, dense, recipe, out)
+    summary = {"recipe": recipe.model_dump(mode="json"), **results}
+    for method in recipe.methods:
+        point = lowest_fraction_within(results[method], results["dense"]["val"], "val")
+        summary[f"{method}.flops_fraction_at_1pt_drop"] = None if point is None else point["flops_fraction"]
+        summary[f"{method}.point_at_1pt_drop"] = None if point is None else point["point"]
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    panel = {"dense": results["dense"], "variants": {m: results[m] for m in recipe.methods}}
+    summary["curves_png"] = str(plot_curves({type(dense).__name__: panel}, out / "curves.png", split="val"))
+    return summary

@@ -1,0 +1,68 @@
+"""Neuron split with a router trained apart from the backbone: D2DMoE (Szatkowski et al., arXiv 2310.04361) and its
+baseline MoEfication (Zhang et al., arXiv 2110.01786).
+
+Both cut each FFN into E equal experts exactly as ``neuron_split`` does (balanced k-means on W_up rows, W_down's
+bias shared), so with every expert running the layer equals the dense FFN. They differ in the router:
+  - ``d2dmoe``: a dynamic-k router, an MLP predicting each expert's output norm; expert i runs iff
+    ``r_i >= τ·max_j r_j`` (τ = 0: every expert);
+  - ``moefication``: an MLP scoring each expert, a fixed top-k (``top_k`` of the recipe) at inference.
+The router MLPs start random (drawn from the conversion generator); the router stage (``train`` with
+``aux.router_fit > 0`` and ``freeze: all_but_routers``) fits them to the experts' measured outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ...adapters.dense_ffn import DenseFFN
+from ...layers import MoE
+from ...recycling import register_method
+from ...recycling.routers import mlp_router
+from .split import NeuronSplitOptions, split_experts, split_moe
+
+
+class MoEficationOptions(NeuronSplitOptions):
+    router_hidden: int = Field(128, ge=1, description="hidden width of the router MLP d -> hidden -> e")
+
+
+class D2DMoEOptions(MoEficationOptions):
+    tau: float = Field(0.0, ge=0, le=1, description="dynamic-k threshold: expert i runs iff r_i >= tau * max r")
+
+
+def _split_with_mlp_router(dense: DenseFFN, config, generator: torch.Generator, options: MoEficationOptions,
+                           router: str, **router_args) -> MoE:  # fmt: skip
+    """The neuron split, then the named MLP router (drawn after the partition, from the same generator)."""
+    if config.router.type != "topk":
+        raise ValueError(
+            f"method {config.method!r} builds its own router MLP; router type {config.router.type!r} does not apply "
+            "(leave the router section at its default)"
+        )
+    experts, groups = split_experts(dense, config.num_experts, options, generator)
+    mlp = mlp_router(router, dense.d_model, config.num_experts, generator, hidden=options.router_hidden,
+                     **router_args)  # fmt: skip
+    return split_moe(mlp, experts, groups)
+
+
+@register_method(
+    "d2dmoe",
+    paper="https://arxiv.org/abs/2310.04361",
+    description="neuron split + an MLP router predicting each expert's output norm; per-token dynamic-k (tau)",
+    options=D2DMoEOptions,
+)
+@torch.no_grad()
+def d2dmoe(dense: DenseFFN, config, generator: torch.Generator) -> MoE:
+    options = D2DMoEOptions(**config.options)
+    return _split_with_mlp_router(dense, config, generator, options, "dynamic_k", tau=options.tau)
+
+
+@register_method(
+    "moefication",
+    paper="https://arxiv.org/abs/2110.01786",
+    description="neuron split + an MLP router scoring each expert; fixed top-k of unweighted experts",
+    options=MoEficationOptions,
+)
+@torch.no_grad()
+def moefication(dense: DenseFFN, config, generator: torch.Generator) -> MoE:
+    options = MoEficationOptions(**config.options)
+    return _split_with_mlp_router(dense, config, generator, options, "moefication", top_k=config.top_k)
