@@ -104,3 +104,12 @@ def test_unregistered_router_uses_every_expert_unless_measured():
 def test_slot_router_ignores_a_measured_figure():
     model = model_with(SoftMoERouter(D, E, slots_per_expert=2))
     assert count_parameters(model, experts_per_token=1.0)["experts_active"] == E * PER_EXPERT
+
+
+def test_shared_parts_of_every_layer_add_up():
+    def layer():
+        return MoE(TopKRouter(D, E, top_k=1), Experts(E, D, H), shared_expert=FFN(D, 5), shared_expert_gate=True)
+
+    one, two = count_parameters(layer()), count_parameters(nn.Sequential(layer(), layer()))
+    assert one["shared"] == (D * 5 + 5 + 5 * D + D) + D  # the shared FFN and its sigmoid gate
+    assert {key: 2 * value for key, value in one.items()} == two
