@@ -1,0 +1,150 @@
+"""``upcycle.save`` / ``upcycle.load`` on tiny models: shards past ``max_shard_bytes``, tied tensors stored once and
+restored under either name, the record and recipe files, tokenizer files carried along, damaged directories refused
+with the reason."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import upcycle
+from upcycle.errors import UserError
+from upcycle.export.saving import load_weights, read_record, unique_state
+from upcycle.export.shards import INDEX, SINGLE, ShardWriter, read_weights, shard_files
+
+SIZES = {"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "num_key_value_heads": 1}  # fmt: skip
+
+
+def tiny_moe(tied=False):
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(**SIZES, tie_word_embeddings=tied)).eval()
+    return upcycle.convert(dense, "sparse_upcycling", num_experts=2, top_k=1, noise_std=0.01, progress=False).eval()
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_large_model_is_written_in_indexed_shards_that_load_back(tmp_path):
+    moe = tiny_moe()
+    state = unique_state(moe)
+    biggest = max(t.numel() * t.element_size() for t in state.values())
+    out = upcycle.save(moe, tmp_path / "m", max_shard_bytes=biggest)
+    index = json.loads((out / INDEX).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (out / SINGLE).exists()
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    assert set(index["weight_map"]) == set(state)  # every tensor, in exactly one shard
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    assert [p.name for p in shard_files(out)] == files
+    assert same_weights(upcycle.load(out), moe)
+    assert not list(out.glob("shard-*"))  # no temporary shard names left
+
+
+def test_shards_never_exceed_the_limit_unless_one_tensor_does(tmp_path):
+    with ShardWriter(tmp_path, max_shard_bytes=100) as writer:
+        for i, size in enumerate([10, 10, 5, 30, 1]):  # float32: 40, 40, 20, 120, 4 bytes
+            writer.add(f"t{i}", torch.full((size,), float(i)))
+    index = json.loads((tmp_path / INDEX).read_text())
+    shards = {}
+    for name, file in index["weight_map"].items():
+        shards.setdefault(file, []).append(name)
+    assert sorted(shards.values()) == [["t0", "t1", "t2"], ["t3"], ["t4"]]  # 100 bytes fit; 120 alone; then 4
+    state = read_weights(tmp_path)
+    assert all(torch.equal(state[f"t{i}"], torch.full((n,), float(i))) for i, n in enumerate([10, 10, 5, 30, 1]))
+
+
+def test_an_empty_writer_still_writes_one_file(tmp_path):
+    with ShardWriter(tmp_path, max_shard_bytes=100):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == [SINGLE]
+
+
+def test_tied_tensors_are_stored_once_and_restored_under_either_name(tmp_path):
+    moe = tiny_moe(tied=True)
+    out = upcycle.save(moe, tmp_path / "m")
+    stored = read_weights(out)
+    assert "model.embed_tokens.weight" in stored and "lm_head.weight" not in stored
+    loaded = upcycle.load(out)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert same_weights(loaded, moe)
+    # a file that kept the tie under its other name (the head) loads as well
+    renamed = {("lm_head.weight" if k == "model.embed_tokens.weight" else k): v for k, v in stored.items()}
+    fresh = upcycle.load(out)
+    with torch.no_grad():
+        fresh.model.embed_tokens.weight.zero_()
+    load_weights(fresh, renamed, "renamed")
+    assert torch.equal(fresh.model.embed_tokens.weight, moe.model.embed_tokens.weight)
+
+
+def test_untied_tensors_missing_from_the_file_are_refused(tmp_path):
+    moe = tiny_moe()
+    state = dict(unique_state(moe))
+    del state["lm_head.weight"]  # not tied here: really missing
+    with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\]"):
+        load_weights(tiny_moe(), state, "partial")
+    state = dict(unique_state(moe), extra=torch.zeros(1))
+    with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
+        load_weights(tiny_moe(), state, "extra")
+    state = dict(unique_state(moe), **{"lm_head.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match=r"lm_head.weight: file \(3, 3\) vs model \(50, 16\)"):
+        load_weights(tiny_moe(), state, "reshaped")
+
+
+def test_record_and_recipe_are_written_and_checked(tmp_path):
+    moe = tiny_moe()
+    out = upcycle.save(moe, tmp_path / "m")
+    record = read_record(out)
+    assert record == json.loads(json.dumps(moe.upcycle_record))
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe == {"convert": record["convert"]} and recipe["convert"]["method"] == "sparse_upcycling"
+    loaded = upcycle.load(out)
+    assert loaded.upcycle_origin == str(out) and not loaded.training
+
+    config = out / "config.json"
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_record(out)
+    config.write_text(json.dumps({**record, "version": -1}))
+    with pytest.raises(UserError, match="not an upcycle record of version"):
+        read_record(out)
+    config.write_text(json.dumps({key: value for key, value in record.items() if key != "layers"}))
+    with pytest.raises(UserError, match="lacks layers of an upcycle record"):
+        read_record(out)
+
+
+def test_a_dense_model_has_no_recipe(tmp_path):
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(**SIZES)).eval()
+    out = upcycle.save(dense, tmp_path / "d")
+    assert not (out / "recipe.yaml").exists()
+    assert same_weights(upcycle.load(out), dense)
+
+
+def test_tokenizer_files_travel_with_the_model(tmp_path):
+    origin = tmp_path / "origin"
+    moe = tiny_moe()
+    upcycle.save(moe, origin)
+    (origin / "tokenizer.json").write_text("{}")
+    (origin / "vocab.txt").write_text("a\nb\n")
+    (origin / "notes.txt").write_text("not a tokenizer file")
+    again = upcycle.save(upcycle.load(origin), tmp_path / "again")
+    assert (again / "tokenizer.json").read_text() == "{}" and (again / "vocab.txt").read_text() == "a\nb\n"
+    assert not (again / "notes.txt").exists()
+
+
+def test_damaged_shards_are_named(tmp_path):
+    out = upcycle.save(tiny_moe(), tmp_path / "m", max_shard_bytes=4096)
+    (out / INDEX).write_text("{}")
+    with pytest.raises(ValueError, match="is damaged"):
+        shard_files(out)
+    save_file({"x": torch.zeros(2)}, tmp_path / "one.safetensors")
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / INDEX).write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=r"gone\.safetensors"):
+        read_weights(tmp_path / "idx")
