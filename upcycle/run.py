@@ -158,21 +158,17 @@ def export_stages(out: Path, pattern: str, format: str) -> dict[str, str | None]
 
 
 def export_model(model: nn.Module, directory: Path, format: str) -> str | None:
-    """``upcycle.export`` with ``auto``: BAM -> bam, timm -> timm, an LM -> mixtral, else qwen2_moe (raw top-k
-    probabilities, dense layers); None, with the reason printed, when no format expresses the model (a BTX of
-    parallel blocks: ``upcycle.load`` reads its saved folder)."""
+    """``upcycle.export`` with ``auto``: the first of the formats the model's adapter names that stores it (e.g.
+    mixtral, else qwen2_moe with its raw top-k probabilities and dense layers); None, with the reasons printed, when
+    none does (a BTX of parallel blocks: ``upcycle.load`` reads its saved folder)."""
+    from .adapters import adapter_of
     from .export import export
 
     if format != "auto":
         return str(export(model, directory, format=format, overwrite=True))
-    if type(model).__name__ == "UpcycleBAMForCausalLM":
-        candidates = ("bam",)
-    elif model.upcycle_record["adapter"].startswith("timm"):
-        candidates = ("timm",)
-    else:
-        candidates = ("mixtral", "qwen2_moe")
-    reasons = []
-    for candidate in candidates:
+    adapter = adapter_of(model)
+    reasons = [] if adapter.export_formats else [f"no format stores {adapter.name!r} models"]
+    for candidate in adapter.export_formats:  # the family's exact formats, preferred first
         try:
             return str(export(model, directory, format=candidate, overwrite=True))
         except ValueError as error:

@@ -1,5 +1,6 @@
-"""Streaming conversion: a Hugging Face Llama-family checkpoint directory -> an upcycle model directory, one tensor
-at a time, so checkpoints larger than memory convert.
+"""Streaming conversion: a Hugging Face checkpoint directory of a family whose adapter declares its tensor layout
+(``Adapter.checkpoint_layout``: the Llama family) -> an upcycle model directory, one tensor at a time, so
+checkpoints larger than memory convert.
 
 ``upcycle.convert`` needs the whole dense model in memory and ``upcycle.save`` then holds the whole converted
 model (E copies of every FFN). Sparse upcycling (Komatsuzaki et al., arXiv 2212.05055) only ever looks at one FFN
@@ -42,8 +43,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import get_adapter
-from .adapters.base import FFNSite
+from .adapters.base import Adapter, CheckpointLayout, FFNSite, all_adapters
 from .adapters.dense_ffn import DenseFFN
 from .atomic import atomic_directory
 from .config import RUNTIME_FIELDS, ConvertConfig, load_convert_config, select_layers
@@ -55,14 +55,8 @@ from .layers.activations import from_hf
 from .record import RECORD_VERSION
 from .recycling import get_method
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-ADAPTER = "hf_llama"  # the in-memory adapter of these families: same site names, same record
 STREAM_SHARD_BYTES = 256 * 1024**2  # small: the pending output shard is most of the peak memory
 Written = dict[str, tuple[tuple[int, ...], torch.dtype]]  # output tensor name -> (shape, dtype)
-FFN_TENSORS = {  # DenseFFN field -> tensor name under the FFN site (Llama MLP: down(act(gate(x)) * up(x)))
-    "w_up": "up_proj.weight", "w_gate": "gate_proj.weight", "w_down": "down_proj.weight",
-    "b_up": "up_proj.bias", "b_gate": "gate_proj.bias", "b_down": "down_proj.bias",
-}  # fmt: skip
 
 
 ITEM_BYTES = {  # bytes per element of a safetensors dtype
@@ -173,11 +167,7 @@ def read_source(directory: Path) -> dict:
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path} is not valid JSON ({error})") from None
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"streaming conversion supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}; {config_path} has "
-            f"{model_type!r} (convert other models in memory with upcycle.convert)"
-        )
+    streaming_adapter(model_type, config_path)  # a family that streams, or a clear error
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(directory)  # the config dict the loaded model would carry
@@ -198,35 +188,47 @@ def meta_model(build, *args) -> nn.Module:
         return build(*args)
 
 
-def base_prefix(checkpoint: Checkpoint) -> str:
-    """``model.`` for a ``*ForCausalLM`` checkpoint, empty for a bare ``*Model`` (the adapter's ``base_prefix``)."""
-    return "model." if any(name.startswith("model.layers.") for name in checkpoint.tensors) else ""
+def streaming_adapter(model_type: str | None, config_path: Path) -> Adapter:
+    """The adapter whose family streams checkpoints of ``model_type``."""
+    adapter = next((a for a in all_adapters() if model_type in a.streaming_model_types), None)
+    if adapter is None:
+        supported = sorted(t for a in all_adapters() for t in a.streaming_model_types)
+        raise ValueError(f"streaming conversion supports model_type {', '.join(supported)}; {config_path} has "
+                         f"{model_type!r} (convert other models in memory with upcycle.convert)")  # fmt: skip
+    return adapter
 
 
-def layer_index(name: str, prefix: str) -> int | None:
-    """i for ``<prefix>layers.<i>.…``, else None."""
-    if not name.startswith(f"{prefix}layers."):
+def base_prefix(checkpoint: Checkpoint, layout: CheckpointLayout) -> str:
+    """The layout's base prefix for a task-model checkpoint, empty for a bare base model (the adapter's
+    ``base_prefix``)."""
+    stack = f"{layout.base}{layout.layers}."
+    return layout.base if any(name.startswith(stack) for name in checkpoint.tensors) else ""
+
+
+def layer_index(name: str, prefix: str, layout: CheckpointLayout) -> int | None:
+    """i for ``<prefix><layers>.<i>.…``, else None."""
+    stack = f"{prefix}{layout.layers}."
+    if not name.startswith(stack):
         return None
-    index = name[len(prefix) + len("layers.") :].split(".", 1)[0]
+    index = name[len(stack) :].split(".", 1)[0]
     return int(index) if index.isdigit() else None
 
 
-def ffn_sites(checkpoint: Checkpoint, config: dict) -> list[FFNSite]:
-    """The FFN of every layer, named as ``HFLlamaAdapter.ffn_sites`` names them, checked against config.json.
+def ffn_sites(checkpoint: Checkpoint, config: dict, layout: CheckpointLayout) -> list[FFNSite]:
+    """The FFN of every layer, named as the adapter's ``ffn_sites`` names them, checked against config.json.
 
     Checked from the headers only: no weight is read, and no model class is imported.
     """
-    names, prefix = checkpoint.tensors, base_prefix(checkpoint)
+    names, prefix = checkpoint.tensors, base_prefix(checkpoint, layout)
     count = config["num_hidden_layers"]
-    found = {layer_index(name, prefix) for name in names} - {None}
+    found = {layer_index(name, prefix, layout) for name in names} - {None}
     if found != set(range(count)):
         held = f"layers {min(found)}..{max(found)} ({len(found)} in all)" if found else "no layers"
         raise ValueError(f"{checkpoint.directory}: config.json has {count} layers but the checkpoint holds {held}")
-    d, h = config["hidden_size"], config["intermediate_size"]
-    expected = {"up_proj.weight": (h, d), "gate_proj.weight": (h, d), "down_proj.weight": (d, h)}
+    expected = layout.shapes(config)
     sites, problems = [], []
     for i in range(count):
-        site = FFNSite(i, f"{prefix}layers.{i}.mlp")
+        site = FFNSite(i, f"{prefix}{layout.layers}.{i}.{layout.ffn}")
         for suffix, shape in expected.items():
             info = names.get(f"{site.name}.{suffix}")
             if info is None or info.shape != shape:
@@ -234,11 +236,13 @@ def ffn_sites(checkpoint: Checkpoint, config: dict) -> list[FFNSite]:
                 problems.append(f"{site.name}.{suffix}: {got}, expected {shape} from config.json")
         sites.append(site)
     if problems:
-        raise ValueError(f"{checkpoint.directory} is not a Llama-style checkpoint: " + "; ".join(problems[:5]))
+        raise ValueError(f"{checkpoint.directory} does not have the FFN tensors its config.json describes: "
+                         + "; ".join(problems[:5]))  # fmt: skip
     return sites
 
 
-def plan_steps(checkpoint: Checkpoint, sites: list[FFNSite], prefix: str) -> list[tuple[FFNSite | str, int]]:
+def plan_steps(checkpoint: Checkpoint, sites: list[FFNSite], prefix: str,
+               layout: CheckpointLayout) -> list[tuple[FFNSite | str, int]]:  # fmt: skip
     """(a tensor name to copy, 1) or (an FFN site to convert, its tensor count), layers in increasing index order.
 
     Tensors outside the layers (embeddings, final norm, head) come first; then each layer's, so converted FFNs meet
@@ -250,7 +254,7 @@ def plan_steps(checkpoint: Checkpoint, sites: list[FFNSite], prefix: str) -> lis
         warnings.warn(f"skipping {len(stale)} stale rotary_emb.inv_freq tensors", stacklevel=3)
 
     def order(name: str) -> tuple[int, str]:
-        index = layer_index(name, prefix)
+        index = layer_index(name, prefix, layout)
         return -1 if index is None else index, name
 
     names = sorted(set(checkpoint.tensors) - set(stale), key=order)
@@ -262,9 +266,9 @@ def plan_steps(checkpoint: Checkpoint, sites: list[FFNSite], prefix: str) -> lis
     return list(steps.items())
 
 
-def read_dense_ffn(checkpoint: Checkpoint, site: FFNSite, activation: str) -> DenseFFN:
-    """The FFN at ``site`` as a DenseFFN: the fields ``HFLlamaAdapter.read_ffn`` reads from a loaded model."""
-    names = {field: f"{site.name}.{suffix}" for field, suffix in FFN_TENSORS.items()}
+def read_dense_ffn(checkpoint: Checkpoint, site: FFNSite, activation: str, layout: CheckpointLayout) -> DenseFFN:
+    """The FFN at ``site`` as a DenseFFN: the fields the adapter's ``read_ffn`` reads from a loaded model."""
+    names = {field: f"{site.name}.{suffix}" for field, suffix in layout.tensors.items()}
     tensors = checkpoint.read(name for name in names.values() if name in checkpoint.tensors)
     try:
         dense = DenseFFN(activation=activation, **{field: tensors.get(name) for field, name in names.items()})
@@ -292,6 +296,7 @@ def stream_tensors(
     writer: ReservingShardWriter,
     cfg: ConvertConfig,
     activation: str,
+    layout: CheckpointLayout,
     bar: tqdm,
 ) -> tuple[dict, Written]:
     """Write every step's output tensors; returns the MoE layers' record entries and what was written."""
@@ -303,7 +308,7 @@ def stream_tensors(
             outputs = checkpoint.read([step])
         else:
             writer.reserve(layer_bytes or cfg.num_experts * ffn_bytes(checkpoint, step))
-            dense = read_dense_ffn(checkpoint, step, activation)
+            dense = read_dense_ffn(checkpoint, step, activation, layout)
             moe = convert_ffn(dense, step, cfg, generator)
             del dense  # freed before its experts join the pending shard
             layers[step.name] = {"index": step.index, **describe_moe(moe)}
@@ -383,17 +388,18 @@ def convert_streaming(
         raise ValueError(f"the output directory {out_dir} is the source checkpoint; choose another")
     if out_dir.exists() and not overwrite:  # fail before reading anything; atomic_directory checks again
         raise FileExistsError(f"{out_dir} already exists; choose another output directory or pass overwrite=True")
+    adapter = streaming_adapter(source["config"].get("model_type"), source_dir / "config.json")
+    layout = adapter.checkpoint_layout
     checkpoint = Checkpoint(source_dir)
-    sites = ffn_sites(checkpoint, source["config"])
+    sites = ffn_sites(checkpoint, source["config"], layout)
     chosen = [sites[i] for i in select_layers(len(sites), cfg.layers)]
-    steps = plan_steps(checkpoint, chosen, base_prefix(checkpoint))
-    activation = from_hf(source["config"]["hidden_act"])
-    adapter = get_adapter(ADAPTER)
+    steps = plan_steps(checkpoint, chosen, base_prefix(checkpoint, layout), layout)
+    activation = from_hf(source["config"][layout.activation_key])
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         total = sum(count for _, count in steps)
         bar = tqdm(total=total, desc=f"stream {cfg.method}", unit="tensor", disable=not progress, leave=False)
         with bar, ReservingShardWriter(staging, max_shard_bytes) as writer:
-            layers, written = stream_tensors(checkpoint, steps, writer, cfg, activation, bar)
+            layers, written = stream_tensors(checkpoint, steps, writer, cfg, activation, layout, bar)
         # the model class is imported only now, past the memory peak: its import alone adds ~150 MB of RSS
         dense = meta_model(adapter.rebuild, source)
         record = {

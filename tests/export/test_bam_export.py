@@ -63,7 +63,7 @@ def test_refusals(tmp_path):
     parallel = upcycle.merge([tiny_lm(parallel=True)], method="btx", renormalize=True)
     with pytest.raises(ValueError, match="parallel"):
         upcycle.export(parallel, tmp_path / "m", format="mixtral")
-    with pytest.raises(ValueError, match="holds upcycle's BAM model"):
+    with pytest.raises(ValueError, match="'hf_llama' adapter export as 'mixtral' or 'qwen2_moe'"):
         upcycle.export(parallel, tmp_path / "b", format="bam")
     bam = upcycle.merge([tiny_lm(), tiny_lm(seed=1)], method="bam")
     upcycle.layers.set_top_k(bam, 2)

@@ -57,10 +57,10 @@ def test_cli_export_timm_and_refusals(tmp_path, capsys):
     assert main(["export", str(tmp_path / "moe"), "--format", "timm", "--out", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "model.safetensors").is_file()
     assert main(["export", str(tmp_path / "moe"), "--format", "mixtral", "--out", str(tmp_path / "m")]) == 2
-    assert "cannot export to Mixtral" in capsys.readouterr().err
+    assert "cannot export as 'mixtral': models of the 'timm_vit' adapter export as 'timm'" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
     lm = upcycle.convert(build("llama"), "sparse_upcycling", num_experts=2, top_k=1, progress=False)
-    with pytest.raises(ValueError, match="needs a converted timm model"):
+    with pytest.raises(ValueError, match="cannot export as 'timm': models of the 'hf_llama' adapter"):
         upcycle.export(lm, tmp_path / "x", format="timm")
     with pytest.raises(ValueError, match="unknown export format 'onnx'"):
         upcycle.export(lm, tmp_path / "x", format="onnx")

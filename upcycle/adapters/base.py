@@ -5,11 +5,14 @@ An adapter knows (1) where the FFNs are (``ffn_sites``, in model order), (2) the
 for verification and which modules to compare there (``example_inputs``, ``outputs``, ``converted_modules``,
 ``dense_counterpart``) and
 (5) how to rebuild the dense skeleton from plain data (``describe`` / ``rebuild``) so a saved MoE loads without its
-source checkpoint.
+source checkpoint, and (6) every other family question the rest of upcycle asks, so that no list of families lives
+anywhere else: which export formats store the family exactly, whether streaming and merging apply, where an FFN's
+activation sits, which modules an FFN spans, how a method reshapes the attention (D2DMoE §3.4).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +27,19 @@ from .dense_ffn import DenseFFN
 class FFNSite:
     index: int  # position among the model's FFNs, 0-based, in forward order
     name: str  # qualified name of the module replaced by the MoE
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Where a family's FFN tensors sit in a safetensors checkpoint: what ``upcycle.stream`` needs to convert one
+    FFN at a time from the headers and config.json, without building the model."""
+
+    base: str  # prefix of the transformer stack in a task model ("model."); a bare base model has none
+    layers: str  # the stack's name: tensors are "<base><layers>.<i>.…"
+    ffn: str  # the FFN site under each layer
+    tensors: dict[str, str]  # DenseFFN field -> tensor name under the site (an absent bias is simply missing)
+    shapes: Callable[[dict], dict[str, tuple[int, ...]]]  # config.json -> the shape each required tensor must have
+    activation_key: str  # config.json key that names the FFN activation
 
 
 class MoEFFN(nn.Module):
@@ -47,6 +63,13 @@ class Adapter:
     name: ClassVar[str]
     family: ClassVar[str]  # human-readable list of what it covers
     task: ClassVar[str]  # "image_classification", "causal_lm" or "encoder"
+    export_formats: ClassVar[tuple[str, ...]] = ()  # formats that store its converted models exactly, preferred first
+    streaming_model_types: ClassVar[tuple[str, ...]] = ()  # config.json model_type values upcycle.stream converts
+    checkpoint_layout: ClassVar[CheckpointLayout | None] = None  # their tensor layout (with streaming_model_types)
+    merge_model_types: ClassVar[tuple[str, ...]] = ()  # model types upcycle.merge (BTX, BAM) mixes
+    block_modules: ClassVar[dict[str, str]] = {}  # "ffn" / "attention" -> its module name in a layer (merge)
+    attention_projections: ClassVar[tuple[str, ...]] = ()  # Q, K, V, O module names under the attention (merge)
+    activation_attribute: ClassVar[str] = "act"  # the FFN module's attribute that holds its activation module
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError
@@ -77,6 +100,48 @@ class Adapter:
                 "was converted (for D2DMoE attention projections, the one whose projections are already MLPs)"
             ) from None
 
+    def ffn_modules(self, model: nn.Module) -> set[str]:
+        """Every module that computes part of a dense FFN (what a FLOP count charges to the FFN): the sites."""
+        return {site.name for site in self.ffn_sites(model)}
+
+    def activation_module(self, model: nn.Module, site: FFNSite) -> nn.Module | None:
+        """The activation module of the dense FFN at ``site``; None once the site is an MoE layer."""
+        module = getattr(model.get_submodule(site.name), self.activation_attribute, None)
+        return module if isinstance(module, nn.Module) else None
+
+    def swap_activations_to_relu(self, model: nn.Module) -> int:
+        """Put ``nn.ReLU`` in every dense FFN, in place, and record it so the model rebuilds as a ReLU model;
+        returns how many FFNs changed."""
+        swapped = 0
+        for site in self.ffn_sites(model):
+            if self.activation_module(model, site) is not None:
+                setattr(model.get_submodule(site.name), self.activation_attribute, nn.ReLU())
+                swapped += 1
+        if swapped:
+            self.record_activation(model, "relu")
+        return swapped
+
+    def record_activation(self, model: nn.Module, activation: str) -> None:
+        """Make ``describe(model)`` rebuild the FFNs with ``activation`` (a Hugging Face ``hidden_act`` name)."""
+        raise ValueError(f"{self.family}: changing the FFN activation is not supported")
+
+    def export_refusal(self, model: nn.Module, target: str) -> str | None:
+        """Why ``model`` cannot be exported as ``target``, or None when ``target`` stores it exactly."""
+        if target in self.export_formats:
+            return None
+        formats = " or ".join(repr(f) for f in self.export_formats) or "no format (upcycle.save / load keep them)"
+        return f"models of the {self.name!r} adapter export as {formats}"
+
+    def replace_attention_projections(self, model: nn.Module, hidden_ratio: float = 0.5,
+                                      generator: torch.Generator | None = None) -> nn.Module:  # fmt: skip
+        """D2DMoE §3.4: every attention projection becomes an equal-cost ReLU MLP (read as an FFN site after)."""
+        raise ValueError(f"{self.family}: replacing attention projections by MLPs is not supported")
+
+    def attention_projection_pairs(self, model: nn.Module, teacher: nn.Module) -> list[tuple]:
+        """(MLP name, the MLP, the teacher's projection name, which third of its output or None) for every projection
+        MLP of ``model``, in forward order: what the distillation trains against the dense ``teacher``."""
+        raise ValueError(f"{self.family}: the model has no attention projections replaced by MLPs")
+
     def example_inputs(self, model: nn.Module, batch: int = 2, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
 
@@ -100,6 +165,10 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 
 def list_adapters() -> list[dict[str, str]]:
     return [{"name": a.name, "family": a.family, "task": a.task} for a in _ADAPTERS]
+
+
+def all_adapters() -> list[Adapter]:
+    return list(_ADAPTERS)
 
 
 def get_adapter(name: str) -> Adapter:

@@ -20,6 +20,7 @@ class HFBertAdapter(HFAdapterMixin, Adapter):
     name = "hf_bert"
     family = "Hugging Face BERT / MiniLM encoders (encoder.layer[i].intermediate + output.dense)"
     task = "encoder"
+    activation_attribute = "intermediate_act_fn"
 
     def matches(self, model: nn.Module) -> bool:
         return is_hf_model(model) and getattr(model.config, "model_type", None) == "bert"
@@ -38,6 +39,12 @@ class HFBertAdapter(HFAdapterMixin, Adapter):
             w_up=up.weight.detach(), w_down=down.weight.detach(), activation=from_hf(model.config.hidden_act),
             b_up=up.bias.detach(), b_down=down.bias.detach(),
         )  # fmt: skip
+
+    def ffn_modules(self, model: nn.Module) -> set[str]:
+        """BERT splits its FFN: ``intermediate`` (up projection, the site) and ``output`` (down projection and the
+        post-norm)."""
+        sites = super().ffn_modules(model)
+        return sites | {f"{name.rpartition('.')[0]}.output" for name in sites}
 
     def install(self, model: nn.Module, site: FFNSite, moe: MoE) -> None:
         layer_name = site.name.rpartition(".")[0]

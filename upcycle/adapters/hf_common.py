@@ -46,6 +46,11 @@ class HFAdapterMixin:
     def describe(self, model: nn.Module) -> dict:
         return {"class": type(model).__name__, "config": model.config.to_dict()}
 
+    def record_activation(self, model: nn.Module, activation: str) -> None:
+        for key in ("hidden_act", "activation_function"):  # read_ffn and the rebuild read the config
+            if hasattr(model.config, key):
+                setattr(model.config, key, activation)
+
     def rebuild(self, description: dict) -> nn.Module:
         import transformers
 

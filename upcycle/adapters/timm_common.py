@@ -66,6 +66,10 @@ class TimmAdapterMixin:
     """Inputs, outputs and rebuild for timm image classifiers."""
 
     task = "image_classification"
+    export_formats = ("timm",)
+
+    def record_activation(self, model: nn.Module, activation: str) -> None:
+        model.upcycle_timm_kwargs = {**self.describe(model)["kwargs"], "act_layer": activation}  # creation arguments
 
     def example_inputs(self, model: nn.Module, batch: int = 2, generator: torch.Generator | None = None) -> dict:
         config = getattr(model, "pretrained_cfg", {}) or {}

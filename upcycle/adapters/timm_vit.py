@@ -15,7 +15,13 @@ from .activations import from_module
 from .base import Adapter, FFNSite, register_adapter, tensor_or_none
 from .dense_ffn import DenseFFN
 from .timm_common import TimmAdapterMixin, hidden_norm_of, mlp_kind
-from .timm_vit_projections import PROJECTIONS, has_mlp_projections, projection_hidden, replace_attention_projections
+from .timm_vit_projections import (
+    PROJECTIONS,
+    has_mlp_projections,
+    projection_hidden,
+    projection_pairs,
+    replace_attention_projections,
+)
 
 
 @register_adapter
@@ -56,6 +62,13 @@ class TimmViTAdapter(TimmAdapterMixin, Adapter):
         if "attention_projection_hidden" in description:
             replace_attention_projections(model, hidden=description["attention_projection_hidden"])
         return model
+
+    def replace_attention_projections(self, model: nn.Module, hidden_ratio: float = 0.5,
+                                      generator: torch.Generator | None = None) -> nn.Module:  # fmt: skip
+        return replace_attention_projections(model, hidden_ratio, generator)
+
+    def attention_projection_pairs(self, model: nn.Module, teacher: nn.Module) -> list[tuple]:
+        return projection_pairs(model, teacher)
 
 
 def read_timm_mlp(mlp: nn.Module) -> DenseFFN:

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 PROJECTIONS = ("qkv.q", "qkv.k", "qkv.v", "proj")  # replaced modules under each block's ``attn``, in forward order
+# student MLP (under blocks.i.attn) -> (teacher module under blocks.i.attn, which third of its output, if split)
+_TARGETS = {"qkv.q": ("qkv", 0), "qkv.k": ("qkv", 1), "qkv.v": ("qkv", 2), "proj": ("proj", None)}
 
 
 class SplitQKV(nn.Module):
@@ -96,3 +98,24 @@ def _relu_mlp(fan_in: int, hidden: int, fan_out: int, bias: bool, like: torch.Te
                 if param is not None:
                     param.uniform_(-bound, bound, generator=generator)
     return mlp.to(device=like.device, dtype=like.dtype)
+
+
+def projection_pairs(model: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.Module, str, int | None]]:
+    """(student MLP name, the MLP, teacher module name, output third) for every projection MLP, in forward order."""
+    blocks, teacher_blocks = getattr(model, "blocks", []), getattr(teacher, "blocks", [])
+    if not any(has_mlp_projections(b) for b in blocks) or len(blocks) != len(teacher_blocks):
+        raise ValueError("distillation needs a model with MLP projections (replace_attention_projections) and its "
+                         "dense teacher of the same depth")  # fmt: skip
+    pairs = []
+    for i, block in enumerate(blocks):
+        if not has_mlp_projections(block):
+            continue
+        for projection in PROJECTIONS:
+            teacher_part, third = _TARGETS[projection]
+            mlp = block.attn.get_submodule(projection)
+            if not all(hasattr(mlp, a) for a in ("fc1", "act", "fc2")):
+                raise ValueError(f"blocks.{i}.attn.{projection} is no longer an MLP (already converted?)")
+            if not isinstance(teacher_blocks[i].attn.get_submodule(teacher_part), nn.Linear):
+                raise ValueError(f"the teacher's blocks.{i}.attn.{teacher_part} is not the original Linear")
+            pairs.append((f"blocks.{i}.attn.{projection}", mlp, f"blocks.{i}.attn.{teacher_part}", third))
+    return pairs

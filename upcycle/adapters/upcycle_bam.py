@@ -18,6 +18,7 @@ class UpcycleBAMAdapter(HFAdapterMixin, Adapter):
     name = "upcycle_bam"
     family = "upcycle's BAM mixture LM (UpcycleBAMForCausalLM: attention experts + FFN experts, upcycle.merge)"
     task = "causal_lm"
+    export_formats = ("bam",)
 
     def matches(self, model: nn.Module) -> bool:
         return is_hf_model(model) and type(model).__name__ in CLASSES

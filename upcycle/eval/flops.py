@@ -184,7 +184,7 @@ def _category(name: str, module: nn.Module, ffn_sites: set[str]) -> str | None:
     named like ``MlpMixer`` is not one FFN), nor are heads (timm's ``NormMlpClassifierHead``)."""
     if name == "":
         return None
-    if name in ffn_sites or isinstance(module, FFN) or _is_bert_ffn_output(name, ffn_sites):
+    if name in ffn_sites or isinstance(module, FFN):
         return "ffn"
     cls = type(module).__name__.lower()
     if "head" in cls:
@@ -194,13 +194,6 @@ def _category(name: str, module: nn.Module, ffn_sites: set[str]) -> str | None:
     if "mlp" in cls or "feedforward" in cls or cls == "ffn":
         return "ffn"
     return None
-
-
-def _is_bert_ffn_output(name: str, ffn_sites: set[str]) -> bool:
-    """BERT splits its FFN: the site is ``layer.i.intermediate`` (up projection) and ``layer.i.output`` holds the
-    down projection (and the post-norm)."""
-    parent, _, child = name.rpartition(".")
-    return child == "output" and f"{parent}.intermediate" in ffn_sites
 
 
 def _regions(model: nn.Module, moe_names: list[str], ffn_sites: set[str]) -> list[tuple[str, nn.Module, str]]:
@@ -218,9 +211,9 @@ def _regions(model: nn.Module, moe_names: list[str], ffn_sites: set[str]) -> lis
 
 
 def _ffn_sites(model: nn.Module) -> set[str]:
+    """Every module the adapter says computes part of a dense FFN (a split FFN spans several)."""
     try:
-        adapter = find_adapter(model)
-        return {site.name for site in adapter.ffn_sites(model)}
+        return find_adapter(model).ffn_modules(model)
     except ValueError:  # no adapter for this model (or an FFN it refuses): fall back on class names
         return set()
 

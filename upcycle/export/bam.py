@@ -16,16 +16,12 @@ from torch import nn
 
 from ..atomic import atomic_directory
 from .hf_moe_common import EXPORT_NOTE
+from .saving import check_exportable
 from .tokenizer_files import copy_tokenizer_files
 
 
 def export_bam(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
-    if type(model).__name__ != "UpcycleBAMForCausalLM":
-        raise ValueError(
-            f"cannot export {type(model).__name__} as 'bam': this format holds upcycle's BAM model "
-            "(upcycle.merge(models, method='bam')); a BTX mixture or a converted Llama exports as 'mixtral' or "
-            "'qwen2_moe'"
-        )
+    check_exportable(model, "bam")  # upcycle's BAM model (upcycle.merge(models, method="bam"))
     check_router_settings(model)
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as staging:

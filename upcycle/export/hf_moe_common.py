@@ -26,14 +26,11 @@ from ..adapters.hf_common import rope_parameters
 from ..atomic import atomic_directory
 from ..layers import MoE, TopKRouter
 from ..layers.activations import from_hf
-from .saving import DEFAULT_SHARD_BYTES
+from .saving import DEFAULT_SHARD_BYTES, check_exportable
 from .shards import ShardWriter
 from .tokenizer_files import copy_tokenizer_files
 
 EXPORT_NOTE = "upcycle_export.json"
-# dense families whose attention the targets reproduce exactly; upcycle_lm with sequential blocks computes what Llama
-# does (its parallel blocks have no counterpart in these targets)
-SOURCE_TYPES = ("llama", "mistral", "qwen2", "upcycle_lm")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 Tensors = Iterable[tuple[str, torch.Tensor]]
@@ -74,31 +71,12 @@ def refuse(target: str, reason: str) -> ValueError:
     return ValueError(f"cannot export to {target}: {reason}")
 
 
-def read_source(model: nn.Module, target: str) -> Source:
-    """The converted model's record and MoE layers, after checking it is a Llama-family causal LM."""
+def read_source(model: nn.Module, target: str, format: str) -> Source:
+    """The converted model's record and MoE layers, once its adapter confirmed ``format`` stores it exactly."""
+    check_exportable(model, format)
     record = getattr(model, "upcycle_record", None)
     if record is None:
         raise refuse(target, "the model has no upcycle_record; export a model returned by upcycle.convert")
-    if record["adapter"] != "hf_llama":
-        raise refuse(
-            target,
-            f"the model was converted by the {record['adapter']!r} adapter, but {target} stores a Llama-style "
-            "decoder (RMSNorm, RoPE attention, SwiGLU experts); only 'hf_llama' models (Llama / Mistral / Qwen2) "
-            "can be exported",
-        )
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SOURCE_TYPES or not hasattr(model, "lm_head"):
-        raise refuse(
-            target,
-            f"the source is {type(model).__name__} (model_type {model_type!r}); exports need a *ForCausalLM of "
-            f"one of {SOURCE_TYPES}, whose attention the target reproduces exactly",
-        )
-    if getattr(model.config, "parallel_attention", False):
-        raise refuse(
-            target,
-            f"the source has parallel blocks (attention and FFN read one normalised input), but {target}'s blocks "
-            "are sequential; merge a sequential seed, or export a BAM mixture with format 'bam'",
-        )
     if not record["layers"]:
         raise refuse(target, "the model has no MoE layer (the layer selection of upcycle.convert matched none)")
     moe = {}

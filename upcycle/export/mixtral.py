@@ -58,7 +58,7 @@ def export_mixtral(model: nn.Module, directory: str | Path, layout: str = "legac
     """Write ``model`` (an ``upcycle.convert``-ed Llama / Mistral / Qwen2 causal LM) as a Mixtral checkpoint."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    source = read_source(model, TARGET)
+    source = read_source(model, TARGET, "mixtral")
     config = mixtral_config(source)  # checks everything before anything is written
     tensors = chain(backbone_tensors(source), *(moe_tensors(i, m, layout) for i, m in sorted(source.moe.items())))
     note = export_note(source, "mixtral", layout=layout)

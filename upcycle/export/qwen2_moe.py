@@ -61,7 +61,7 @@ ZERO_SHARED_WIDTH = 1  # the smallest shared expert, for checkpoints where none 
 
 def export_qwen2_moe(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` (an ``upcycle.convert``-ed Llama / Mistral / Qwen2 causal LM) as a Qwen2-MoE checkpoint."""
-    source = read_source(model, TARGET)
+    source = read_source(model, TARGET, "qwen2_moe")
     config = qwen2_moe_config(source)  # checks everything before anything is written
     width = config.shared_expert_intermediate_size
     tensors = chain(

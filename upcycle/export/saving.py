@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from ..adapters import get_adapter
+from ..adapters import adapter_of, get_adapter
 from ..adapters.base import FFNSite
 from ..atomic import atomic_directory
 from ..errors import UserError, check_finite
@@ -48,6 +48,13 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False,
         write_record(staging, record)
         copy_tokenizer_files(model, staging)
     return directory
+
+
+def check_exportable(model: nn.Module, format: str) -> None:
+    """Refuse, with the reason, unless the model's adapter says ``format`` stores it exactly."""
+    reason = adapter_of(model).export_refusal(model, format)
+    if reason is not None:
+        raise ValueError(f"cannot export as {format!r}: {reason}")
 
 
 def write_record(directory: Path, record: dict) -> None:

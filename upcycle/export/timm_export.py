@@ -15,7 +15,8 @@ from pathlib import Path
 from torch import nn
 
 from ..atomic import atomic_directory
-from .saving import build_skeleton, check_rebuild, load_weights, unique_state
+from ..record import ensure_record
+from .saving import build_skeleton, check_exportable, check_rebuild, load_weights, unique_state
 from .shards import ShardWriter, read_weights
 
 ARCHITECTURE = "upcycle_moe"
@@ -23,9 +24,8 @@ _TIMM_CFG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "cro
 
 
 def export_timm(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
-    record = getattr(model, "upcycle_record", None)
-    if record is None or record["adapter"] not in ("timm_vit", "timm_convnext"):
-        raise ValueError("--format timm needs a converted timm model (adapter timm_vit or timm_convnext)")
+    check_exportable(model, "timm")
+    record = ensure_record(model)  # a dense timm model exports too (no MoE layer)
     check_rebuild(model)
     source_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     pretrained_cfg = {key: source_cfg[key] for key in _TIMM_CFG_KEYS if key in source_cfg}

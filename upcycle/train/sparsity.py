@@ -10,23 +10,11 @@ from torch import nn
 
 from ..layers.losses import hoyer_sparsity, l1_sparsity
 
-ACTIVATION_ATTRIBUTES = ("act", "act_fn", "intermediate_act_fn")  # timm / GPT-2, Llama, BERT
-
-
-def activation_attribute(ffn: nn.Module) -> str | None:
-    """The attribute of ``ffn`` that holds its activation module, if any."""
-    return next((a for a in ACTIVATION_ATTRIBUTES if isinstance(getattr(ffn, a, None), nn.Module)), None)
-
 
 def activation_modules(model: nn.Module, adapter) -> dict[str, nn.Module]:
     """Site name -> the activation module of every dense FFN the adapter knows (MoE layers have none)."""
-    modules = {}
-    for site in adapter.ffn_sites(model):
-        ffn = model.get_submodule(site.name)
-        attribute = activation_attribute(ffn)
-        if attribute is not None:
-            modules[site.name] = getattr(ffn, attribute)
-    return modules
+    modules = {site.name: adapter.activation_module(model, site) for site in adapter.ffn_sites(model)}
+    return {name: module for name, module in modules.items() if module is not None}
 
 
 class SparsityPenalty:

@@ -129,7 +129,7 @@ def test_bad_inputs_are_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50))
-    with pytest.raises(ValueError, match="Llama-style causal LMs"):
+    with pytest.raises(ValueError, match="merge takes causal LMs of model type llama, upcycle_lm"):
         upcycle.merge([gpt2], method="bam")
 
 

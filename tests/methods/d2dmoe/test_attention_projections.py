@@ -10,9 +10,11 @@ import torch
 import upcycle
 from tests.conversion.tiny_models import build
 from upcycle.adapters import find_adapter
+from upcycle.adapters.timm_vit_projections import projection_hidden, replace_attention_projections
 from upcycle.eval import count_macs
 from upcycle.layers import moe_layers
-from upcycle.methods.d2dmoe import distill_attention_projections, projection_hidden, replace_attention_projections
+from upcycle.methods import d2dmoe
+from upcycle.methods.d2dmoe import distill_attention_projections
 
 
 def mlp_projections(hidden_ratio: float = 0.5) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -123,3 +125,13 @@ def test_refuses_twice_and_non_vit_attention():
         replace_attention_projections(model)
     with pytest.raises(ValueError, match="timm's Attention"):
         replace_attention_projections(build("eva02_swiglu_packed"))
+
+
+def test_the_method_asks_the_adapter_which_families_have_replaceable_projections():
+    dense = build("vit")
+    model = d2dmoe.replace_attention_projections(copy.deepcopy(dense), 0.5, torch.Generator().manual_seed(1))
+    assert projection_hidden(model) == 24  # the ViT adapter did it
+    with pytest.raises(ValueError, match="replacing attention projections by MLPs is not supported"):
+        d2dmoe.replace_attention_projections(build("llama"))
+    with pytest.raises(ValueError, match="no attention projections replaced by MLPs"):
+        distill_attention_projections(build("llama"), build("llama"), "digits", steps=0)

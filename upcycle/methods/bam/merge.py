@@ -29,7 +29,8 @@ import torch
 from pydantic import Field, ValidationError
 from torch import nn
 
-from ...adapters import get_adapter
+from ...adapters import Adapter, find_adapter
+from ...adapters.base import all_adapters
 from ...adapters.hf_common import rope_parameters
 from ...config import RUNTIME_FIELDS, StrictModel, explain
 from ...errors import UserError, yaml_mapping
@@ -43,8 +44,6 @@ MERGE_METHODS = {  # name -> (what it does, paper)
     "bam": ("FFN and soft-routed attention experts (expert or shared KV), the rest averaged",
             "https://arxiv.org/abs/2408.08274"),
 }  # fmt: skip
-SOURCE_TYPES = ("llama", "upcycle_lm")  # Llama-style attention (RoPE, GQA, RMSNorm) that both outputs reproduce
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class MergeConfig(StrictModel):
@@ -105,10 +104,12 @@ def check_inputs(models: Sequence[nn.Module], cfg: MergeConfig) -> None:
         raise ValueError(f"top_k={cfg.top_k} is larger than the {len(models)} experts (one per model); lower top_k")
     for i, model in enumerate(models):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in SOURCE_TYPES or not hasattr(model, "lm_head"):
+        adapter = next((a for a in all_adapters() if model_type in a.merge_model_types), None)
+        if adapter is None or not hasattr(model, "lm_head"):
+            supported = sorted(t for a in all_adapters() for t in a.merge_model_types)
             raise ValueError(
-                f"model {i} is {type(model).__name__} (model_type {model_type!r}); merge takes Llama-style causal "
-                f"LMs ({', '.join(SOURCE_TYPES)}) whose attention and SwiGLU FFNs the mixture reproduces"
+                f"model {i} is {type(model).__name__} (model_type {model_type!r}); merge takes causal LMs of model "
+                f"type {', '.join(supported)}, whose attention and FFNs the mixture reproduces"
             )
         if moe_layers(model):
             raise ValueError(f"model {i} already has MoE layers; merge the dense seed and its dense branches")
@@ -139,9 +140,8 @@ def _averaged_names(model: nn.Module, experts: tuple[str, ...]) -> list[str]:
     return [name for name in model.state_dict() if not any(part in name for part in experts)]
 
 
-def _ffn_experts(models: Sequence[nn.Module], site) -> Experts:
+def _ffn_experts(models: Sequence[nn.Module], adapter: Adapter, site) -> Experts:
     """Block ``site``'s FFNs, one per input, stacked as the experts of one MoE layer (expert j = model j's FFN)."""
-    adapter = get_adapter("hf_llama")
     dense = [adapter.read_ffn(model, site) for model in models]
     experts = experts_for(dense[0], len(models), dense[0].d_hidden)
     for j, ffn in enumerate(dense):
@@ -149,11 +149,12 @@ def _ffn_experts(models: Sequence[nn.Module], site) -> Experts:
     return experts
 
 
-def _record(model: nn.Module, adapter_name: str, cfg: MergeConfig, layers: dict) -> dict:
+def _record(model: nn.Module, adapter: Adapter, cfg: MergeConfig, layers: dict) -> dict:
+    """The mixture's record; ``adapter``: the seed's for BTX (the seed's class with MoE layers), the BAM model's."""
     from ...record import RECORD_VERSION, json_pure
 
     return json_pure({
-        "version": RECORD_VERSION, "adapter": adapter_name, "source": get_adapter(adapter_name).describe(model),
+        "version": RECORD_VERSION, "adapter": adapter.name, "source": adapter.describe(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "convert": None,
         "merge": {**cfg.model_dump(exclude=RUNTIME_FIELDS), "paper": MERGE_METHODS[cfg.method][1]}, "layers": layers,
     })  # fmt: skip
@@ -161,20 +162,20 @@ def _record(model: nn.Module, adapter_name: str, cfg: MergeConfig, layers: dict)
 
 @torch.no_grad()
 def _merge_btx(models: Sequence[nn.Module], cfg: MergeConfig) -> nn.Module:
-    adapter = get_adapter("hf_llama")
+    adapter = find_adapter(models[0])
     merged = copy.deepcopy(models[0])
     state, states = merged.state_dict(), [model.state_dict() for model in models]
-    for name in _averaged_names(merged, (".mlp.",)):
+    for name in _averaged_names(merged, (f".{adapter.block_modules['ffn']}.",)):
         state[name].copy_(_mean(states, name))
     layers = {}
     for site in adapter.ffn_sites(merged):
-        experts = _ffn_experts(models, site)
+        experts = _ffn_experts(models, adapter, site)
         router = TopKRouter(experts.d_model, len(models), top_k=cfg.top_k, renormalize=cfg.renormalize,
                             init_std=cfg.router_init_std)  # fmt: skip
         moe = MoE(router.to(experts.w_up.dtype), experts).train(merged.training)
         adapter.install(merged, site, moe)
         layers[site.name] = {"index": site.index, **describe_moe(moe)}
-    merged.upcycle_record = _record(merged, "hf_llama", cfg, layers)
+    merged.upcycle_record = _record(merged, adapter, cfg, layers)
     return merged
 
 
@@ -212,20 +213,22 @@ def _merge_bam(models: Sequence[nn.Module], cfg: MergeConfig) -> nn.Module:
         if isinstance(module, TopKRouter | SoftAttentionRouter):
             nn.init.normal_(module.gate.weight, std=cfg.router_init_std)
     state, states = bam.state_dict(), [model.state_dict() for model in models]
-    for name in _averaged_names(seed, (".mlp.", ".self_attn.")):
+    adapter = find_adapter(seed)
+    ffn, attention_name = adapter.block_modules["ffn"], adapter.block_modules["attention"]
+    for name in _averaged_names(seed, (f".{ffn}.", f".{attention_name}.")):
         state[name].copy_(_mean(states, name))
-    for site in get_adapter("hf_llama").ffn_sites(seed):
-        prefix = site.name.removesuffix("mlp")  # "model.layers.{i}."
-        block = bam.get_submodule(prefix.rstrip("."))
-        block.mlp.experts.load_state_dict(_ffn_experts(models, site).state_dict())
+    for site in adapter.ffn_sites(seed):
+        prefix = site.name.removesuffix(ffn)  # the layer's prefix, e.g. "model.layers.{i}."
+        block = bam.get_submodule(prefix.rstrip("."))  # upcycle's BAM model: mlp (MoE) and self_attn (MoA)
+        block.mlp.experts.load_state_dict(_ffn_experts(models, adapter, site).state_dict())
         attention = block.self_attn
-        for part, projection in zip("qkvo", ATTENTION, strict=True):
-            stacked = torch.stack([s[f"{prefix}self_attn.{projection}.weight"] for s in states])  # [e, out, in]
+        for part, projection in zip("qkvo", adapter.attention_projections, strict=True):
+            stacked = torch.stack([s[f"{prefix}{attention_name}.{projection}.weight"] for s in states])  # [e, out, in]
             shared = cfg.shared_kv and part in "kv"
             getattr(attention, f"w_{part}").copy_(stacked.float().mean(0, keepdim=True) if shared else stacked)
             bias = getattr(attention, f"b_{part}")
             if bias is not None:
-                stacked = torch.stack([s[f"{prefix}self_attn.{projection}.bias"] for s in states])  # [e, out]
+                stacked = torch.stack([s[f"{prefix}{attention_name}.{projection}.bias"] for s in states])  # [e, out]
                 bias.copy_(stacked.float().mean(0, keepdim=True) if shared else stacked)
-    bam.upcycle_record = _record(bam, "upcycle_bam", cfg, {})
+    bam.upcycle_record = _record(bam, find_adapter(bam), cfg, {})
     return bam

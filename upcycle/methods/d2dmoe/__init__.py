@@ -19,12 +19,22 @@ The whole pipeline, stage by stage and resumable (:mod:`.pipeline`; CLI ``upcycl
 
 from importlib import import_module
 
-from ...adapters.timm_vit_projections import SplitQKV, projection_hidden, replace_attention_projections
+import torch
+from torch import nn
+
+from ...adapters import find_adapter
 
 # the stages train and evaluate: they load on first use, so registering the split methods and routers stays light
 _LAZY = {"run_d2dmoe": "pipeline", "run_stages": "pipeline", "sweep_methods": "pipeline", "D2DMoERecipe": "recipe",
          "load_recipe": "recipe", "activation_sparsity": "relu", "swap_to_relu": "relu",
          "distill_attention_projections": "distill"}  # fmt: skip
+
+
+def replace_attention_projections(model: nn.Module, hidden_ratio: float = 0.5,
+                                  generator: torch.Generator | None = None) -> nn.Module:  # fmt: skip
+    """§3.4: every attention projection (Q, K, V, O) becomes an equal-cost ReLU MLP, in place, where the model's
+    adapter supports it (timm ViTs); the MLPs then go through the FFN stages. Returns ``model``."""
+    return find_adapter(model).replace_attention_projections(model, hidden_ratio, generator)
 
 
 def __getattr__(name: str):
@@ -35,11 +45,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "D2DMoERecipe",
-    "SplitQKV",
     "activation_sparsity",
     "distill_attention_projections",
     "load_recipe",
-    "projection_hidden",
     "replace_attention_projections",
     "run_d2dmoe",
     "run_stages",

@@ -23,11 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...adapters.timm_vit_projections import PROJECTIONS, has_mlp_projections
+from ...adapters import find_adapter
 from ...layers.losses import hoyer_sparsity
-
-# student MLP (under blocks.i.attn) -> (teacher module under blocks.i.attn, which third of its output, if split)
-_TARGETS = {"qkv.q": ("qkv", 0), "qkv.k": ("qkv", 1), "qkv.v": ("qkv", 2), "proj": ("proj", None)}
 
 
 def distill_attention_projections(model: nn.Module, teacher: nn.Module, data: str, steps: int = 500,
@@ -42,7 +39,7 @@ def distill_attention_projections(model: nn.Module, teacher: nn.Module, data: st
     if steps < 0 or batch_size < 1 or lr <= 0 or sparsity < 0:
         raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0, sparsity >= 0; got {steps}, {batch_size}, "
                          f"{lr}, {sparsity}")  # fmt: skip
-    pairs = _pairs(model, teacher)
+    pairs = find_adapter(model).attention_projection_pairs(model, teacher)
     train, val = _dataset(model, data, "train"), _dataset(model, data, "val")
     device = next(model.parameters()).device
     fixed = torch.stack([val[i]["x"] for i in range(min(batch_size, len(val)))]).to(device)  # [b, c, H, W]
@@ -73,29 +70,7 @@ def distill_attention_projections(model: nn.Module, teacher: nn.Module, data: st
             for name, _, _, _ in pairs}  # fmt: skip
 
 
-def _pairs(model: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.Module, str, int | None]]:
-    """(student MLP name, the MLP, teacher module name, output third) for every projection MLP, in forward order."""
-    blocks, teacher_blocks = getattr(model, "blocks", []), getattr(teacher, "blocks", [])
-    if not any(has_mlp_projections(b) for b in blocks) or len(blocks) != len(teacher_blocks):
-        raise ValueError("distillation needs a model with MLP projections (replace_attention_projections) and its "
-                         "dense teacher of the same depth")  # fmt: skip
-    pairs = []
-    for i, block in enumerate(blocks):
-        if not has_mlp_projections(block):
-            continue
-        for projection in PROJECTIONS:
-            teacher_part, third = _TARGETS[projection]
-            mlp = block.attn.get_submodule(projection)
-            if not all(hasattr(mlp, a) for a in ("fc1", "act", "fc2")):
-                raise ValueError(f"blocks.{i}.attn.{projection} is no longer an MLP (already converted?)")
-            if not isinstance(teacher_blocks[i].attn.get_submodule(teacher_part), nn.Linear):
-                raise ValueError(f"the teacher's blocks.{i}.attn.{teacher_part} is not the original Linear")
-            pairs.append((f"blocks.{i}.attn.{projection}", mlp, f"blocks.{i}.attn.{teacher_part}", third))
-    return pairs
-
-
 def _dataset(model: nn.Module, data: str, split: str):
-    from ...adapters import find_adapter
     from ...data import load_dataset
 
     example = find_adapter(model).example_inputs(model, batch=1)["x"]  # [1, c, H, W]: the model's input size

@@ -49,7 +49,7 @@ def stage_fingerprints(recipe: D2DMoERecipe, method: str | None = None) -> dict[
 
 
 def attention_stage(dense: nn.Module, recipe: D2DMoERecipe, out: Path, progress: bool) -> nn.Module:
-    from ...adapters.timm_vit_projections import replace_attention_projections
+    from . import replace_attention_projections
     from .distill import distill_attention_projections
 
     stage = recipe.attention

@@ -2,8 +2,8 @@
 (gated FFNs: the gate branch), so a hidden unit that does not fire contributes exactly zero, and the sparsity the
 Hoyer penalty then enforces can be measured as the share of exact zeros.
 
-The swap also changes what the model records about itself, so a saved ReLU model rebuilds as one: timm models get
-``act_layer="relu"`` in their creation arguments, Hugging Face configs ``hidden_act`` / ``activation_function``.
+The swap also changes what the model records about itself, so a saved ReLU model rebuilds as one (the adapter
+knows where: creation arguments, a config's activation name).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ...adapters import find_adapter
-from ...train.sparsity import activation_attribute, activation_modules
+from ...train.sparsity import activation_modules
 
 
 def swap_to_relu(model: nn.Module) -> int:
@@ -24,21 +24,9 @@ def swap_to_relu(model: nn.Module) -> int:
     MoE layers (already converted FFNs) are left alone: their experts carry their own activation.
     """
     adapter = find_adapter(model)
-    swapped = 0
-    for site in adapter.ffn_sites(model):
-        ffn = model.get_submodule(site.name)
-        attribute = activation_attribute(ffn)
-        if attribute is not None:
-            setattr(ffn, attribute, nn.ReLU())
-            swapped += 1
+    swapped = adapter.swap_activations_to_relu(model)  # and records it, so the model rebuilds with ReLU
     if swapped == 0:
         raise ValueError("no dense FFN activation to swap: the model has no dense FFNs the adapter can find")
-    config = getattr(model, "config", None)
-    for key in ("hidden_act", "activation_function"):  # Hugging Face: read_ffn and the rebuild read the config
-        if config is not None and hasattr(config, key):
-            setattr(config, key, "relu")
-    if adapter.task == "image_classification":  # timm: rebuilt from creation arguments
-        model.upcycle_timm_kwargs = {**adapter.describe(model)["kwargs"], "act_layer": "relu"}
     record = getattr(model, "upcycle_record", None)
     if record is not None:  # loaded or saved before: the skeleton it rebuilds from must be the ReLU one now
         record["source"] = adapter.describe(model)
