@@ -216,3 +216,139 @@ def test_checkpoint_state_of_an_unsharded_model_holds_tied_tensors_once(tmp_path
     assert list(state) == ["embed.weight"]  # safetensors refuses two names for one storage
     save_checkpoint(tmp_path, 1, state, {}, None, keep=1)
     assert torch.equal(latest_checkpoint(tmp_path).model["embed.weight"], model.embed.weight)
+
+
+def test_metrics_log_rows_and_resume_keep_only_steps_up_to_the_resumed_one(tmp_path):
+    import csv
+
+    from upcycle.train.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=True)
+    for step in range(1, 5):
+        log.log(step, "train", {"loss": 1 / 3 + step, "lr": 0.001, "unknown": 7.0})
+    log.log(4, "val", {"loss": 2.0, "accuracy": 0.5})
+    log.close()
+    rows = log.rows()
+    assert [(r["step"], r["split"]) for r in rows] == [("1", "train"), ("2", "train"), ("3", "train"), ("4", "train"),
+                                                       ("4", "val")]  # fmt: skip
+    assert rows[0]["loss"] == "1.33333" and rows[0]["lr"] == "0.001" and "unknown" not in rows[0]  # 6 digits
+    resumed = MetricsLog(tmp_path, enabled=True, resume_step=2)
+    assert [r["step"] for r in resumed.rows()] == ["1", "2"]  # the steps after the checkpoint are run again
+    resumed.log(3, "train", {"loss": 9.0})
+    resumed.close()
+    with open(tmp_path / "metrics.csv") as handle:
+        assert [row["loss"] for row in csv.DictReader(handle)] == ["1.33333", "2.33333", "9"]
+    fresh = MetricsLog(tmp_path, enabled=True)  # a new run (no resume) starts an empty file
+    fresh.close()
+    assert fresh.rows() == []
+
+
+def test_metrics_log_of_another_process_writes_nothing(tmp_path):
+    from upcycle.train.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=False)
+    log.log(1, "train", {"loss": 1.0})
+    assert not (tmp_path / "metrics.csv").exists() and log.plot("accuracy") is None
+
+
+def test_curves_are_plotted_atomically(tmp_path):
+    from upcycle.train.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=True)
+    assert log.plot("perplexity") is None  # nothing logged yet
+    for step in (1, 2, 3):
+        log.log(step, "train", {"loss": 3.0 - step, "perplexity": 20.0 - step})
+    log.log(3, "val", {"loss": 1.5, "perplexity": 4.5})
+    log.close()
+    path = log.plot("perplexity")
+    assert path == tmp_path / "curves.png" and path.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["curves.png", "metrics.csv"]
+
+
+def test_ema_follows_floating_tensors_only_and_restores_its_state():
+    model = nn.BatchNorm1d(2)  # running stats are floating; num_batches_tracked is an integer buffer
+    ema = EMA(model, decay=0.5)
+    assert "num_batches_tracked" not in ema.state_dict() and "running_mean" in ema.state_dict()
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)
+    assert torch.equal(ema.state_dict()["weight"], torch.full((2,), 2.0))  # halfway from 1 to 3
+    other = EMA(nn.BatchNorm1d(2), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.state_dict()["weight"], torch.full((2,), 2.0))
+    ema.update(model)
+    assert torch.equal(other.state_dict()["weight"], torch.full((2,), 2.0))  # a copy, not the same tensors
+
+
+def test_freeze_on_a_moe_at_the_root_and_nothing_to_train():
+    from upcycle.layers import Experts, MoE, TopKRouter
+
+    moe = MoE(TopKRouter(4, 2, top_k=1), Experts(2, 4, 6))  # parameter names start "experts." / "router."
+    apply_freeze(moe, "experts")
+    assert {n for n, p in moe.named_parameters() if p.requires_grad} == {"router.gate.weight"}
+    moe = MoE(TopKRouter(4, 2, top_k=1), Experts(2, 4, 6))
+    apply_freeze(moe, "all_but_routers")
+    assert {n for n, p in moe.named_parameters() if p.requires_grad} == {"router.gate.weight"}
+    apply_freeze(moe, "none")
+    assert {n for n, p in moe.named_parameters() if p.requires_grad} == {"router.gate.weight"}  # left as it was
+    for param in moe.parameters():
+        param.requires_grad_(False)
+    with pytest.raises(ValueError, match="left nothing to train"):
+        build_optimizer(moe, _config())
+
+
+def test_warmup_in_steps_or_as_a_share_of_the_run():
+    from upcycle.train.optim import build_scheduler
+
+    def first_lrs(warmup, steps=20, total=100):
+        optimizer = build_optimizer(nn.Linear(2, 2), _config(lr=1.0, warmup=warmup, schedule="constant"))
+        scheduler = build_scheduler(optimizer, total, _config(lr=1.0, warmup=warmup, schedule="constant"))
+        lrs = []
+        for _ in range(steps):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return lrs
+
+    assert first_lrs(0.1)[:11] == pytest.approx([(i + 1) / 10 for i in range(10)] + [1.0])  # 10% of 100 steps
+    assert first_lrs(4)[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])  # 4 steps
+    assert first_lrs(1)[:2] == pytest.approx([1.0, 1.0])  # 1 is one step, not the whole run
+    assert first_lrs(0)[0] == 1.0
+    assert lr_multiplier(100, 100, 0, "linear", 0.2) == pytest.approx(0.2)
+    assert lr_multiplier(150, 100, 0, "cosine", 0.2) == pytest.approx(0.2)  # past the end: the floor
+
+
+def test_sparsity_ramp():
+    from upcycle.train.sparsity import ramp
+
+    assert ramp(0, 100, 0.0) == 1.0
+    assert [ramp(step, 100, 0.1) for step in (0, 4, 9, 50)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+    assert ramp(0, 3, 0.1) == 1.0  # fewer ramp steps than one: full strength at once
+
+
+@pytest.mark.parametrize("kind", ["hoyer", "l1"])
+def test_sparsity_penalty_averages_each_ffn_activation(kind):
+    from upcycle.adapters import adapter_of, find_adapter
+    from upcycle.layers.losses import hoyer_sparsity, l1_sparsity
+    from upcycle.train.sparsity import SparsityPenalty, activation_modules
+
+    model = build("vit")
+    adapter = find_adapter(model)
+    seen = []
+    for module in activation_modules(model, adapter).values():
+        module.register_forward_hook(lambda m, i, output: seen.append(output))
+    penalty = SparsityPenalty(model, adapter, kind)
+    assert penalty.take()[0] == 0.0  # nothing ran yet
+    model(torch.randn(2, 3, 32, 32))
+    value, zeros = penalty.take()
+    measure = hoyer_sparsity if kind == "hoyer" else l1_sparsity
+    expected = torch.stack([measure(a) for a in seen]).mean()
+    assert len(seen) == 2 and float(value.detach()) == pytest.approx(float(expected.detach()))
+    assert zeros == sum(int((a == 0).sum()) for a in seen) / sum(a.numel() for a in seen)
+    assert penalty.take()[0] == 0.0  # taken: cleared
+    penalty.close()
+    model(torch.randn(1, 3, 32, 32))
+    assert penalty.outputs == []  # hooks removed
+    moe = upcycle.convert(build("vit"), "sparse_upcycling", num_experts=2, top_k=1, layers="all", progress=False)
+    with pytest.raises(ValueError, match="has none"):
+        SparsityPenalty(moe, adapter_of(moe), kind)
