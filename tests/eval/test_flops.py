@@ -242,3 +242,10 @@ def test_bert_ffn_is_found_by_its_adapters_sites():
     assert report.breakdown["other"] == d * d  # the pooler, on the first token
     as_dict = report.to_dict()
     assert as_dict["total"] == report.total and as_dict["breakdown"] == report.breakdown
+
+
+def test_granular_upcycling_knows_its_dense_ffn(llama):
+    dense, inputs = llama
+    moe = upcycle.convert(dense, "sparse_upcycling", num_experts=2, top_k=2, granularity=2, progress=False)
+    report = count_macs(moe, inputs)  # 4 shards of half width: the dense FFN is twice an expert's width
+    assert report.dense_equivalent == sum(llama_parts().values())

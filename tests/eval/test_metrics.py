@@ -178,3 +178,18 @@ def test_representation_of_each_kind_of_model(dense_vit, dense_llama):
         assert torch.equal(representation(dense_llama, {"input_ids": ids}), hidden)
         logits = representation(dense_llama, {"input_ids": ids}, lambda m, inputs: m(**inputs).logits)
         assert logits.shape == (2, 6, 97)  # a given forward is what is compared
+
+
+def test_perplexity_scores_the_given_labels():
+    model = BigramLM()
+    ids = torch.randint(0, 11, (2, 6))
+    labels = ids.clone()
+    labels[:, 1:4] = -100  # ignored positions: only the last two tokens of each row are predicted
+    kept = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 4 + [0] * 2, [1] * 6])}
+    logits = model.table(ids).detach().log_softmax(-1)
+    nll = [-float(logits[b, t - 1, ids[b, t]]) for b in range(2) for t in (4, 5) if kept["attention_mask"][b, t]]
+    assert perplexity(model, [{"input_ids": ids, "labels": labels}]) == pytest.approx(
+        math.exp(-sum(float(logits[b, t - 1, ids[b, t]]) for b in range(2) for t in (4, 5)) / 4), rel=1e-5
+    )
+    masked = perplexity(model, [{**kept, "labels": labels}])  # padding is ignored on top of the labels
+    assert masked == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5) and len(nll) == 2

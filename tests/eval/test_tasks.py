@@ -1,6 +1,8 @@
 """Sequence classification (an encoder with a head, on the domains of ``text_mixture``): labels, loss, metric and
 refusals, on a tiny byte-vocabulary BERT."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ def classifier(labels=3):
 
 def task_for(model, data="text_mixture", **options):
     config = TrainConfig(data=data, steps=1, seq_len=16, label_smoothing=options.pop("label_smoothing", 0.0),
+                         seed=options.pop("seed", 0),
                          data_options={"num_sequences": 30, **options} if data == "text_mixture" else {})  # fmt: skip
     return make_task(model, adapter_of(model), config)
 
@@ -38,7 +41,7 @@ def test_each_passage_is_labelled_with_its_domain(model):
     assert isinstance(task, SequenceClassification) and task.metric == "accuracy" and task.num_classes == 3
     assert isinstance(task.tokenizer, ByteTokenizer)  # a byte-vocabulary model reads bytes
     data = task.dataset("val")
-    assert len(data) == len(data.data) == 30 and data.info is data.data.info
+    assert len(data) == len(data.data) == 30 and data.info is data.data.info and data[0]["input_ids"].shape == (16,)
     labels = {int(data[i]["labels"]) for i in range(len(data))}
     assert labels == {0, 1, 2}  # every domain is present
     for i in (0, len(data) // 2, len(data) - 1):
@@ -67,3 +70,69 @@ def test_refusals():
         task_for(classifier(labels=2)).dataset("val")
     with pytest.raises(ValueError, match="not the byte vocabulary"):
         task_for(transformers.BertForSequenceClassification(transformers.BertConfig(**{**SIZES, "vocab_size": 97})))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A character-level Hugging Face tokenizer of 130 tokens, saved as a checkpoint folder's tokenizer files."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{chr(i): i + 2 for i in range(128)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>",
+                                                     pad_token="<eos>", bos_token="<eos>")  # fmt: skip
+    folder = tmp_path_factory.mktemp("checkpoint")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_model_with_its_own_vocabulary_reads_text_with_its_tokenizer(tokenizer_dir):
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=130, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))  # fmt: skip
+    lm.upcycle_origin = str(tokenizer_dir)  # where upcycle.load / load_source found the model
+    task = task_for(lm, data="shakespeare")
+    assert len(task.tokenizer) == 130 and task.vocab_size == 130
+    data = task.dataset("val")
+    assert data.info.vocab_size == 130 and data[0]["input_ids"].shape == (16,)
+    assert all(32 <= i - 2 < 128 for i in data[0]["input_ids"].tolist())  # character codes + 2: its own ids
+    encoder = transformers.BertForSequenceClassification(transformers.BertConfig(**{**SIZES, "vocab_size": 130},
+                                                                                 num_labels=3))  # fmt: skip
+    encoder.upcycle_origin = str(tokenizer_dir)
+    mixture = task_for(encoder).dataset("val")
+    assert mixture.info.vocab_size == 130 and mixture[0]["input_ids"].shape == (16,)
+
+
+def test_the_run_seed_and_options_choose_the_passages(model):
+    from upcycle.data import load_dataset
+
+    tokenizer = ByteTokenizer()
+    chosen = [task_for(model, seed=seed).dataset("val") for seed in (0, 1)]
+    direct = load_dataset("text_mixture", "val", tokenizer=tokenizer, seq_len=16, seed=1, num_sequences=30)
+    assert all(torch.equal(chosen[1][i]["input_ids"], direct[i]["input_ids"]) for i in range(30))
+    assert any(not torch.equal(chosen[0][i]["input_ids"], chosen[1][i]["input_ids"]) for i in range(30))
+    assert len(task_for(model, num_sequences=12).dataset("val")) == 12
+
+
+def test_language_model_loss_and_metrics():
+    from upcycle.eval.tasks import CausalLM, next_token_loss
+
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(259, 259)  # a plain model returning a logits tensor [b, t, V]
+    ids = torch.randint(0, 259, (2, 9))
+    expected = F.cross_entropy(table(ids)[:, :-1].reshape(-1, 259), ids[:, 1:].reshape(-1))
+    assert float(next_token_loss(lambda input_ids: table(input_ids), ids).detach()) == pytest.approx(
+        float(expected.detach())
+    )
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=259, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1)).eval()  # fmt: skip
+    task = task_for(lm, data="shakespeare")
+    assert isinstance(task, CausalLM) and task.metric == "perplexity" and isinstance(task.tokenizer, ByteTokenizer)
+    loss, metrics = task.loss(lm, {"input_ids": ids}, torch.Generator())
+    assert metrics["perplexity"] == pytest.approx(math.exp(float(loss.detach())))
+    with torch.no_grad():
+        assert float(loss) == pytest.approx(float(lm(input_ids=ids, labels=ids).loss), rel=1e-5)
+    result = task.evaluate(lm, [{"input_ids": ids}])
+    assert result["loss"] == pytest.approx(math.log(result["perplexity"]))
+    assert result["perplexity"] == pytest.approx(math.exp(float(loss.detach())), rel=1e-5)

@@ -74,5 +74,7 @@ def test_cases_run_round_after_round_with_setup_outside_the_timed_region():
     assert log == ["setup a", "a", "setup b", "b"] * 4  # one warm-up round, then three timed ones
     assert len(seconds["a"]) == len(seconds["b"]) == 3
     assert all(0.001 <= s < 0.04 for s in seconds["a"] + seconds["b"])  # neither the setup nor the warm-up call
-    assert time_interleaved({"a": lambda: None}, rounds=2)["a"] != []  # warm-up defaults to one round
+    calls = []
+    assert len(time_interleaved({"a": lambda: calls.append(1)}, rounds=2)["a"]) == 2
+    assert len(calls) == 3  # warm-up defaults to one round
     assert median_ms([0.003, 0.001, 0.002]) == pytest.approx(2.0)
