@@ -91,10 +91,10 @@ def test_every_allowed_path_exists():
 
 def test_adapter_facts_are_consistent():
     from upcycle.adapters.base import all_adapters
-    from upcycle.export import FORMATS
+    from upcycle.export import EXPORT_FORMATS
 
     for adapter in all_adapters():
-        assert set(adapter.export_formats) <= set(FORMATS), adapter.name
+        assert set(adapter.export_formats) <= set(EXPORT_FORMATS.names()), adapter.name
         assert bool(adapter.streaming_model_types) == (adapter.checkpoint_layout is not None), adapter.name
         if adapter.merge_model_types:
             assert set(adapter.block_modules) == {"ffn", "attention"} and len(adapter.attention_projections) == 4

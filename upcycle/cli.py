@@ -16,7 +16,10 @@ import yaml
 from . import __version__
 from .bench import BENCHMARKS
 from .errors import UserError, parse_yaml, positive_finite
-from .export import FORMATS
+from .export import EXPORT_FORMATS
+from .layers import list_backends, list_routers
+from .recycling import list_methods
+from .registry import Registry
 
 EXAMPLES = """\
 examples:
@@ -34,11 +37,15 @@ Each command has its own --help; the README is the guide and docs/cli.md the ref
 
 def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="recipe YAML (its 'convert' section); flags below override it")
-    parser.add_argument("--method", help="recycling method (upcycle list methods); default sparse_upcycling")
+    parser.add_argument("--method", choices=[m["name"] for m in list_methods()],
+                        help="recycling method (upcycle list methods); default sparse_upcycling")  # fmt: skip
     parser.add_argument("--experts", type=int, dest="num_experts", help="experts per MoE layer (default 8)")
     parser.add_argument("--top-k", type=int, dest="top_k", help="experts per token (default 2)")
     parser.add_argument("--layers", help="all | every_other | last_half | comma-separated FFN indices")
-    parser.add_argument("--router", dest="router_type", choices=["topk", "soft"], help="router kind")
+    parser.add_argument("--router", dest="router_type", choices=list_routers(),
+                        help="router (upcycle list routers); default topk")  # fmt: skip
+    parser.add_argument("--router-option", dest="router_options", action="append", default=[], metavar="KEY=VALUE",
+                        help="an argument of the chosen router, e.g. --router --router-option hidden=64")  # fmt: skip
     parser.add_argument("--router-init", dest="router_init", choices=["zero", "normal"],
                         help="new router weights: zeros (uniform routing at start) or normal")  # fmt: skip
     parser.add_argument("--router-init-std", dest="router_init_std", type=float, help="std of --router-init normal")
@@ -51,7 +58,7 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                         help="expert capacity as a multiple of the even share; overflow pairs are dropped")  # fmt: skip
     parser.add_argument("--slots-per-expert", dest="router_slots_per_expert", type=int,
                         help="Soft MoE slots per expert")  # fmt: skip
-    parser.add_argument("--backend", help="expert compute backend (upcycle list backends)")
+    parser.add_argument("--backend", choices=list_backends(), help="expert compute backend (upcycle list backends)")
     parser.add_argument("--seed", type=int, help="every random choice of the conversion derives from it (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option, e.g. --set granularity=2 --set partition=random")  # fmt: skip
@@ -69,6 +76,7 @@ def _recipe_overrides(args: argparse.Namespace) -> dict:
             raise UserError(f"--layers takes {', '.join(named)} or comma-separated FFN indices, got {args.layers!r}")
         overrides["layers"] = args.layers if args.layers in named else [int(i) for i in indices]
     overrides.update(_key_values(args.set))
+    overrides["router_options"] = _key_values(args.router_options) or None
     return overrides
 
 
@@ -266,30 +274,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registries() -> dict[str, tuple[str, Registry]]:
+    """What ``upcycle list`` shows: name -> (heading, registry)."""
+    from .data.registry import DATASETS
+    from .layers.backends.registry import BACKENDS
+    from .layers.routers.base import ROUTERS
+    from .methods.bam.merge import MERGE_METHODS
+    from .recycling import METHODS
+
+    return {
+        "methods": ("recycling methods (upcycle convert --method)", METHODS),
+        "merge": ("merge methods: several dense LMs -> one MoE (upcycle.merge, upcycle bam)", MERGE_METHODS),
+        "routers": ("routers (--router, recipe router.type)", ROUTERS),
+        "backends": ("expert compute backends (--backend)", BACKENDS),
+        "formats": ("export formats (upcycle export --format)", EXPORT_FORMATS),
+        "datasets": ("datasets (--data)", DATASETS),
+    }
+
+
+LIST_CHOICES = ["all", "methods", "merge", "routers", "backends", "formats", "datasets", "adapters", "recipes"]
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
-    import upcycle
-
-    if args.what in ("methods", "all"):
-        print("methods:")
-        for method in upcycle.list_methods():
-            print(f"  {method['name']:<18} {method['description']}  [{method['paper']}]")
-        from .methods.bam.merge import MERGE_METHODS
-
-        print("merge methods (several dense LMs -> one MoE; upcycle.merge, upcycle bam):")
-        for name, (description, paper) in MERGE_METHODS.items():
-            print(f"  {name:<18} {description}  [{paper}]")
+    for what, (heading, registry) in _registries().items():
+        if args.what in (what, "all"):
+            print(f"{heading}:")
+            for entry in registry.entries():
+                print(f"  {entry.name:<18} {entry.description}" + (f"  [{entry.paper}]" if entry.paper else ""))
     if args.what in ("adapters", "all"):
-        print("adapters:")
-        for adapter in upcycle.list_adapters():
-            print(f"  {adapter['name']:<14} {adapter['family']}")
-    if args.what in ("routers", "all"):
-        print(f"routers: {', '.join(upcycle.list_routers())}")
-    if args.what in ("backends", "all"):
-        print(f"backends: {', '.join(upcycle.list_backends())}")
-    if args.what in ("datasets", "all"):
-        from .data import list_datasets
+        from .adapters import list_adapters
 
-        print(f"datasets: {', '.join(list_datasets())}")
+        print("adapters (model families):")
+        for adapter in list_adapters():
+            print(f"  {adapter['name']:<18} {adapter['family']}")
     if args.what in ("recipes", "all"):
         from .recipes import list_recipes
 
@@ -363,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a converted model where transformers / timm load it")
     export.add_argument("directory", help="a directory written by upcycle convert / upcycle.save")
-    export.add_argument("--format", required=True, choices=list(FORMATS),
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS.names(),
                         help="bam: upcycle's BAM model class (upcycle bam / upcycle.merge output)")  # fmt: skip
     export.add_argument("--out", required=True, help="output directory (written atomically)")
     export.add_argument("--layout", choices=["legacy", "fused"], help="mixtral tensor layout (default legacy)")
@@ -438,13 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.set_defaults(func=_cmd_eval)
 
     listing = commands.add_parser(
-        "list", help="list methods (conversion and merge), adapters, routers, expert backends, datasets, recipes"
+        "list",
+        help="list every registry (methods, merge methods, routers, backends, formats, datasets), adapters, recipes",
     )
     listing.add_argument(
         "what",
         nargs="?",
         default="all",
-        choices=["all", "methods", "adapters", "routers", "backends", "datasets", "recipes"],
+        choices=LIST_CHOICES,
         help="what to list (default all)",
     )
     listing.set_defaults(func=_cmd_list)

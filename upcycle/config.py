@@ -28,13 +28,14 @@ class StrictModel(BaseModel):
 
 
 class RouterConfig(StrictModel):
-    type: Literal["topk", "soft"] = Field("topk", description="token-choice top-k, or Soft MoE slots")
-    init: Literal["zero", "normal"] = Field("normal", description="router weight init (top-k)")
+    type: str = Field("topk", description="a registered router (upcycle list routers): topk, soft, sphero, ...")
+    init: Literal["zero", "normal"] = Field("normal", description="router weight init (routers without their own)")
     init_std: float = Field(0.02, gt=0, description="std of the normal router init")
     renormalize: bool = Field(True, description="divide the top-k weights by their sum (Mixtral); False: Switch/BAM")
     noise_std: float = Field(0.0, ge=0, description="Gaussian logit noise, training only")
     capacity_factor: float | None = Field(None, gt=0, description="per-expert capacity = factor·t·k/e; None: no limit")
     slots_per_expert: int = Field(1, ge=1, description="Soft MoE slots per expert")
+    options: dict[str, Any] = Field(default_factory=dict, description="the router's own arguments (e.g. hidden, tau)")
 
 
 class ConvertConfig(StrictModel):
@@ -61,9 +62,15 @@ class ConvertConfig(StrictModel):
     def _check(self):
         from .layers import list_backends
         from .recycling import get_method
+        from .recycling.routers import router_arguments
 
         if self.backend not in list_backends():
             raise ValueError(f"backend {self.backend!r} is unknown; choose one of {list_backends()}")
+        arguments = router_arguments(self.router.type)  # raises with the list of routers
+        unknown = sorted(set(self.router.options) - set(arguments))
+        if unknown:
+            raise ValueError(f"router {self.router.type!r} takes no option {', '.join(unknown)}; its options: "
+                             f"{', '.join(arguments)}")  # fmt: skip
         method = get_method(self.method)  # raises with the list of methods
         if method.options_model is not None:
             # validate, fill defaults and keep the resolved options, so the saved recipe is complete
@@ -72,7 +79,7 @@ class ConvertConfig(StrictModel):
         elif self.options:
             raise ValueError(f"method {self.method!r} takes no options, got {sorted(self.options)}")
         routed_experts = self.num_experts * int(self.options.get("granularity", 1))
-        if self.router.type == "topk" and self.top_k > routed_experts:
+        if "top_k" in arguments and self.top_k > routed_experts:
             raise ValueError(
                 f"top_k={self.top_k} is larger than the {routed_experts} experts per layer; "
                 f"lower --top-k or raise --experts"
@@ -104,6 +111,8 @@ def load_convert_config(source: str | Path | dict | ConvertConfig | None = None,
             continue
         if key in fields:
             data[key] = value
+        elif key == "router_options":  # on top of the recipe's router options
+            router["options"] = {**(router.get("options") or {}), **value}
         elif key.startswith("router_") and key[len("router_") :] in router_fields:
             router[key[len("router_") :]] = value
         else:

@@ -20,9 +20,9 @@ same cached pre-training. Everything lands under ``--out`` (default ``runs/<reci
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from torch import nn
 
 from .config import StrictModel, explain
@@ -43,9 +43,20 @@ class RunSection(StrictModel):
     num_labels: int = Field(3, ge=2, description="minilm: classes of its fresh classification head")
     reset_head: int | None = Field(None, ge=2, description="image classifiers: a fresh head of N classes")
     finetune: dict[str, Any] | None = Field(None, description="dense training before conversion")
-    export: Literal["auto", "mixtral", "qwen2_moe", "timm", "bam"] | None = Field(
-        None, description="export format; auto: BTX / LMs -> mixtral (else qwen2_moe), BAM -> bam, timm -> timm"
+    export: str | None = Field(
+        None,
+        description="an export format (upcycle list formats), or auto: the first the model's adapter names that "
+        "stores it",
     )
+
+    @field_validator("export")
+    @classmethod
+    def _registered_format(cls, value: str | None) -> str | None:
+        from .export import EXPORT_FORMATS
+
+        if value not in (None, "auto"):
+            EXPORT_FORMATS.entry(value)  # raises with the registered names
+        return value
 
 
 def load_run_recipe(path: str | Path) -> tuple[RunSection, dict]:

@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 from torch.utils.data import Dataset
 
+from ..registry import Registry
 from .splits import check_split
 
-_LOADERS: dict[str, Callable[..., Dataset]] = {}
+DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 
 
 class UnknownDatasetError(ValueError):
@@ -22,17 +23,12 @@ class UnknownDatasetError(ValueError):
 
 
 def register(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
-    def decorate(loader: Callable[..., Dataset]) -> Callable[..., Dataset]:
-        if name in _LOADERS:
-            raise ValueError(f"dataset {name!r} is registered twice")
-        _LOADERS[name] = loader
-        return loader
-
-    return decorate
+    """Decorator for a dataset module's loader; its description is the module docstring's first sentence."""
+    return DATASETS.register(name)
 
 
 def list_datasets() -> list[str]:
-    return sorted(_LOADERS)
+    return DATASETS.names()
 
 
 def dataset_options(name: str) -> list[str]:
@@ -42,9 +38,9 @@ def dataset_options(name: str) -> list[str]:
 
 
 def _loader(name: str) -> Callable[..., Dataset]:
-    if name not in _LOADERS:
+    if name not in DATASETS:
         raise UnknownDatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
-    return _LOADERS[name]
+    return DATASETS.get(name)
 
 
 def load_dataset(name: str, split: str, **options) -> Dataset:

@@ -15,11 +15,15 @@ from pathlib import Path
 from torch import nn
 
 from ..atomic import atomic_directory
+from .formats import EXPORT_FORMATS
 from .hf_moe_common import EXPORT_NOTE
 from .saving import check_exportable
 from .tokenizer_files import copy_tokenizer_files
 
 
+@EXPORT_FORMATS.register(
+    "bam", "upcycle's BAM model class (attention and FFN experts), loaded through transformers' Auto classes"
+)
 def export_bam(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
     check_exportable(model, "bam")  # upcycle's BAM model (upcycle.merge(models, method="bam"))
     check_router_settings(model)

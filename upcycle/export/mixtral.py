@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..layers import MoE
+from .formats import EXPORT_FORMATS
 from .hf_moe_common import (
     Source,
     attention_windows,
@@ -54,6 +55,10 @@ TARGET = "Mixtral"
 LAYOUTS = ("legacy", "fused")
 
 
+@EXPORT_FORMATS.register(
+    "mixtral",
+    "transformers' Mixtral (MixtralForCausalLM): a converted Llama-family LM, every FFN an MoE, renormalised top-k",
+)
 def export_mixtral(model: nn.Module, directory: str | Path, layout: str = "legacy", overwrite: bool = False) -> Path:
     """Write ``model`` (an ``upcycle.convert``-ed Llama / Mistral / Qwen2 causal LM) as a Mixtral checkpoint."""
     if layout not in LAYOUTS:

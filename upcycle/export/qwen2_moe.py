@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..layers import MoE
+from .formats import EXPORT_FORMATS
 from .hf_moe_common import (
     Source,
     attention_windows,
@@ -59,6 +60,9 @@ TARGET = "Qwen2-MoE"
 ZERO_SHARED_WIDTH = 1  # the smallest shared expert, for checkpoints where none of our layers has one
 
 
+@EXPORT_FORMATS.register(
+    "qwen2_moe", "transformers' Qwen2-MoE: a converted Llama-family LM, raw top-k probabilities, dense layers kept"
+)
 def export_qwen2_moe(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` (an ``upcycle.convert``-ed Llama / Mistral / Qwen2 causal LM) as a Qwen2-MoE checkpoint."""
     source = read_source(model, TARGET, "qwen2_moe")

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..atomic import atomic_directory
 from ..record import ensure_record
+from .formats import EXPORT_FORMATS
 from .saving import build_skeleton, check_exportable, check_rebuild, load_weights, unique_state
 from .shards import ShardWriter, read_weights
 
@@ -23,6 +24,7 @@ ARCHITECTURE = "upcycle_moe"
 _TIMM_CFG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "first_conv", "classifier")
 
 
+@EXPORT_FORMATS.register("timm", "timm: timm.create_model('local-dir:DIR') rebuilds the converted model by name")
 def export_timm(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
     check_exportable(model, "timm")
     record = ensure_record(model)  # a dense timm model exports too (no MoE layer)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from ..registry import Registry
+
 
 @dataclass(frozen=True)
 class Method:
@@ -24,33 +26,25 @@ class Method:
     prepare: Callable | None = None
 
 
-_METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("recycling method")
 
 
 def register_method(name: str, paper: str, description: str, options: type[BaseModel] | None = None,
                     prepare: Callable | None = None):  # fmt: skip
     def decorator(fn: Callable) -> Callable:
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} is registered twice")
-        _METHODS[name] = Method(name, fn, paper, description, options, prepare)
+        METHODS.add(name, Method(name, fn, paper, description, options, prepare), description, paper)
         return fn
 
     return decorator
 
 
 def get_method(name: str) -> Method:
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; registered: {sorted(_METHODS)}") from None
+    return METHODS.get(name)
 
 
 def list_methods() -> list[dict[str, str]]:
     """Every registered method with its paper URL and a one-line description."""
-    return [
-        {"name": m.name, "paper": m.paper, "description": m.description}
-        for m in sorted(_METHODS.values(), key=lambda m: m.name)
-    ]
+    return [{"name": e.name, "paper": e.paper, "description": e.description} for e in METHODS.entries()]
 
 
 __all__ = ["Method", "get_method", "list_methods", "register_method"]

@@ -1,37 +1,41 @@
-"""The router a recycling method attaches, built from the recipe's router section."""
+"""The router a recycling method attaches, built from the recipe's router section: any registered router."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from ..layers import MLPRouter, Router, SoftMoERouter, TopKRouter, build_router
+from ..layers import Router, build_router
+from ..layers.routers.base import ROUTERS
+
+
+def router_arguments(name: str) -> list[str]:
+    """The constructor arguments of router ``name`` a recipe can set (besides its width and expert count)."""
+    parameters = inspect.signature(ROUTERS.get(name).__init__).parameters
+    return [p for p in parameters if p not in ("self", "d_model", "num_experts")]
 
 
 def build_recipe_router(config, d_model: int, num_experts: int, generator: torch.Generator, **overrides) -> Router:
-    """``config`` is a ConvertConfig. Router weights are drawn from ``generator`` so conversions are reproducible."""
+    """The recipe's router (``config`` is a ConvertConfig): ``router.type`` names any registered router; the
+    recipe's ``top_k`` and router fields, then ``router.options`` and a method's ``overrides``, go to its constructor
+    where it takes them. Its weights are drawn from ``generator`` so conversions are reproducible."""
     rc = config.router
-    if rc.type == "soft":
-        return soft_router(d_model, num_experts, rc.slots_per_expert, generator)
-    arguments = {
+    accepted = router_arguments(rc.type)
+    offered = {
         "top_k": config.top_k, "renormalize": rc.renormalize, "noise_std": rc.noise_std,
-        "capacity_factor": rc.capacity_factor, "init": "zero",
+        "capacity_factor": rc.capacity_factor, "slots_per_expert": rc.slots_per_expert,
+        "init": "zero",  # a constructor that can skip its own random draw does: initialize() draws the weights
+        **rc.options, **overrides,
     }  # fmt: skip
-    router = TopKRouter(d_model, num_experts, **{**arguments, **overrides})
-    if rc.init == "normal":
-        with torch.no_grad():
-            router.gate.weight.copy_(torch.randn(router.gate.weight.shape, generator=generator) * rc.init_std)
+    router = build_router(rc.type, d_model=d_model, num_experts=num_experts,
+                          **{key: value for key, value in offered.items() if key in accepted})  # fmt: skip
+    router.initialize(generator, rc.init_std if rc.init == "normal" else 0.0)
     return router
 
 
-def soft_router(d_model: int, num_experts: int, slots_per_expert: int, generator: torch.Generator) -> SoftMoERouter:
-    router = SoftMoERouter(d_model, num_experts, slots_per_expert=slots_per_expert)
-    with torch.no_grad():
-        router.slot_queries.copy_(torch.randn(router.slot_queries.shape, generator=generator) * d_model**-0.5)
-    return router
-
-
-def mlp_router(name: str, d_model: int, num_experts: int, generator: torch.Generator, **arguments) -> MLPRouter:
-    """A D2DMoE / MoEfication router MLP (``"dynamic_k"`` or ``"moefication"``), weights drawn from ``generator``."""
+def seeded_router(name: str, d_model: int, num_experts: int, generator: torch.Generator, **arguments) -> Router:
+    """A router a method builds itself (D2DMoE's MLP routers, Jetpack's slot routers), drawn from ``generator``."""
     router = build_router(name, d_model=d_model, num_experts=num_experts, **arguments)
     router.initialize(generator)
     return router

@@ -1,28 +1,21 @@
-"""The backend registry: name -> compute function."""
+"""The backend registry: name -> compute function; each backend's description is its module's first sentence."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-_BACKENDS: dict[str, Callable] = {}
+from ...registry import Registry
+
+BACKENDS: Registry[Callable] = Registry("expert backend")
 
 
 def register_backend(name: str) -> Callable[[Callable], Callable]:
-    def decorator(fn: Callable) -> Callable:
-        if name in _BACKENDS:
-            raise ValueError(f"backend {name!r} is registered twice")
-        _BACKENDS[name] = fn
-        return fn
-
-    return decorator
+    return BACKENDS.register(name)
 
 
 def get_backend(name: str) -> Callable:
-    try:
-        return _BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown expert backend {name!r}; registered: {list_backends()}") from None
+    return BACKENDS.get(name)
 
 
 def list_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return BACKENDS.names()

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
-_ROUTERS: dict[str, type[Router]] = {}
+from ...registry import Registry
+
+ROUTERS: Registry[type[Router]] = Registry("router")
 
 
 class Router(nn.Module):
@@ -29,25 +32,31 @@ class Router(nn.Module):
         """Registry name and constructor arguments that rebuild this router's structure."""
         return {"name": self.registry_name, **self._spec}
 
+    @torch.no_grad()
+    def initialize(self, generator: torch.Generator, std: float) -> None:
+        """Draw the router's weights from ``generator`` (a conversion is reproducible): every weight matrix from
+        N(0, std²), zeros when ``std`` is 0; biases zero. Routers with their own scheme override it."""
+        for name, parameter in self.named_parameters():
+            if parameter.ndim >= 2 and std > 0:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+            elif parameter.ndim >= 2 or name.endswith("bias"):
+                parameter.zero_()
 
-def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
+
+def register_router(name: str, description: str | None = None, paper: str | None = None) -> Callable:
+    """Class decorator; the description and paper default to the module docstring's first sentence and arXiv id."""
+
     def decorator(cls: type[Router]) -> type[Router]:
-        if name in _ROUTERS:
-            raise ValueError(f"router {name!r} is registered twice")
+        ROUTERS.add(name, cls, description, paper)
         cls.registry_name = name
-        _ROUTERS[name] = cls
         return cls
 
     return decorator
 
 
 def build_router(name: str, **kwargs) -> Router:
-    try:
-        cls = _ROUTERS[name]
-    except KeyError:
-        raise ValueError(f"unknown router {name!r}; registered: {list_routers()}") from None
-    return cls(**kwargs)
+    return ROUTERS.get(name)(**kwargs)
 
 
 def list_routers() -> list[str]:
-    return sorted(_ROUTERS)
+    return ROUTERS.names()

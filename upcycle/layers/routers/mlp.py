@@ -43,8 +43,9 @@ class MLPRouter(Router):
         raise NotImplementedError
 
     @torch.no_grad()
-    def initialize(self, generator: torch.Generator) -> None:
-        """``nn.Linear``'s default range, U(±1/√in), drawn from ``generator`` so conversions are reproducible."""
+    def initialize(self, generator: torch.Generator, std: float | None = None) -> None:
+        """``nn.Linear``'s default range, U(±1/√in), drawn from ``generator`` so conversions are reproducible
+        (``std`` does not apply)."""
         for layer in (self.mlp[0], self.mlp[2]):
             bound = 1.0 / math.sqrt(layer.in_features)
             layer.weight.copy_((torch.rand(layer.weight.shape, generator=generator) * 2 - 1) * bound)

@@ -33,6 +33,11 @@ class SoftMoERouter(Router):
             "d_model": d_model, "num_experts": num_experts, "slots_per_expert": slots_per_expert, "normalize": normalize
         }  # fmt: skip
 
+    @torch.no_grad()
+    def initialize(self, generator: torch.Generator, std: float | None = None) -> None:
+        """Slot queries N(0, 1/d), as the constructor draws them, but from ``generator`` (``std`` does not apply)."""
+        self.slot_queries.copy_(torch.randn(self.slot_queries.shape, generator=generator) * self.d_model**-0.5)
+
     def forward(self, x: torch.Tensor) -> Routing:  # x [b, n, d]
         queries = self.slot_queries  # [S, d]
         if self.normalize:

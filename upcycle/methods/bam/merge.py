@@ -21,12 +21,11 @@ parallel blocks) of one architecture. Dimension letters: d model width, h FFN hi
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from torch import nn
 
 from ...adapters import Adapter, find_adapter
@@ -37,17 +36,17 @@ from ...errors import UserError, yaml_mapping
 from ...layers import Experts, MoE, TopKRouter, describe_moe, moe_layers
 from ...layers.routers import SoftAttentionRouter
 from ...recipes import recipe_file
+from ...registry import Registry
 from ..sparse_upcycling.recycling import experts_for, fill_expert
 
-MERGE_METHODS = {  # name -> (what it does, paper)
-    "btx": ("FFN experts from each model, everything else averaged", "https://arxiv.org/abs/2403.07816"),
-    "bam": ("FFN and soft-routed attention experts (expert or shared KV), the rest averaged",
-            "https://arxiv.org/abs/2408.08274"),
-}  # fmt: skip
+MERGE_METHODS: Registry[Callable] = Registry("merge method")  # name -> fn(models, cfg) -> the mixture
 
 
 class MergeConfig(StrictModel):
-    method: Literal["btx", "bam"] = Field("bam", description="btx: FFN experts only; bam: FFN and attention experts")
+    method: str = Field(
+        "bam",
+        description="a merge method (upcycle list methods): btx, FFN experts only; bam, FFN and attention experts",
+    )
     shared_kv: bool = Field(False, description="bam: attention experts share averaged K, V (one KV cache)")
     top_k: int = Field(1, ge=1, description="FFN experts per token")
     renormalize: bool = Field(False, description="divide the top-k probabilities by their sum (BAM/BTX papers: no)")
@@ -55,6 +54,12 @@ class MergeConfig(StrictModel):
     backend: str = Field("grouped", description="expert compute backend (upcycle.list_backends())")
     seed: int = Field(0, description="seed of the router initialisation")
     expert_names: list[str] | None = Field(None, description="a name per input, e.g. seed and domains (provenance)")
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        MERGE_METHODS.entry(value)  # raises with the registered names
+        return value
 
 
 def load_merge_config(source: MergeConfig | dict | str | Path | None = None, **overrides) -> MergeConfig:
@@ -84,7 +89,7 @@ def merge(models: Sequence[nn.Module], method: str | None = None, config: MergeC
     check_inputs(models, cfg)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # the routers' random init
-        merged = _merge_btx(models, cfg) if cfg.method == "btx" else _merge_bam(models, cfg)
+        merged = MERGE_METHODS.get(cfg.method)(models, cfg)
     from ...layers import set_backend
 
     set_backend(merged, cfg.backend)
@@ -156,10 +161,13 @@ def _record(model: nn.Module, adapter: Adapter, cfg: MergeConfig, layers: dict) 
     return json_pure({
         "version": RECORD_VERSION, "adapter": adapter.name, "source": adapter.describe(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "convert": None,
-        "merge": {**cfg.model_dump(exclude=RUNTIME_FIELDS), "paper": MERGE_METHODS[cfg.method][1]}, "layers": layers,
+        "merge": {**cfg.model_dump(exclude=RUNTIME_FIELDS), "paper": MERGE_METHODS.entry(cfg.method).paper},
+        "layers": layers,
     })  # fmt: skip
 
 
+@MERGE_METHODS.register("btx", "FFN experts from each model, everything else averaged",
+                        "https://arxiv.org/abs/2403.07816")  # fmt: skip
 @torch.no_grad()
 def _merge_btx(models: Sequence[nn.Module], cfg: MergeConfig) -> nn.Module:
     adapter = find_adapter(models[0])
@@ -202,6 +210,8 @@ def bam_config(source, num_experts: int, cfg: MergeConfig):
     )  # fmt: skip
 
 
+@MERGE_METHODS.register("bam", "FFN and soft-routed attention experts (expert or shared KV), the rest averaged",
+                        "https://arxiv.org/abs/2408.08274")  # fmt: skip
 @torch.no_grad()
 def _merge_bam(models: Sequence[nn.Module], cfg: MergeConfig) -> nn.Module:
     from ...models import UpcycleBAMForCausalLM

@@ -18,7 +18,7 @@ from pydantic import Field
 from ...adapters.dense_ffn import DenseFFN
 from ...layers import MoE
 from ...recycling import register_method
-from ...recycling.routers import mlp_router
+from ...recycling.routers import seeded_router
 from .split import NeuronSplitOptions, split_experts, split_moe
 
 
@@ -39,7 +39,7 @@ def _split_with_mlp_router(dense: DenseFFN, config, generator: torch.Generator, 
             "(leave the router section at its default)"
         )
     experts, groups = split_experts(dense, config.num_experts, options, generator)
-    mlp = mlp_router(router, dense.d_model, config.num_experts, generator, hidden=options.router_hidden,
+    mlp = seeded_router(router, dense.d_model, config.num_experts, generator, hidden=options.router_hidden,
                      **router_args)  # fmt: skip
     return split_moe(mlp, experts, groups)
 

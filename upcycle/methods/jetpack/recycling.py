@@ -36,7 +36,7 @@ from ...config import StrictModel
 from ...layers import MoE
 from ...layers.dual_experts import DualPathExperts
 from ...recycling import register_method
-from ...recycling.routers import soft_router
+from ...recycling.routers import seeded_router
 from .calibration import FFNStatistics, collect_ffn_statistics
 from .sampling import (
     channel_selection,
@@ -46,7 +46,6 @@ from .sampling import (
     slice_expert_weights,
     uniform_selection,
 )
-from .sphero import SpheroMoERouter
 
 PAPER = "https://arxiv.org/abs/2406.04801"
 
@@ -216,12 +215,9 @@ def fill(experts, source: DenseFFN, hidden: torch.Tensor, channels: torch.Tensor
 def build_router(options: JetpackOptions, recipe_router, d_model: int, num_experts: int, generator: torch.Generator):
     """The slot router; ``slots_per_expert`` and ``noise_std`` come from the recipe's router section."""
     if options.slot_router == "soft":
-        return soft_router(d_model, num_experts, recipe_router.slots_per_expert, generator)
-    router = SpheroMoERouter(
-        d_model, num_experts, slots_per_expert=recipe_router.slots_per_expert, key_projection=options.key_projection,
-        key_norm=options.key_norm, temperatures=options.temperatures, temperature_init=options.temperature_init,
-        noise_std=recipe_router.noise_std, combine=options.combine,
+        return seeded_router("soft", d_model, num_experts, generator, slots_per_expert=recipe_router.slots_per_expert)
+    return seeded_router(
+        "sphero", d_model, num_experts, generator, slots_per_expert=recipe_router.slots_per_expert,
+        key_projection=options.key_projection, key_norm=options.key_norm, temperatures=options.temperatures,
+        temperature_init=options.temperature_init, noise_std=recipe_router.noise_std, combine=options.combine,
     )  # fmt: skip
-    with torch.no_grad():  # drawn from the conversion's generator, so a conversion is reproducible
-        torch.nn.init.orthogonal_(router.slot_queries, generator=generator)
-    return router

@@ -77,6 +77,11 @@ class SpheroMoERouter(Router):
         tau = self.log_temperature.exp()
         return tau[0], tau[-1]
 
+    @torch.no_grad()
+    def initialize(self, generator: torch.Generator, std: float | None = None) -> None:
+        """Orthogonal slot queries, as the constructor draws them, but from ``generator`` (``std`` does not apply)."""
+        nn.init.orthogonal_(self.slot_queries, generator=generator)
+
     def forward(self, x: torch.Tensor) -> Routing:  # x [b, n, d]
         keys = x if self.key_projection is None else self.key_projection(x)
         if self.key_norm:
