@@ -352,3 +352,28 @@ def test_sparsity_penalty_averages_each_ffn_activation(kind):
     moe = upcycle.convert(build("vit"), "sparse_upcycling", num_experts=2, top_k=1, layers="all", progress=False)
     with pytest.raises(ValueError, match="has none"):
         SparsityPenalty(moe, adapter_of(moe), kind)
+
+
+def test_gradient_accumulation_logs_the_mean_over_micro_batches(tmp_path, monkeypatch):
+    """One step over the same 32 examples, whole or as two micro-batches of 16: the logged loss and accuracy are
+    the batch's (the mean over micro-batches of equal size), and every row carries the throughput."""
+    import copy
+    import csv
+
+    from upcycle.sources import load_timm
+    from upcycle.train import train
+    from upcycle.train.metrics_log import MetricsLog
+
+    monkeypatch.setattr(MetricsLog, "plot", lambda self, metric: None)
+    dense = load_timm("vit_tiny_patch16_224", None, False, {"img_size": 8, "patch_size": 4, "in_chans": 1,
+                      "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 10})  # fmt: skip
+    rows = {}
+    for accumulation in (1, 2):
+        config = {"data": "digits", "steps": 1, "batch_size": 32, "grad_accum": accumulation, "checkpoints": False,
+                  "eval_batches": 1, "log_every": 1}  # fmt: skip
+        train(copy.deepcopy(dense), config, tmp_path / str(accumulation), progress=False)
+        with open(tmp_path / str(accumulation) / "metrics.csv") as handle:
+            rows[accumulation] = next(row for row in csv.DictReader(handle) if row["split"] == "train")
+    for key in ("loss", "accuracy"):
+        assert float(rows[2][key]) == pytest.approx(float(rows[1][key]), abs=1e-5), key
+    assert float(rows[1]["items_per_s"]) > 0 and float(rows[2]["items_per_s"]) > 0
