@@ -113,3 +113,10 @@ def test_shared_parts_of_every_layer_add_up():
     one, two = count_parameters(layer()), count_parameters(nn.Sequential(layer(), layer()))
     assert one["shared"] == (D * 5 + 5 + 5 * D + D) + D  # the shared FFN and its sigmoid gate
     assert {key: 2 * value for key, value in one.items()} == two
+
+
+def test_moefication_router_counts_its_fixed_top_k():
+    from upcycle.layers import build_router
+
+    router = build_router("moefication", d_model=D, num_experts=E, hidden=4, top_k=3)
+    assert count_parameters(model_with(router), experts_per_token=1.0)["experts_active"] == 3 * PER_EXPERT

@@ -13,6 +13,7 @@ from upcycle.config import TrainConfig
 from upcycle.data.tokenizers import ByteTokenizer
 from upcycle.eval import accuracy
 from upcycle.eval.tasks import SequenceClassification, make_task
+from upcycle.record import ConversionRecord, attach_record
 
 SIZES = {"vocab_size": 259, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
          "num_attention_heads": 2, "max_position_embeddings": 32}  # fmt: skip
@@ -90,7 +91,7 @@ def test_a_model_with_its_own_vocabulary_reads_text_with_its_tokenizer(tokenizer
     lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=130, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1))  # fmt: skip
-    lm.upcycle_origin = str(tokenizer_dir)  # where upcycle.load / load_source found the model
+    attach_record(lm, ConversionRecord(files=str(tokenizer_dir)))  # where upcycle.load / load_source found it
     task = task_for(lm, data="shakespeare")
     assert len(task.tokenizer) == 130 and task.vocab_size == 130
     data = task.dataset("val")
@@ -98,7 +99,7 @@ def test_a_model_with_its_own_vocabulary_reads_text_with_its_tokenizer(tokenizer
     assert all(32 <= i - 2 < 128 for i in data[0]["input_ids"].tolist())  # character codes + 2: its own ids
     encoder = transformers.BertForSequenceClassification(transformers.BertConfig(**{**SIZES, "vocab_size": 130},
                                                                                  num_labels=3))  # fmt: skip
-    encoder.upcycle_origin = str(tokenizer_dir)
+    attach_record(encoder, ConversionRecord(files=str(tokenizer_dir)))
     mixture = task_for(encoder).dataset("val")
     assert mixture.info.vocab_size == 130 and mixture[0]["input_ids"].shape == (16,)
 
@@ -136,3 +137,16 @@ def test_language_model_loss_and_metrics():
     result = task.evaluate(lm, [{"input_ids": ids}])
     assert result["loss"] == pytest.approx(math.log(result["perplexity"]))
     assert result["perplexity"] == pytest.approx(math.exp(float(loss.detach())), rel=1e-5)
+
+
+def test_a_language_models_data_follows_the_run_seed():
+    from upcycle.data import load_dataset
+
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=259, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))  # fmt: skip
+    data = task_for(lm, seed=1).dataset("val")
+    direct = load_dataset("text_mixture", "val", tokenizer=ByteTokenizer(), seq_len=16, seed=1, num_sequences=30)
+    other = load_dataset("text_mixture", "val", tokenizer=ByteTokenizer(), seq_len=16, seed=0, num_sequences=30)
+    assert all(torch.equal(data[i]["input_ids"], direct[i]["input_ids"]) for i in range(30))
+    assert any(not torch.equal(data[i]["input_ids"], other[i]["input_ids"]) for i in range(30))
