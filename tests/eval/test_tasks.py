@@ -150,3 +150,46 @@ def test_a_language_models_data_follows_the_run_seed():
     other = load_dataset("text_mixture", "val", tokenizer=ByteTokenizer(), seq_len=16, seed=0, num_sequences=30)
     assert all(torch.equal(data[i]["input_ids"], direct[i]["input_ids"]) for i in range(30))
     assert any(not torch.equal(data[i]["input_ids"], other[i]["input_ids"]) for i in range(30))
+
+
+@pytest.fixture(scope="module")
+def vit():
+    from upcycle.sources import load_timm
+
+    return load_timm("vit_tiny_patch16_224", None, False, {"img_size": 8, "patch_size": 4, "in_chans": 1,
+                     "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 10})  # fmt: skip
+
+
+def test_image_task_reads_the_models_input_and_augments_only_training(vit):
+    from upcycle.data import load_dataset
+    from upcycle.eval.tasks import ImageClassification
+
+    config = TrainConfig(data="digits", steps=1, augment=True, seed=2, data_options={"max_samples": 40})
+    task = make_task(vit, adapter_of(vit), config)
+    assert isinstance(task, ImageClassification) and (task.channels, task.image_size, task.num_classes) == (1, 8, 10)
+    train, val = task.dataset("train"), task.dataset("val")
+    assert train.augment and not val.augment and train[0]["x"].shape == (1, 8, 8)
+    direct = load_dataset("digits", "val", image_size=8, channels=1, seed=2, max_samples=40)
+    assert len(val) == len(direct) == 40 and torch.equal(val.labels, direct.labels)  # the run's seed and options
+    assert not make_task(vit, adapter_of(vit), TrainConfig(data="digits", steps=1, augment=False)).dataset(
+        "train").augment  # fmt: skip
+
+
+def test_image_loss_smooths_labels_mixes_batches_and_scores_the_true_labels(vit):
+    from upcycle.data.mixing import mix_batch, soft_cross_entropy
+
+    x, labels = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
+    smooth = make_task(vit, adapter_of(vit), TrainConfig(data="digits", steps=1, label_smoothing=0.1))
+    loss, metrics = smooth.loss(vit, {"x": x, "labels": labels}, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = vit(x)
+    assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(logits, labels, label_smoothing=0.1)), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0)):
+        task = make_task(vit, adapter_of(vit), TrainConfig(data="digits", steps=1, mixup=mixup, cutmix=cutmix))
+        loss, metrics = task.loss(vit, {"x": x, "labels": labels}, torch.Generator().manual_seed(3))
+        mixed = mix_batch({"x": x, "labels": labels}, 10, mixup, cutmix, 1.0, torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            mixed_logits = vit(mixed["x"]).float()
+        assert float(loss.detach()) == pytest.approx(float(soft_cross_entropy(mixed_logits, mixed["labels"])), rel=1e-5)
+        assert metrics["accuracy"] == pytest.approx(float((mixed_logits.argmax(-1) == labels).float().mean()))  # hard
