@@ -2,6 +2,7 @@
 
     moe = upcycle.convert(model, method="sparse_upcycling", num_experts=8, top_k=2)
     check = upcycle.verify(moe, model)           # max |moe(x) - dense(x)|, and per layer: check.passed()
+    upcycle.record_of(moe)                       # what was converted from what, and how (saved as config.json)
     upcycle.save(moe, "out/"); moe = upcycle.load("out/")
     bam = upcycle.merge([seed, *branches], method="bam")   # BAM / BTX: dense LMs -> one MoE
 
@@ -27,6 +28,7 @@ from .layers import list_backends, list_routers  # noqa: E402
 from .methods.bam.merge import merge  # noqa: E402
 from .models import register as register_with_transformers  # noqa: E402
 from .models import register_loaded  # noqa: E402
+from .record import ConversionRecord, copy_model, record_of  # noqa: E402
 from .recycling import list_methods  # noqa: E402
 from .stream import convert_streaming  # noqa: E402
 from .verify import verify  # noqa: E402
@@ -37,10 +39,12 @@ register_loaded()  # the Auto classes transformers has already imported learn mo
 
 __version__ = "0.1.0"
 __all__ = [
+    "ConversionRecord",
     "ConvertConfig",
     "__version__",
     "convert",
     "convert_streaming",
+    "copy_model",
     "export",
     "list_adapters",
     "list_backends",
@@ -49,6 +53,7 @@ __all__ = [
     "load",
     "load_convert_config",
     "merge",
+    "record_of",
     "register_with_timm",
     "register_with_transformers",
     "save",

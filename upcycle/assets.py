@@ -49,9 +49,11 @@ def minilm_classifier(num_labels: int):
     """all-MiniLM-L6-v2 with a fresh classification head of ``num_labels`` classes (its tokenizer is its origin)."""
     import transformers
 
+    from .record import ConversionRecord, attach_record
+
     transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" notice is expected
     model = transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels)
-    model.upcycle_origin = str(minilm_dir())
+    attach_record(model, ConversionRecord(origin=str(minilm_dir()), files=str(minilm_dir())))  # its tokenizer
     return model
 
 

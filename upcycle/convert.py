@@ -1,8 +1,9 @@
 """``upcycle.convert``: a dense model -> the same model with MoE layers in place of (some of) its FFNs.
 
 The adapter finds and reads the FFNs, the registered method turns each into an MoE layer, the adapter installs
-it. The result carries ``upcycle_record``: the adapter, how to rebuild the dense skeleton, the resolved recipe and
-each MoE layer's structure, which is all ``upcycle.save`` / ``upcycle.load`` need.
+it. The result's record (``upcycle.record_of``): the adapter, how to rebuild the dense skeleton, where the dense model
+came from, the resolved recipe and each MoE layer's structure, which is all ``upcycle.save`` / ``upcycle.load``
+need.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .adapters import Adapter, find_adapter, get_adapter
 from .config import RUNTIME_FIELDS, ConvertConfig, load_convert_config, select_layers
 from .errors import check_finite
 from .layers import describe_moe
-from .record import RECORD_VERSION, json_pure
+from .record import attach_record, dtype_name, new_record, record_of
 from .recycling import get_method
 
 
@@ -40,7 +41,7 @@ def convert(
     """
     cfg = load_convert_config(config, method=method, **overrides)
     adapter = get_adapter(adapter) if isinstance(adapter, str) else adapter or find_adapter(model)
-    source = adapter.describe(model)
+    source, dense_record = adapter.describe(model), record_of(model)
     target = model if inplace else copy.deepcopy(model)
     sites = adapter.ffn_sites(target)
     chosen = select_layers(len(sites), cfg.layers)
@@ -62,15 +63,9 @@ def convert(
         moe.train(target.training)  # follow the host's mode: a dynamic-k router runs every expert in training mode
         adapter.install(target, site, moe)
         layers[site.name] = {"index": site.index, **describe_moe(moe)}
-    record = {
-        "version": RECORD_VERSION,
-        "adapter": adapter.name,
-        "source": source,
-        "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
-        "convert": cfg.model_dump(exclude=RUNTIME_FIELDS),
-        "layers": layers,
-    }
-    target.upcycle_record = json_pure(record)
+    convert_recipe = cfg.model_dump(exclude=RUNTIME_FIELDS)
+    attach_record(target, new_record(adapter.name, source, dtype_name(target), layers, convert=convert_recipe,
+                                     origin=dense_record))  # fmt: skip
     check_finite(target.state_dict().items(), "the converted model",
                  f"check the {cfg.method} options (a scale or std too large?)")  # fmt: skip
     return target

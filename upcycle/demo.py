@@ -25,7 +25,6 @@ D2DMoE's router stage trains the routers alone with everything else frozen, so i
 
 from __future__ import annotations
 
-import copy
 import csv
 import gc
 import json
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write_text
+from .record import copy_model
 
 PROMPT = "ROMEO:\n"
 ROUTING_BATCHES = 4  # held-out batches of 2 sequences behind the expert-load heatmap
@@ -327,7 +327,7 @@ def minilm_job(out: Path, scale: DemoScale, step: Steps, progress: bool) -> dict
     model = run_stages(dense, recipe, out, progress=progress)["d2dmoe"]
     extra = control_steps(recipe)
     step(f"dense control: the dense classifier trained {extra} steps more (D2DMoE's sparsity + router stages' FLOPs)")
-    control = copy.deepcopy(dense)
+    control = copy_model(dense)
     sparsify = recipe.sparsify_config().model_dump(mode="json")
     control_config = {**sparsify, "steps": extra, "epochs": None, "aux": {}, "checkpoints": False}
     train(control, control_config, out / "dense_control", progress=progress)

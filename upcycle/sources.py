@@ -24,6 +24,7 @@ from . import errors
 from ._optional import require
 from .atomic import atomic_directory
 from .errors import UserError
+from .record import ConversionRecord, attach_record, record_of
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -42,6 +43,7 @@ def load_source(source: str | Path, checkpoint: str | Path | None = None, allow_
         raise UserError("--checkpoint goes with a timm:ARCH source only")
     elif source.endswith(".gguf"):
         model = load_hf_directory(cache_gguf(source))
+        record_of(model).origin = source  # read from the dequantised copy, which holds its tokenizer files
     else:
         path = Path(source)
         if not path.exists():
@@ -103,7 +105,8 @@ def load_timm(arch: str, checkpoint: str | Path | None, allow_pickle: bool, kwar
     with torch.random.fork_rng():
         torch.manual_seed(0)  # a random-init source is the same model every time, so verify can rebuild it
         model = timm.create_model(arch, pretrained=False, **kwargs)
-    model.upcycle_timm_arch, model.upcycle_timm_kwargs = arch, dict(kwargs)
+    # exactly how it was created (the timm adapter rebuilds it from this), and where from
+    attach_record(model, ConversionRecord(source={"arch": arch, "kwargs": dict(kwargs)}, origin=f"timm:{arch}"))
     if checkpoint is not None:
         state = read_state_dict(checkpoint, allow_pickle)
         try:
@@ -142,7 +145,7 @@ def load_hf_directory(path: str | Path, allow_pickle: bool = False) -> nn.Module
     problems = {key: info.get(key) for key in ("missing_keys", "mismatched_keys", "unexpected_keys") if info.get(key)}
     if problems.get("missing_keys") or problems.get("mismatched_keys"):
         raise UserError(f"the weights in {path} do not match its config.json: {_short(problems)}")
-    model.upcycle_origin = str(path)  # its tokenizer files travel with saves and exports
+    attach_record(model, ConversionRecord(origin=str(path), files=str(path)))  # its tokenizer files travel along
     return model
 
 

@@ -52,7 +52,7 @@ from .export.saving import build_skeleton, write_record
 from .export.shards import INDEX, SINGLE, ShardWriter, shard_files
 from .layers import MoE, describe_moe
 from .layers.activations import from_hf
-from .record import RECORD_VERSION
+from .record import ConversionRecord, new_record
 from .recycling import get_method
 
 STREAM_SHARD_BYTES = 256 * 1024**2  # small: the pending output shard is most of the peak memory
@@ -334,7 +334,7 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
     return list(groups.values())
 
 
-def check_written(record: dict, written: Written) -> None:
+def check_written(record: ConversionRecord, written: Written) -> None:
     """``upcycle.load`` rebuilds the skeleton from ``record``: it must hold exactly the written tensors."""
     skeleton = meta_model(build_skeleton, record)
     state = skeleton.state_dict(keep_vars=True)
@@ -347,7 +347,7 @@ def check_written(record: dict, written: Written) -> None:
     problems += [f"{group[0]} is missing" for group in tied_groups(skeleton) if not any(n in written for n in group)]
     if problems:
         raise ValueError(
-            f"the checkpoint does not match the {record['source']['class']} that config.json describes: "
+            f"the checkpoint does not match the {record.source['class']} that config.json describes: "
             + "; ".join(problems[:5])
         )
 
@@ -402,14 +402,9 @@ def convert_streaming(
             layers, written = stream_tensors(checkpoint, steps, writer, cfg, activation, layout, bar)
         # the model class is imported only now, past the memory peak: its import alone adds ~150 MB of RSS
         dense = meta_model(adapter.rebuild, source)
-        record = {
-            "version": RECORD_VERSION,
-            "adapter": adapter.name,
-            "source": source,
-            "dtype": record_dtype(dense, written),
-            "convert": cfg.model_dump(exclude=RUNTIME_FIELDS),
-            "layers": layers,
-        }
+        origin = ConversionRecord(origin=str(source_dir), files=str(source_dir))  # as load_source records it
+        record = new_record(adapter.name, source, record_dtype(dense, written), layers,
+                            convert=cfg.model_dump(exclude=RUNTIME_FIELDS), origin=origin)  # fmt: skip
         check_written(record, written)
         write_record(staging, record)
     return out_dir

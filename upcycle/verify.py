@@ -24,7 +24,8 @@ import math
 import torch
 from torch import nn
 
-from .adapters import adapter_of, find_adapter
+from .adapters import find_adapter, get_adapter
+from .record import record_of
 
 TINY = torch.finfo(torch.float32).tiny  # floor of the relative scale: an all-zero dense output must stay zero
 
@@ -69,7 +70,8 @@ def verify(moe_model: nn.Module, dense_model: nn.Module, inputs: dict | torch.Te
     """Compare ``moe_model`` with ``dense_model`` on ``inputs`` (a dict of model inputs or an image batch; random
     inputs from ``seed`` if None): end to end and layer by layer, see the module docstring. The result is a float
     (the end-to-end max |moe - dense|) carrying ``per_layer``, ``worst_layer`` and ``passed(atol, rtol)``."""
-    adapter = adapter_of(moe_model) if getattr(moe_model, "upcycle_record", None) else find_adapter(dense_model)
+    record = record_of(moe_model)  # a converted model's blocks may match no adapter: its record names one
+    adapter = get_adapter(record.adapter) if record is not None and record.adapter else find_adapter(dense_model)
     if inputs is None:
         inputs = adapter.example_inputs(dense_model, generator=torch.Generator().manual_seed(seed))
     elif isinstance(inputs, torch.Tensor):

@@ -8,6 +8,7 @@ import upcycle
 from upcycle.adapters import find_adapter
 from upcycle.config import select_layers
 from upcycle.layers import moe_layers
+from upcycle.record import record_of
 
 from .tiny_models import ALL_CASES, build
 
@@ -45,7 +46,7 @@ def test_save_load_round_trip(case, tmp_path):
     inputs = adapter.example_inputs(dense, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(adapter.outputs(loaded, inputs), adapter.outputs(moe.eval(), inputs))
-    assert loaded.upcycle_record == moe.upcycle_record
+    assert record_of(loaded) == record_of(moe)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "recipe.yaml"]
 
 

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import upcycle
 from upcycle.cli import main
+from upcycle.record import record_of
 
 from .tiny_models import build
 
@@ -123,8 +124,8 @@ def test_load_refuses_damaged_directories(tmp_path):
 
 def test_save_refuses_what_cannot_be_rebuilt(tmp_path):
     dense = build("vit")
-    dense.upcycle_timm_kwargs = {"num_classes": 5}  # wrong: the real model has custom sizes
+    record_of(dense).source = {"arch": record_of(dense).source["arch"], "kwargs": {"num_classes": 5}}  # wrong sizes
     moe = upcycle.convert(dense, "sparse_upcycling", num_experts=2, top_k=1, progress=False)
-    with pytest.raises(ValueError, match=r"(?s)cannot be rebuilt from its record.*upcycle_timm_kwargs"):
+    with pytest.raises(ValueError, match=r"(?s)cannot be rebuilt from its record.*load the dense model with upcycle"):
         upcycle.save(moe, tmp_path / "m")
     assert not (tmp_path / "m").exists()

@@ -115,7 +115,7 @@ REFUSALS = {
         "attention_bias=True.*no projection has a bias",
     ),
     "adapter": (gpt2, "'hf_gpt2' adapter export as no format"),
-    "not converted": (tiny_llama, "no upcycle_record.*upcycle.convert"),
+    "not converted": (tiny_llama, "no conversion record.*upcycle.convert"),
     "activation": (lambda: converted(tiny_llama(hidden_act="gelu")), "activation is 'gelu'.*hidden_act='silu'"),
     "plain experts": (lambda: with_plain_experts(converted()), "plain silu FFNs.*SiLU-gated"),
 }

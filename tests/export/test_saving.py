@@ -14,6 +14,7 @@ import upcycle
 from upcycle.errors import UserError
 from upcycle.export.saving import load_weights, read_record, unique_state
 from upcycle.export.shards import INDEX, SINGLE, ShardWriter, read_weights, shard_files
+from upcycle.record import record_of
 
 SIZES = {"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
          "num_attention_heads": 2, "num_key_value_heads": 1}  # fmt: skip
@@ -99,12 +100,14 @@ def test_untied_tensors_missing_from_the_file_are_refused(tmp_path):
 def test_record_and_recipe_are_written_and_checked(tmp_path):
     moe = tiny_moe()
     out = upcycle.save(moe, tmp_path / "m")
-    record = read_record(out)
-    assert record == json.loads(json.dumps(moe.upcycle_record))
+    assert read_record(out) == record_of(moe)
+    record = json.loads((out / "config.json").read_text())
+    assert record == record_of(moe).to_json() and "files" not in record  # where the files are now is not saved
+    assert set(record["versions"]) >= {"upcycle", "torch", "transformers"}
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe == {"convert": record["convert"]} and recipe["convert"]["method"] == "sparse_upcycling"
     loaded = upcycle.load(out)
-    assert loaded.upcycle_origin == str(out) and not loaded.training
+    assert record_of(loaded).files == str(out) and not loaded.training
 
     config = out / "config.json"
     config.write_text("{not json")

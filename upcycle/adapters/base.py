@@ -19,7 +19,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..layers import MoE
+from ..layers import MoE, moe_layers
+from ..record import ConversionRecord, attach_record, dtype_name, new_record, record_of
 from .dense_ffn import DenseFFN
 
 
@@ -86,8 +87,8 @@ class Adapter:
     def converted_modules(self, model: nn.Module) -> list[str]:
         """Names of the modules a conversion replaced, in forward order: what ``upcycle.verify`` compares, layer by
         layer, with the dense model's module of the same name. By default the converted FFN sites on record."""
-        record = getattr(model, "upcycle_record", None) or {}
-        return list(record.get("layers", {}))
+        record = record_of(model)
+        return list(record.layers) if record is not None else []
 
     def dense_counterpart(self, dense_model: nn.Module, name: str) -> nn.Module:
         """The dense computation that the converted module ``name`` replaced, callable as it is: by default the
@@ -188,8 +189,25 @@ def find_adapter(model: nn.Module) -> Adapter:
 
 def adapter_of(model: nn.Module) -> Adapter:
     """The adapter a converted model recorded (its blocks may no longer match any adapter), else the matching one."""
-    record = getattr(model, "upcycle_record", None)
-    return get_adapter(record["adapter"]) if record else find_adapter(model)
+    record = record_of(model)
+    return get_adapter(record.adapter) if record is not None and record.adapter else find_adapter(model)
+
+
+def ensure_record(model: nn.Module) -> ConversionRecord:
+    """The model's record, completed: a dense model gets one with no MoE layers (keeping where it came from), so it
+    saves and loads the same way."""
+    record = record_of(model)
+    if record is None or record.adapter is None:
+        if moe_layers(model):
+            raise ValueError(
+                "the model has MoE layers but no conversion record (copy.deepcopy does not copy it: copy a converted "
+                "model with upcycle.copy_model); convert, merge or load it again"
+            )
+        adapter = find_adapter(model)
+        record = attach_record(
+            model, new_record(adapter.name, adapter.describe(model), dtype_name(model), origin=record)
+        )
+    return record
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

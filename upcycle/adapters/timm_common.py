@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
+from ..record import ConversionRecord, attach_record, record_of
 from .base import tensor_or_none
 
 
@@ -34,8 +37,8 @@ def infer_timm_kwargs(model: nn.Module) -> dict:
     """The ``timm.create_model`` keyword arguments most often customised, read off a built model.
 
     Covers ViT/DeiT/EVA sizes (image, patch, width, depth, heads, MLP ratio, class token, pooling) and ConvNeXt
-    (depths, dims, conv MLP). Anything else can be given as ``model.upcycle_timm_kwargs``; ``upcycle.save`` checks
-    that the rebuilt skeleton matches every tensor before writing.
+    (depths, dims, conv MLP). A model upcycle built (``timm:ARCH``, ``upcycle.load``) records its exact creation
+    arguments instead; ``upcycle.save`` checks that the rebuilt skeleton matches every tensor before writing.
     """
     kwargs: dict = {"num_classes": model.num_classes}
     patch_embed = getattr(model, "patch_embed", None)
@@ -69,7 +72,10 @@ class TimmAdapterMixin:
     export_formats = ("timm",)
 
     def record_activation(self, model: nn.Module, activation: str) -> None:
-        model.upcycle_timm_kwargs = {**self.describe(model)["kwargs"], "act_layer": activation}  # creation arguments
+        description = self.describe(model)
+        description["kwargs"] = {**description["kwargs"], "act_layer": activation}  # the creation arguments
+        record = record_of(model) or attach_record(model, ConversionRecord())
+        record.source = description
 
     def example_inputs(self, model: nn.Module, batch: int = 2, generator: torch.Generator | None = None) -> dict:
         config = getattr(model, "pretrained_cfg", {}) or {}
@@ -85,17 +91,19 @@ class TimmAdapterMixin:
         return model(inputs["x"])
 
     def describe(self, model: nn.Module) -> dict:
-        arch = getattr(model, "upcycle_timm_arch", None) or (getattr(model, "pretrained_cfg", {}) or {}).get(
-            "architecture"
-        )
+        """``timm.create_model``'s architecture and keyword arguments: as recorded when upcycle built the model,
+        else read off the model."""
+        record = record_of(model)
+        if record is not None and record.source is not None:
+            return copy.deepcopy(record.source)
+        arch = (getattr(model, "pretrained_cfg", {}) or {}).get("architecture")
         if not arch:
             raise ValueError("cannot tell which timm architecture this model is; build it with timm.create_model")
-        kwargs = getattr(model, "upcycle_timm_kwargs", None) or infer_timm_kwargs(model)
-        return {"arch": arch, "kwargs": kwargs}
+        return {"arch": arch, "kwargs": infer_timm_kwargs(model)}
 
     def rebuild(self, description: dict) -> nn.Module:
         import timm
 
         model = timm.create_model(description["arch"], pretrained=False, **description.get("kwargs", {}))
-        model.upcycle_timm_arch, model.upcycle_timm_kwargs = description["arch"], description.get("kwargs", {})
+        attach_record(model, ConversionRecord(source=copy.deepcopy(description)))  # exactly how it was created
         return model

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..record import record_of
+
 PROJECTIONS = ("qkv.q", "qkv.k", "qkv.v", "proj")  # replaced modules under each block's ``attn``, in forward order
 # student MLP (under blocks.i.attn) -> (teacher module under blocks.i.attn, which third of its output, if split)
 _TARGETS = {"qkv.q": ("qkv", 0), "qkv.k": ("qkv", 1), "qkv.v": ("qkv", 2), "proj": ("proj", None)}
@@ -78,9 +80,9 @@ def replace_attention_projections(model: nn.Module, hidden_ratio: float = 0.5, g
         attn.qkv = SplitQKV(q, k, v, width)
         attn.proj = _relu_mlp(a, width, attn.proj.out_features, attn.proj.bias is not None, attn.proj.weight,
                               generator)  # fmt: skip
-    record = getattr(model, "upcycle_record", None)
-    if record is not None:  # saved or loaded before: its skeleton description must now rebuild the MLPs too
-        record["source"]["attention_projection_hidden"] = width
+    record = record_of(model)
+    if record is not None and record.source is not None:  # its skeleton description must now rebuild the MLPs too
+        record.source["attention_projection_hidden"] = width
     return model
 
 

@@ -83,7 +83,7 @@ def directory_bytes(directory: Path) -> int:
 
 _CHILD = """
 import json, sys, time
-from ..export import load
+import upcycle
 import upcycle.stream
 import transformers
 
@@ -131,8 +131,8 @@ def check_output(out: Path, source: Path, recipe: dict, full_load: bool) -> bool
 
     record = read_record(out)
     layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
-    shapes = {spec["experts"]["num_experts"] for spec in record["layers"].values()}
-    if len(record["layers"]) != layers or shapes != {recipe["num_experts"]}:
+    shapes = {spec["experts"]["num_experts"] for spec in record.layers.values()}
+    if len(record.layers) != layers or shapes != {recipe["num_experts"]}:
         return False
     if full_load:  # small enough: the whole model loads and runs
         model = load(out)

@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..adapters import find_adapter
 from ..layers import FFN, DualPathExperts, Experts, MoE, moe_layers
 from ..layers.routing import Routing
+from ..record import record_of
 from ._common import (
     Forward,
     batch_size,
@@ -232,10 +233,10 @@ def dense_hidden(model: nn.Module, moe: MoE) -> int | None:
     units = getattr(moe, "hidden_units", None)
     if isinstance(units, torch.Tensor):
         return units.numel()
-    record = getattr(model, "upcycle_record", None) or {}
-    if record.get("merge"):  # BTX / BAM: each expert is a whole dense FFN (of one branch)
+    record = record_of(model)
+    if record is not None and record.merge:  # BTX / BAM: each expert is a whole dense FFN (of one branch)
         return moe.experts.d_hidden
-    recipe = record.get("convert") or {}
+    recipe = (record.convert if record is not None else None) or {}
     if recipe.get("method") == "sparse_upcycling":
         return moe.experts.d_hidden * int((recipe.get("options") or {}).get("granularity", 1))
     return None

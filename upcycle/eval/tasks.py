@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..record import record_of
 
 
 class ImageClassification:
@@ -155,7 +156,8 @@ def _tokenizer_for(model: nn.Module):
     byte = ByteTokenizer()
     if model.config.vocab_size == byte.vocab_size:
         return byte
-    origin = getattr(model, "upcycle_origin", None)
+    record = record_of(model)
+    origin = record.files if record is not None else None  # the folder it was read from
     if origin is None or not (Path(origin) / "tokenizer_config.json").is_file():
         raise ValueError(
             f"the model's vocabulary ({model.config.vocab_size}) is not the byte vocabulary and no tokenizer files "

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from ..atomic import atomic_directory
+from ..record import record_of
 from .formats import EXPORT_FORMATS
 from .hf_moe_common import EXPORT_NOTE
 from .saving import check_exportable
@@ -30,8 +31,8 @@ def export_bam(model: nn.Module, directory: str | Path, overwrite: bool = False)
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as staging:
         model.save_pretrained(staging)  # config.json (model_type upcycle_bam), safetensors, generation_config.json
-        record = getattr(model, "upcycle_record", None) or {}
-        note = {"format": "bam", "class": type(model).__name__, "merge": record.get("merge")}
+        record = record_of(model)
+        note = {"format": "bam", "class": type(model).__name__, "merge": record.merge if record is not None else None}
         (staging / EXPORT_NOTE).write_text(json.dumps(note, indent=2) + "\n")
         copy_tokenizer_files(model, staging)
     return directory

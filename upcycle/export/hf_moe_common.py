@@ -26,6 +26,7 @@ from ..adapters.hf_common import rope_parameters
 from ..atomic import atomic_directory
 from ..layers import MoE, TopKRouter
 from ..layers.activations import from_hf
+from ..record import ConversionRecord, record_of
 from .saving import DEFAULT_SHARD_BYTES, check_exportable
 from .shards import ShardWriter
 from .tokenizer_files import copy_tokenizer_files
@@ -41,7 +42,7 @@ class Source:
     """A converted causal LM as the exporters read it."""
 
     model: nn.Module  # e.g. LlamaForCausalLM with MoEFFN modules in place of some ``mlp``s
-    record: dict  # model.upcycle_record
+    record: ConversionRecord  # upcycle.record_of(model)
     moe: dict[int, MoE]  # decoder layer index -> its MoE layer; absent indices are still dense MLPs
 
     @property
@@ -74,13 +75,13 @@ def refuse(target: str, reason: str) -> ValueError:
 def read_source(model: nn.Module, target: str, format: str) -> Source:
     """The converted model's record and MoE layers, once its adapter confirmed ``format`` stores it exactly."""
     check_exportable(model, format)
-    record = getattr(model, "upcycle_record", None)
-    if record is None:
-        raise refuse(target, "the model has no upcycle_record; export a model returned by upcycle.convert")
-    if not record["layers"]:
+    record = record_of(model)
+    if record is None or record.adapter is None:
+        raise refuse(target, "the model has no conversion record; export a model returned by upcycle.convert")
+    if not record.layers:
         raise refuse(target, "the model has no MoE layer (the layer selection of upcycle.convert matched none)")
     moe = {}
-    for name, spec in record["layers"].items():
+    for name, spec in record.layers.items():
         module = model.get_submodule(name)
         moe[spec["index"]] = getattr(module, "moe", module)  # MoEFFN wraps the MoE
     return Source(model, record, moe)
@@ -222,13 +223,13 @@ def export_note(source: Source, target: str, **extra: Any) -> dict:
         "format": target,
         **extra,
         "source": {
-            "adapter": source.record["adapter"],
-            "class": source.record["source"].get("class"),
+            "adapter": source.record.adapter,
+            "class": source.record.source.get("class"),
             "model_type": source.config.model_type,
         },
         "moe_layers": sorted(source.moe),
         "dense_layers": source.dense_layers,
-        "convert": source.record["convert"],
+        "convert": source.record.convert,
     }
 
 

@@ -21,11 +21,11 @@ import yaml
 from torch import nn
 
 from ..adapters import adapter_of, get_adapter
-from ..adapters.base import FFNSite
+from ..adapters.base import FFNSite, ensure_record
 from ..atomic import atomic_directory
-from ..errors import UserError, check_finite
+from ..errors import check_finite
 from ..layers import build_moe
-from ..record import RECORD_VERSION, ensure_record, sync_router_specs
+from ..record import ConversionRecord, attach_record, record_of, sync_router_specs
 from .shards import ShardWriter, read_weights
 from .tokenizer_files import copy_tokenizer_files
 
@@ -57,9 +57,10 @@ def check_exportable(model: nn.Module, format: str) -> None:
         raise ValueError(f"cannot export as {format!r}: {reason}")
 
 
-def write_record(directory: Path, record: dict) -> None:
-    (directory / CONFIG).write_text(json.dumps(record, indent=2) + "\n")
-    recipe = {key: record[key] for key in ("convert", "merge") if record.get(key) is not None}
+def write_record(directory: Path, record: ConversionRecord) -> None:
+    data = record.to_json()
+    (directory / CONFIG).write_text(json.dumps(data, indent=2) + "\n")
+    recipe = {key: data[key] for key in ("convert", "merge") if data.get(key) is not None}
     if recipe:  # a dense model (e.g. after upcycle pretrain) has no recipe
         (directory / RECIPE).write_text(yaml.safe_dump(recipe, sort_keys=False))
 
@@ -79,7 +80,8 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def check_rebuild(model: nn.Module) -> None:
     """Refuse to save a model whose skeleton cannot be rebuilt from its record with every tensor's shape."""
-    skeleton = build_skeleton(model.upcycle_record).state_dict()
+    record = record_of(model)
+    skeleton = build_skeleton(record).state_dict()
     actual = model.state_dict()
     problems = [name for name in actual if name not in skeleton]
     problems += [
@@ -89,40 +91,34 @@ def check_rebuild(model: nn.Module) -> None:
     ]
     if problems:
         hint = ""
-        if "kwargs" in model.upcycle_record["source"]:
+        if "kwargs" in record.source:
             hint = (
-                "\nset model.upcycle_timm_kwargs to the timm.create_model keyword arguments the dense model was "
-                "built with, before upcycle.convert"
+                "\nload the dense model with upcycle (timm:ARCH, upcycle.load), which records the timm.create_model "
+                "keyword arguments it was built with, before upcycle.convert"
             )
         raise ValueError("the model cannot be rebuilt from its record: " + "; ".join(problems[:5]) + hint)
 
 
-def read_record(directory: str | Path) -> dict:
+def read_record(directory: str | Path) -> ConversionRecord:
     directory = Path(directory)
     config_path = directory / CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} is not an upcycle model directory: {CONFIG} is missing")
     try:
-        record = json.loads(config_path.read_text())
+        data = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path} is not valid JSON ({error}); the directory is damaged") from None
-    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
-        raise UserError(f"{config_path} is not an upcycle record of version {RECORD_VERSION}")
-    missing = [key for key in ("adapter", "source", "layers") if not isinstance(record.get(key), dict | str)]
-    if missing:
-        raise UserError(f"{config_path} lacks {', '.join(missing)} of an upcycle record; the directory is damaged: "
-                        "convert or save the model again")  # fmt: skip
-    return record
+    return ConversionRecord.from_json(data, str(config_path))
 
 
-def build_skeleton(record: dict) -> nn.Module:
-    """The converted model's structure from its record, with freshly initialised weights."""
-    adapter = get_adapter(record["adapter"])
-    model = adapter.rebuild(record["source"])
-    for name, spec in record["layers"].items():
+def build_skeleton(record: ConversionRecord) -> nn.Module:
+    """The converted model's structure from its record, with freshly initialised weights; the record attached."""
+    adapter = get_adapter(record.adapter)
+    model = adapter.rebuild(record.source)
+    for name, spec in record.layers.items():
         adapter.install(model, FFNSite(spec["index"], name), build_moe(spec))
-    model.upcycle_record = record
-    return model.to(getattr(torch, record.get("dtype", "float32")))
+    attach_record(model, record)
+    return model.to(getattr(torch, record.dtype or "float32"))
 
 
 def load(directory: str | Path) -> nn.Module:
@@ -130,9 +126,9 @@ def load(directory: str | Path) -> nn.Module:
     record = read_record(directory)
     state = read_weights(directory)
     check_finite(state.items(), f"the model in {directory}", "the directory is damaged; convert or train it again")
+    record.files = str(directory)  # the tokenizer files were saved next to the weights
     model = build_skeleton(record)
     load_weights(model, state, directory)
-    model.upcycle_origin = str(directory)
     return model.eval()
 
 

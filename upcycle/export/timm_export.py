@@ -14,8 +14,9 @@ from pathlib import Path
 
 from torch import nn
 
+from ..adapters.base import ensure_record
 from ..atomic import atomic_directory
-from ..record import ensure_record
+from ..record import ConversionRecord
 from .formats import EXPORT_FORMATS
 from .saving import build_skeleton, check_exportable, check_rebuild, load_weights, unique_state
 from .shards import ShardWriter, read_weights
@@ -36,7 +37,7 @@ def export_timm(model: nn.Module, directory: str | Path, overwrite: bool = False
         "num_classes": model.num_classes,
         "num_features": getattr(model, "num_features", None),
         "pretrained_cfg": pretrained_cfg,
-        "model_args": {"upcycle_record": record},
+        "model_args": {"upcycle_record": record.to_json()},
     }
     with atomic_directory(Path(directory), overwrite=overwrite) as staging:
         with ShardWriter(staging, max_shard_bytes=1 << 62) as writer:  # timm reads one model.safetensors
@@ -51,7 +52,7 @@ def upcycle_moe(pretrained: bool = False, pretrained_cfg=None, upcycle_record: d
     """timm entrypoint: the converted model described by ``upcycle_record``, with its weights if ``pretrained``."""
     if upcycle_record is None:
         raise ValueError("upcycle_moe is built from an exported directory: timm.create_model('local-dir:DIR')")
-    model = build_skeleton(upcycle_record)
+    model = build_skeleton(ConversionRecord.from_json(upcycle_record, "the exported config.json's upcycle_record"))
     requested = kwargs.get("num_classes")
     if requested is not None and requested != model.num_classes:
         raise ValueError(f"the exported model has {model.num_classes} classes; resizing its head is not supported")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ..record import record_of
+
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -15,8 +17,9 @@ TOKENIZER_FILES = (
 
 
 def copy_tokenizer_files(model: nn.Module, directory: Path) -> list[str]:
-    """Copy the tokenizer files in ``model.upcycle_origin`` (the folder the model came from) into ``directory``."""
-    origin = getattr(model, "upcycle_origin", None)
+    """Copy the tokenizer files of the folder the model was read from (its record's ``files``) into ``directory``."""
+    record = record_of(model)
+    origin = record.files if record is not None else None
     if origin is None:
         return []
     copied = []

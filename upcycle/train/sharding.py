@@ -10,12 +10,14 @@ resumes under another. Gathering is collective: every process calls :func:`full_
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..record import record_of
 from .distributed import Context
 
 
@@ -27,7 +29,7 @@ def wrap(model: nn.Module, strategy: str, context: Context) -> nn.Module:
         return DistributedDataParallel(model, find_unused_parameters=True)  # unselected experts get no gradient
     from torch.distributed.fsdp import fully_shard
 
-    from ..record import ensure_record
+    from ..adapters.base import ensure_record
 
     ensure_record(model)  # recorded while the model is whole: the final save rebuilds it from the record
     for block in repeated_blocks(model):
@@ -88,10 +90,8 @@ def gathered_model(model: nn.Module, context: Context) -> nn.Module | None:
         return None
     from ..export.saving import build_skeleton, load_weights
 
-    whole = build_skeleton(model.upcycle_record)
+    whole = build_skeleton(copy.deepcopy(record_of(model)))  # the record, with the tokenizer files' folder, too
     load_weights(whole, state, "the gathered FSDP shards")
-    if hasattr(model, "upcycle_origin"):
-        whole.upcycle_origin = model.upcycle_origin  # tokenizer files travel with the saved model
     return whole
 
 

@@ -60,12 +60,13 @@ def test_pipeline_runs_resumes_and_matches_compute(tmp_path):
 def test_trained_mixtures_keep_their_routing_and_aux_losses(tmp_path):
     import upcycle
     from upcycle.layers import collect_aux_losses
+    from upcycle.record import record_of
 
     run_bam(tiny_seed(), {**TINY_RECIPE, "variants": ["bam_expert_kv"], "dense_continued": False}, tmp_path,
             progress=False, timing=False)  # fmt: skip
     bam = upcycle.load(tmp_path / "mix-bam_expert_kv" / "model")
     assert type(bam).__name__ == "UpcycleBAMForCausalLM"
-    assert bam.upcycle_record["merge"]["expert_names"] == ["seed", "shakespeare", "python_docs"]
+    assert record_of(bam).merge["expert_names"] == ["seed", "shakespeare", "python_docs"]
     bam.train()(input_ids=torch.randint(0, 256, (2, 16)))
     assert set(collect_aux_losses(bam)) == {"load_balancing", "z_loss"}
     import csv

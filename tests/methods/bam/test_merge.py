@@ -12,6 +12,7 @@ from tests.models.helpers import tiny_lm
 from upcycle.layers import moe_layers
 from upcycle.layers.attention import MixtureOfAttention
 from upcycle.models import UpcycleBAMForCausalLM
+from upcycle.record import ConversionRecord, attach_record, record_of
 
 VARIANTS = {"btx": {"method": "btx"}, "bam_expert_kv": {"method": "bam"},
             "bam_shared_kv": {"method": "bam", "shared_kv": True}}  # fmt: skip
@@ -82,7 +83,7 @@ def test_each_expert_comes_from_its_model_and_the_rest_is_averaged():
     torch.testing.assert_close(bam.model.embed_tokens.weight, mean_embed)
     mean_q = torch.stack([m.model.layers[1].self_attn.q_proj.weight for m in models]).mean(0)
     torch.testing.assert_close(btx.model.layers[1].self_attn.q_proj.weight, mean_q)
-    assert bam.upcycle_record["merge"]["expert_names"] == ["seed", "a", "b"]
+    assert record_of(bam).merge["expert_names"] == ["seed", "a", "b"]
     assert isinstance(block.self_attn, MixtureOfAttention) and isinstance(bam, UpcycleBAMForCausalLM)
     for model in models:  # inputs untouched
         assert not moe_layers(model)
@@ -168,7 +169,10 @@ def test_merge_reads_its_config_file_and_keeps_the_tokenizer_origin(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("merge:\n  method: btx\n  top_k: 2\n  renormalize: true\n")
     merged = upcycle.merge([seed, seed], config=recipe)
-    assert merged.upcycle_record["merge"]["method"] == "btx" and merged.upcycle_record["merge"]["top_k"] == 2
-    assert getattr(merged, "upcycle_origin", None) is None  # nothing to carry
-    seed.upcycle_origin = "where/the/tokenizer/is"
-    assert upcycle.merge([seed], method="bam").upcycle_origin == "where/the/tokenizer/is"
+    assert record_of(merged).merge["method"] == "btx" and record_of(merged).merge["top_k"] == 2
+    assert record_of(merged).files is None and record_of(merged).origin is None  # nothing to carry
+    attach_record(seed, ConversionRecord(origin="the/seed", files="where/the/tokenizer/is"))
+    assert (
+        record_of(upcycle.merge([seed], method="bam")).origin,
+        record_of(upcycle.merge([seed], method="btx")).files,
+    ) == ("the/seed", "where/the/tokenizer/is")

@@ -15,6 +15,7 @@ from upcycle.eval import count_macs
 from upcycle.layers import moe_layers
 from upcycle.methods import d2dmoe
 from upcycle.methods.d2dmoe import distill_attention_projections
+from upcycle.record import record_of
 
 
 def mlp_projections(hidden_ratio: float = 0.5) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -105,7 +106,7 @@ def test_save_load_round_trip(converted, tmp_path):
         model = upcycle.convert(model, "neuron_split", num_experts=4, top_k=2, layers="all", progress=False)
     upcycle.save(model, tmp_path / "out")
     loaded = upcycle.load(tmp_path / "out")
-    assert loaded.upcycle_record["source"]["attention_projection_hidden"] == 24
+    assert record_of(loaded).source["attention_projection_hidden"] == 24
     with torch.no_grad():
         torch.testing.assert_close(loaded(inputs["x"]), model.eval()(inputs["x"]), rtol=0, atol=0)
 

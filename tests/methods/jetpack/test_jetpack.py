@@ -7,6 +7,7 @@ import torch
 import upcycle
 from upcycle.layers import moe_layers
 from upcycle.pretrain import build_dense
+from upcycle.record import record_of
 
 VIT = {"img_size": 8, "patch_size": 2, "in_chans": 1, "depth": 2, "num_classes": 10}  # 16 patches + class token
 
@@ -55,7 +56,7 @@ def test_round_trip_and_reproducibility(predecessor, tmp_path):
     upcycle.save(moe, tmp_path / "moe")
     again = upcycle.load(tmp_path / "moe")
     assert torch.allclose(again(x), moe.eval()(x), atol=1e-6)
-    assert again.upcycle_record["convert"]["options"]["combine"] == "entmax15"
+    assert record_of(again).convert["options"]["combine"] == "entmax15"
     same = jetpack(vit(32), predecessor, channels="sampled", combine="entmax15", key_projection=True)
     other = jetpack(vit(32), predecessor, channels="sampled", combine="entmax15", key_projection=True, seed=1)
     state, same_state, other_state = (m.state_dict() for m in (moe, same, other))

@@ -36,6 +36,7 @@ from ...errors import UserError, yaml_mapping
 from ...layers import Experts, MoE, TopKRouter, describe_moe, moe_layers
 from ...layers.routers import SoftAttentionRouter
 from ...recipes import recipe_file
+from ...record import attach_record, dtype_name, new_record, record_of
 from ...registry import Registry
 from ..sparse_upcycling.recycling import experts_for, fill_expert
 
@@ -93,9 +94,6 @@ def merge(models: Sequence[nn.Module], method: str | None = None, config: MergeC
     from ...layers import set_backend
 
     set_backend(merged, cfg.backend)
-    origin = getattr(models[0], "upcycle_origin", None)
-    if origin is not None:  # where the tokenizer files are
-        merged.upcycle_origin = origin
     return merged
 
 
@@ -154,16 +152,13 @@ def _ffn_experts(models: Sequence[nn.Module], adapter: Adapter, site) -> Experts
     return experts
 
 
-def _record(model: nn.Module, adapter: Adapter, cfg: MergeConfig, layers: dict) -> dict:
-    """The mixture's record; ``adapter``: the seed's for BTX (the seed's class with MoE layers), the BAM model's."""
-    from ...record import RECORD_VERSION, json_pure
-
-    return json_pure({
-        "version": RECORD_VERSION, "adapter": adapter.name, "source": adapter.describe(model),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "convert": None,
-        "merge": {**cfg.model_dump(exclude=RUNTIME_FIELDS), "paper": MERGE_METHODS.entry(cfg.method).paper},
-        "layers": layers,
-    })  # fmt: skip
+def _attach_record(merged: nn.Module, adapter: Adapter, cfg: MergeConfig, layers: dict, seed: nn.Module) -> None:
+    """The mixture's record; ``adapter``: the seed's for BTX (the seed's class with MoE layers), the BAM model's.
+    Where the seed came from carries over (its tokenizer files)."""
+    recipe = {**cfg.model_dump(exclude=RUNTIME_FIELDS), "paper": MERGE_METHODS.entry(cfg.method).paper}
+    record = new_record(adapter.name, adapter.describe(merged), dtype_name(merged), layers, merge=recipe,
+                        origin=record_of(seed))  # fmt: skip
+    attach_record(merged, record)
 
 
 @MERGE_METHODS.register("btx", "FFN experts from each model, everything else averaged",
@@ -183,7 +178,7 @@ def _merge_btx(models: Sequence[nn.Module], cfg: MergeConfig) -> nn.Module:
         moe = MoE(router.to(experts.w_up.dtype), experts).train(merged.training)
         adapter.install(merged, site, moe)
         layers[site.name] = {"index": site.index, **describe_moe(moe)}
-    merged.upcycle_record = _record(merged, adapter, cfg, layers)
+    _attach_record(merged, adapter, cfg, layers, models[0])
     return merged
 
 
@@ -240,5 +235,5 @@ def _merge_bam(models: Sequence[nn.Module], cfg: MergeConfig) -> nn.Module:
             if bias is not None:
                 stacked = torch.stack([s[f"{prefix}{attention_name}.{projection}.bias"] for s in states])  # [e, out]
                 bias.copy_(stacked.float().mean(0, keepdim=True) if shared else stacked)
-    bam.upcycle_record = _record(bam, find_adapter(bam), cfg, {})
+    _attach_record(bam, find_adapter(bam), cfg, {}, seed)
     return bam

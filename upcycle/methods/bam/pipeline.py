@@ -15,7 +15,6 @@ Each phase's folder records the recipe fields it was built from; ``redo`` rebuil
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from ...atomic import atomic_write_text
+from ...record import copy_model
 from ...stages import cached_stage
 from .evaluate import domain_perplexity, example_ids, expert_usage, model_costs
 from .recipe import VARIANTS, BAMRecipe, load_recipe
@@ -48,7 +48,7 @@ def train_copy(model: nn.Module, config, where: Path, progress: bool) -> nn.Modu
     """A copy of ``model`` trained by ``config`` in ``where`` (resuming its checkpoints); the input is untouched."""
     from ...train import train
 
-    model = copy.deepcopy(model)
+    model = copy_model(model)
     train(model, config, where, resume=(where / "checkpoints").is_dir(), progress=progress)
     # the phase is finished (where/model); its resumable checkpoints (weights + optimizer, ~4x the model) are not
     # needed any more, and for a real LM mixed from several branches they are gigabytes

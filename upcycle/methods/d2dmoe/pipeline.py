@@ -17,7 +17,6 @@ unless ``redo=True``, which rebuilds that stage and everything after it.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 from ...atomic import atomic_write_text
 from ...eval.held_out import HeldOut
 from ...layers import set_backend, set_tau, set_top_k
+from ...record import copy_model
 from ...stages import cached_stage, save_stage
 from .recipe import D2DMoERecipe, load_recipe
 from .relu import activation_sparsity, swap_to_relu
@@ -53,7 +53,7 @@ def attention_stage(dense: nn.Module, recipe: D2DMoERecipe, out: Path, progress:
     from .distill import distill_attention_projections
 
     stage = recipe.attention
-    model = copy.deepcopy(dense)
+    model = copy_model(dense)
     replace_attention_projections(model, stage.hidden_ratio, torch.Generator().manual_seed(recipe.seed))
     report = distill_attention_projections(model, dense, recipe.data, stage.steps, stage.batch_size, stage.lr,
                                            stage.sparsity, seed=recipe.seed, progress=progress)  # fmt: skip
@@ -66,7 +66,7 @@ def attention_stage(dense: nn.Module, recipe: D2DMoERecipe, out: Path, progress:
 def sparsify_stage(model: nn.Module, recipe: D2DMoERecipe, out: Path, progress: bool) -> nn.Module:
     from ...train import train
 
-    model = copy.deepcopy(model)
+    model = copy_model(model)
     swap_to_relu(model)
     train(model, recipe.sparsify_config(), out, resume=(out / "checkpoints").is_dir(), progress=progress)
     held_out = HeldOut(model, recipe.data, "val", examples=512, seq_len=recipe.sparsify_config().seq_len)
@@ -88,7 +88,7 @@ def split_stage(model: nn.Module, recipe: D2DMoERecipe, method: str, out: Path) 
 def router_stage(moe: nn.Module, recipe: D2DMoERecipe, out: Path, progress: bool) -> nn.Module:
     from ...train import train
 
-    moe = copy.deepcopy(moe)
+    moe = copy_model(moe)
     train(moe, recipe.router_config(), out, resume=(out / "checkpoints").is_dir(), progress=progress)
     for param in moe.parameters():  # train() froze all but the routers; the returned model is whole again
         param.requires_grad_(True)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...adapters import find_adapter
+from ...record import record_of
 from ...train.sparsity import activation_modules
 
 
@@ -27,9 +28,9 @@ def swap_to_relu(model: nn.Module) -> int:
     swapped = adapter.swap_activations_to_relu(model)  # and records it, so the model rebuilds with ReLU
     if swapped == 0:
         raise ValueError("no dense FFN activation to swap: the model has no dense FFNs the adapter can find")
-    record = getattr(model, "upcycle_record", None)
-    if record is not None:  # loaded or saved before: the skeleton it rebuilds from must be the ReLU one now
-        record["source"] = adapter.describe(model)
+    record = record_of(model)
+    if record is not None and record.adapter is not None:  # converted or loaded: it must rebuild the ReLU model now
+        record.source = adapter.describe(model)
     return swapped
 
 
