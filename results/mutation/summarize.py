@@ -20,8 +20,10 @@ from pathlib import Path
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "type check", -11: "segfault",
           -9: "segfault", None: "not checked"}  # fmt: skip
-FOLDERS = ["upcycle/recycling", "upcycle/export", "upcycle/d2dmoe", "upcycle/train", "upcycle/eval"]
-D2DMOE = ("upcycle/d2dmoe/", "upcycle/recycling/d2dmoe.py")  # the D2DMoE code, counted once more on its own
+# the groups the report counts: the recycling code (shared, and in each method's home), the D2DMoE code (its home),
+# export, train and eval
+GROUPS = {"upcycle/methods/d2dmoe/": "d2dmoe code", "upcycle/methods/": "recycling", "upcycle/recycling/": "recycling",
+          "upcycle/export/": "export", "upcycle/train/": "train", "upcycle/eval/": "eval"}  # fmt: skip
 
 
 def function_sources(mutated: Path) -> dict[str, str]:
@@ -45,20 +47,86 @@ def without_text(line: str) -> str:
     return re.sub(r"stacklevel=\d+,?", "", re.sub(r"S+", "S", text))
 
 
+def literals(line: str) -> list[str]:
+    """The string literals of one line of code, in order (an f-string as one literal)."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(line.strip()).readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):  # a line of a multi-line string or call
+        return [m.group(2) for m in re.finditer(r"([\"'])(.*?)(\1|$)", line)]
+    found, fstring = [], None
+    for token in tokens:
+        name = tokenize.tok_name[token.type]
+        if name == "FSTRING_START":
+            fstring = ""
+        elif name == "FSTRING_END":
+            found.append(fstring or "")
+            fstring = None
+        elif fstring is not None:
+            fstring += token.string if name == "FSTRING_MIDDLE" else "{}"
+        elif token.type == tokenize.STRING:
+            found.append(token.string)
+    return found
+
+
+def changed_literals(minus: list[str], plus: list[str]) -> list[str]:
+    """The original literals a mutant changed (all of the removed lines' literals where they cannot be paired)."""
+    before = [text for line in minus for text in literals(line)]
+    after = [text for line in plus for text in literals(line)]
+    if len(before) != len(after):
+        return before
+    return [old for old, new in zip(before, after, strict=True) if old != new]
+
+
+# how output looks, not what it is: plot styling (in plotting calls) and progress-bar display (in any call)
+PLOT_CALLS = {"Figure", "subplots", "add_subplot", "imshow", "colorbar", "savefig", "plot", "legend", "grid",
+              "set_xlabel", "set_ylabel", "set_title", "set_xticks", "set_yticks", "tight_layout"}  # fmt: skip
+PLOT_STYLE = {"figsize", "fontsize", "dpi", "cmap", "aspect", "interpolation", "layout", "linewidth", "alpha",
+              "color", "markersize", "label"}  # fmt: skip
+PROGRESS_STYLE = {"desc", "unit", "leave", "dynamic_ncols"}
+
+
+def without_style(lines: list[str]) -> str | None:
+    """The statements with every styling keyword argument removed (see above), or None when they do not parse on
+    their own."""
+    text = "\n".join(line.strip() for line in lines)
+    try:
+        tree = ast.parse(text + (" pass" if text.endswith(":") else ""))  # a compound statement's header alone
+    except SyntaxError:
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            style = PROGRESS_STYLE | (PLOT_STYLE if func in PLOT_CALLS else set())
+            node.keywords = [k for k in node.keywords if k.arg not in style]
+    return ast.dump(tree)
+
+
 def mutant_diff(sources: dict[str, str], mutant: str) -> tuple[list[str], str]:
-    """(changed lines, kind): "message" if only prose string literals / a stacklevel changed, "device" if only a
-    device argument, else "behaviour"."""
+    """(changed lines, kind): "message" if only prose string literals, labels or a stacklevel changed,
+    "appearance" if only a plot's styling (sizes, fonts, colours, resolution) or a progress bar's display, "device"
+    if only a device argument, else "behaviour"."""
     name = mutant.rsplit(".", 1)[-1]
     original = sources.get(name.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", "").splitlines()
     changed = sources.get(name, "").splitlines()
-    diff = [line for line in difflib.unified_diff(original[1:], changed[1:], lineterm="", n=0)
+    # the def line too (its name differs: the mutant's own), so mutated default arguments show
+    original[:1] = [re.sub(r"__mutmut_\w+", "", line) for line in original[:1]]
+    changed[:1] = [re.sub(r"__mutmut_\w+", "", line) for line in changed[:1]]
+    diff = [line for line in difflib.unified_diff(original, changed, lineterm="", n=0)
             if line[:1] in "+-" and not line.startswith(("+++", "---"))]  # fmt: skip
     minus = "".join(without_text(line[1:]) for line in diff if line.startswith("-"))
     plus = "".join(without_text(line[1:]) for line in diff if line.startswith("+"))
-    # text, not data: the changed literal is prose (has a space: error / warning / log wording) or a stacklevel
-    prose = any(re.search(r"([\"'])[^\"']*\s[^\"']*\1|raise |Error\(|warn\(|stacklevel", line) for line in diff)
+    # text, not data: a changed literal is prose (has a space: error / warning / log wording), or the line raises /
+    # warns, or only a stacklevel changed
+    minus_lines = [line[1:] for line in diff if line.startswith("-")]
+    plus_lines = [line[1:] for line in diff if line.startswith("+")]
+    text_only = r"raise |Error\(|warn\(|stacklevel|\b(desc|label|title)\b|set_[xy]label\(|set_title\("
+    prose = any(re.search(text_only, line) for line in diff) or any(
+        re.search(r"\s", text) for text in changed_literals(minus_lines, plus_lines)
+    )
     if minus == plus and prose:
         return [line.rstrip() for line in diff], "message"
+    if diff and without_style(minus_lines) == without_style(plus_lines) is not None:
+        return [line.rstrip() for line in diff], "appearance"
     # where tensors live: every tensor of the CPU-only tests is on the CPU already, so these cannot fail there
     device = r"device=[\w.\[\]]+|\"cpu\"|None|,|\s"
     minus_text = "".join(re.sub(device, "", line[1:]) for line in diff if line.startswith("-"))
@@ -67,8 +135,8 @@ def mutant_diff(sources: dict[str, str], mutant: str) -> tuple[list[str], str]:
     return [line.rstrip() for line in diff], "device" if on_cpu else "behaviour"
 
 
-def folder_of(path: str) -> str:
-    return next((f for f in FOLDERS if path.startswith(f + "/")), str(Path(path).parent))
+def group_of(path: str) -> str:
+    return next((group for prefix, group in GROUPS.items() if path.startswith(prefix)), str(Path(path).parent))
 
 
 def summary(counts: Counter) -> dict:
@@ -85,11 +153,12 @@ def main(root: Path = Path("mutants"), out: Path = Path("results/mutation/mutati
     per_folder, per_file, not_killed = defaultdict(Counter), defaultdict(Counter), defaultdict(list)
     for meta in sorted(root.glob("upcycle/**/*.py.meta")):
         path = str(meta.relative_to(root)).removesuffix(".meta")
+        if not (root.parent / path).is_file():
+            continue  # stale: the source file moved or was deleted since mutmut wrote these results
         sources = function_sources(root / path)
         for mutant, code in sorted(json.loads(meta.read_text())["exit_code_by_key"].items()):
             status = STATUS.get(code, "suspicious")
-            for group in {folder_of(path), *(["d2dmoe code"] if path.startswith(D2DMOE) else [])}:
-                per_folder[group][status] += 1
+            per_folder[group_of(path)][status] += 1
             per_file[path][status] += 1
             if status in ("survived", "no tests", "suspicious", "segfault"):
                 diff, kind = mutant_diff(sources, mutant)
@@ -100,8 +169,7 @@ def main(root: Path = Path("mutants"), out: Path = Path("results/mutation/mutati
     kinds = defaultdict(Counter)
     for path, entries in not_killed.items():
         for entry in entries:
-            for group in {folder_of(path), *(["d2dmoe code"] if path.startswith(D2DMOE) else [])}:
-                kinds[group][entry["kind"]] += 1
+            kinds[group_of(path)][entry["kind"]] += 1
     report = {
         "tool": "mutmut", "command": "make mutation",
         "folders": {folder: {**summary(counts), "not_killed_by_kind": dict(sorted(kinds[folder].items()))}
