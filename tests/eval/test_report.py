@@ -10,6 +10,7 @@ import upcycle
 from upcycle.data import load_dataset
 from upcycle.eval import accuracy, count_macs, count_parameters
 from upcycle.eval.report import evaluate_model
+from upcycle.layers import moe_layers
 from upcycle.sources import load_timm
 
 SIZES = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}
@@ -58,3 +59,32 @@ def test_max_batches_bounds_the_examples_and_routing(vit_moe, tmp_path):
 def test_training_split_is_refused(vit):
     with pytest.raises(ValueError, match="held-out split"):
         evaluate_model(vit, "digits", "train")
+
+
+def test_batches_of_64_by_default(vit):
+    assert evaluate_model(vit, "digits", "val", max_batches=1)["examples"] == 64
+
+
+def test_routing_reads_at_most_8_batches_and_macs_the_first_8_examples(vit_moe):
+    moe = upcycle.copy_model(vit_moe)
+    for _, layer in moe_layers(moe):
+        layer.router.capacity_factor = 0.5  # the executed pairs, hence the MACs per sample, depend on the examples
+    val = load_dataset("digits", "val", image_size=8, channels=1)
+    assert len(val) > 8 * 16
+    result = evaluate_model(moe, "digits", "val", batch_size=16)
+    assert result["examples"] == len(val)  # the metric reads the whole split
+    assert result["routing"]["blocks.0.mlp.moe"]["calls"] == 8
+    assert result["routing"]["blocks.0.mlp.moe"]["tokens"] == 8 * 16 * 5
+    first = torch.stack([val[i]["x"] for i in range(8)])
+    assert result["macs_per_sample"] == count_macs(moe, {"x": first}).total
+
+
+def test_a_language_model_reads_sequences_of_128_tokens_by_default():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=259, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    lm = transformers.LlamaForCausalLM(config).eval()
+    result = evaluate_model(lm, "shakespeare", "val", batch_size=2, max_batches=1)
+    assert result["macs_per_sample"] == count_macs(lm, {"input_ids": torch.zeros(1, 128, dtype=torch.long)}).total
