@@ -50,6 +50,7 @@ def convert(
     if method.prepare is not None:  # whole-model work (calibration, a predecessor) before any FFN is replaced
         contexts = [{"context": c} for c in method.prepare(target, adapter, [sites[i] for i in chosen], cfg)]
     generator = torch.Generator().manual_seed(cfg.seed)
+    dtype = next(target.parameters()).dtype  # the dtype the record notes and upcycle.load rebuilds the model in
     layers = {}
     for index, context in tqdm(zip(chosen, contexts, strict=True), total=len(chosen), desc=f"{cfg.method}",
                                unit="layer", disable=not progress, leave=False):  # fmt: skip
@@ -60,6 +61,7 @@ def convert(
         except ValueError as error:
             raise ValueError(f"{site.name}: {error}") from None
         moe.experts.backend = cfg.backend
+        moe.to(dtype)  # new weights (routers) are drawn in float32: a bfloat16 model would fail on its own MoE layers
         moe.train(target.training)  # follow the host's mode: a dynamic-k router runs every expert in training mode
         adapter.install(target, site, moe)
         layers[site.name] = {"index": site.index, **describe_moe(moe)}

@@ -50,6 +50,19 @@ def test_save_load_round_trip(case, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "recipe.yaml"]
 
 
+@pytest.mark.parametrize("method", ["sparse_upcycling", "neuron_split"])
+def test_a_bfloat16_model_converts_to_a_bfloat16_moe_that_runs(method, tmp_path):
+    """The new routers take the model's dtype, as upcycle.load rebuilds it: no float32 weight in a bfloat16 model."""
+    dense = build("llama").to(torch.bfloat16).eval()
+    moe = upcycle.convert(dense, method, num_experts=4, top_k=2, progress=False)
+    assert {p.dtype for p in moe.parameters()} == {torch.bfloat16}
+    adapter = find_adapter(dense)
+    inputs = adapter.example_inputs(dense, generator=torch.Generator().manual_seed(3))
+    loaded = upcycle.load(upcycle.save(moe, tmp_path / "out"))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.outputs(loaded, inputs), adapter.outputs(moe, inputs))
+
+
 def test_saved_recipe_reproduces_the_conversion(tmp_path):
     dense = build("llama")
     moe = upcycle.convert(dense, "sparse_upcycling", num_experts=3, top_k=2, noise_std=0.1, seed=7, progress=False)
