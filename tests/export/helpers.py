@@ -1,13 +1,25 @@
 """Tiny Llama-family models, conversion and round-trip checks shared by the Mixtral and Qwen2-MoE export tests."""
 
+import json
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import upcycle
 from upcycle.layers import FFN, Experts, moe_layers
+from upcycle.record import record_of
 
 VOCAB, WIDTH, HIDDEN, EXPERTS = 100, 32, 64, 4
 SIZES = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=HIDDEN, num_hidden_layers=3,
@@ -46,6 +58,8 @@ def assert_round_trip(model: nn.Module, directory, expected_class: str) -> float
     loaded, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
     loaded.eval()
     assert type(loaded).__name__ == expected_class
+    # tools that pick the class by name (pipelines, vLLM) read it from the config
+    assert json.loads((directory / "config.json").read_text())["architectures"] == [expected_class]
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     ids = torch.randint(0, VOCAB, (2, 12))
     with torch.no_grad():
@@ -63,9 +77,34 @@ def tensor_names(directory) -> set[str]:
         return set(handle.keys())
 
 
-def assert_refused(export, model, tmp_path, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+def tensor_dtypes(directory) -> dict[str, torch.dtype]:
+    return {name: tensor.dtype for name, tensor in load_file(directory / "model.safetensors").items()}
+
+
+def assert_provenance(model: nn.Module, directory, format: str) -> dict:
+    """The export note says what was written from what, and the source's generation settings come along."""
+    note = json.loads((directory / "upcycle_export.json").read_text())
+    record = record_of(model)
+    moe = sorted(spec["index"] for spec in record.layers.values())
+    assert note["format"] == format
+    assert note["source"] == {"adapter": record.adapter, "class": type(model).__name__,
+                              "model_type": model.config.model_type}  # fmt: skip
+    assert note["moe_layers"] == moe
+    assert note["dense_layers"] == [i for i in range(model.config.num_hidden_layers) if i not in moe]
+    assert note["convert"] == record.convert
+    generation = GenerationConfig.from_pretrained(directory)  # generate() stops on the source's eos
+    for token in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(generation, token) == getattr(model.generation_config, token)
+    return note
+
+
+def assert_refused(export, model, tmp_path, match: str, names: tuple[str, ...]) -> None:
+    """Refused before anything is written, with a message that names the target (``names``: how the exporter or
+    the format registry spells it) and says why (``match``)."""
+    with pytest.raises(ValueError, match=match) as refused:
         export(model, tmp_path / "out")
+    target = "|".join(re.escape(name) for name in names)
+    assert re.match(rf"cannot export (to|as) ({target}): ", str(refused.value)), refused.value
     assert list(tmp_path.iterdir()) == []  # neither the directory nor a temporary sibling
 
 

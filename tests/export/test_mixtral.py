@@ -3,16 +3,28 @@ Mixtral cannot express is refused before anything is written.
 """
 
 import json
+import re
 
 import pytest
-from transformers import (
-    MistralConfig,
-    MistralForCausalLM,
-)
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+import upcycle
 from upcycle.export.mixtral import export_mixtral
 
-from .helpers import REFUSALS, SIZES, assert_refused, assert_round_trip, converted, tensor_names, tiny_llama
+from .helpers import (
+    REFUSALS,
+    SIZES,
+    VOCAB,
+    assert_provenance,
+    assert_refused,
+    assert_round_trip,
+    converted,
+    tensor_names,
+    tiny_llama,
+)
+
+NAMES = ("Mixtral", "'mixtral'")  # the exporter's and the format registry's spelling
 
 
 # ---- round trips --------------------------------------------------------------------------------------------------
@@ -23,9 +35,30 @@ def test_round_trip(layout, tmp_path):
     assert_round_trip(model, out, "MixtralForCausalLM")
     config = json.loads((out / "config.json").read_text())
     assert (config["num_local_experts"], config["num_experts_per_tok"], config["intermediate_size"]) == (4, 2, 64)
-    note = json.loads((out / "upcycle_export.json").read_text())
+    note = assert_provenance(model, out, "mixtral")
     assert note["layout"] == layout and note["source"]["adapter"] == "hf_llama"
     assert note["convert"]["method"] == "sparse_upcycling"
+
+
+def test_the_exported_router_adds_no_jitter_in_training_mode(tmp_path):
+    """Our router noise is training-time only and off here; the export must not add Mixtral's router jitter, which
+    would change the routing as soon as a user fine-tunes the loaded model."""
+    out = export_mixtral(converted(), tmp_path / "mixtral")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        evaluated = loaded.eval()(ids).logits
+        trained = loaded.train()(ids).logits  # dropout is 0 in these configs: only jitter could differ
+    torch.testing.assert_close(trained, evaluated)
+
+
+def test_tokenizer_files_travel_into_the_export(tmp_path):
+    saved = upcycle.save(converted(), tmp_path / "saved")
+    (saved / "tokenizer.json").write_text('{"version": "1.0"}')
+    (saved / "tokenizer_config.json").write_text("{}")
+    out = export_mixtral(upcycle.load(saved), tmp_path / "mixtral")
+    assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    assert (out / "tokenizer_config.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("top_k", [1, 3])
@@ -62,6 +95,19 @@ def test_mistral_sliding_window(tmp_path):
     assert_round_trip(model, out, "MixtralForCausalLM")
 
 
+def test_per_layer_sliding_windows_are_refused(tmp_path):
+    """Mixtral has one sliding_window for every layer: a source whose layers differ (Qwen2's max_window_layers) is
+    refused, even when its attention has no biases that Mixtral lacks."""
+    config = Qwen2Config(**SIZES, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    dense = Qwen2ForCausalLM(config).eval()
+    for layer in dense.model.layers:
+        for projection in ("q_proj", "k_proj", "v_proj"):
+            getattr(layer.self_attn, projection).bias = None
+    assert len(set(config.layer_types)) == 2  # full attention below, a window above
+    match = "mixes sliding and full attention layers " + re.escape(f"({config.layer_types})")
+    assert_refused(export_mixtral, converted(dense), tmp_path, match, NAMES)
+
+
 def test_overwrite(tmp_path):
     model = converted()
     out = export_mixtral(model, tmp_path / "mixtral")
@@ -80,4 +126,4 @@ def test_unknown_layout(tmp_path):
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refusals(case, tmp_path):
     build, match = REFUSALS[case]
-    assert_refused(export_mixtral, build(), tmp_path, match)
+    assert_refused(export_mixtral, build(), tmp_path, match, NAMES)

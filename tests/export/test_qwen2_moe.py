@@ -10,20 +10,24 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from upcycle.export.qwen2_moe import export_qwen2_moe
-from upcycle.layers import FFN
+from upcycle.layers import FFN, moe_layers
 
 from .helpers import (
     REFUSALS,
     SIZES,
     WIDTH,
     add_shared_expert,
+    assert_provenance,
     assert_refused,
     assert_round_trip,
     converted,
     first_moe,
+    tensor_dtypes,
     tensor_names,
     tiny_llama,
 )
+
+NAMES = ("Qwen2-MoE", "'qwen2_moe'")  # the exporter's and the format registry's spelling
 
 
 def read_config(directory) -> dict:
@@ -44,6 +48,7 @@ def test_full_conversion(tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as handle:  # the stand-in shared expert adds zero
         assert not handle.get_tensor("model.layers.0.mlp.shared_expert.down_proj.weight").any()
         assert not handle.get_tensor("model.layers.0.self_attn.q_proj.bias").any()  # Llama has no q/k/v bias
+    assert_provenance(model, out, "qwen2_moe")
 
 
 @pytest.mark.parametrize(("layers", "dense"), [([1], [0, 2]), ("last_half", [0])])
@@ -54,6 +59,7 @@ def test_partial_conversion(layers, dense, tmp_path):
     config = read_config(out)
     assert config["mlp_only_layers"] == dense and config["intermediate_size"] == 64
     assert f"model.layers.{dense[0]}.mlp.down_proj.weight" in tensor_names(out)
+    assert assert_provenance(model, out, "qwen2_moe")["dense_layers"] == dense
 
 
 @pytest.mark.parametrize(("top_k", "renormalize"), [(1, True), (3, False)])
@@ -80,6 +86,29 @@ def test_shared_expert(tmp_path):
     out = export_qwen2_moe(model, tmp_path / "qwen")
     assert read_config(out)["shared_expert_intermediate_size"] == 24
     assert_round_trip(model, out, "Qwen2MoeForCausalLM")
+
+
+def test_a_shared_expert_on_some_layers_only(tmp_path):
+    """Layers without a shared expert get a zero one of the same width (the config holds one width for all)."""
+    model = converted()
+    add_shared_expert(model, width=24)
+    first_moe(model).shared_expert = first_moe(model).shared_expert_gate = None  # layer 0 has none
+    out = export_qwen2_moe(model, tmp_path / "qwen")
+    assert read_config(out)["shared_expert_intermediate_size"] == 24
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert not handle.get_tensor("model.layers.0.mlp.shared_expert.up_proj.weight").any()
+    assert_round_trip(model, out, "Qwen2MoeForCausalLM")
+
+
+def test_a_bfloat16_model_is_written_in_bfloat16_throughout(tmp_path):
+    """The tensors the export adds (zero q/k/v biases, the zero shared expert) take the model's dtype too, so the
+    checkpoint loads in one dtype and is no larger than it needs to be."""
+    model = converted(tiny_llama().to(torch.bfloat16), layers=[0, 2])
+    out = export_qwen2_moe(model, tmp_path / "qwen")
+    dtypes = tensor_dtypes(out)
+    assert {"model.layers.1.self_attn.k_proj.bias", "model.layers.2.mlp.shared_expert_gate.weight"} <= set(dtypes)
+    assert set(dtypes.values()) == {torch.bfloat16}
+    assert read_config(out)["dtype"] == "bfloat16"
 
 
 def test_tied_embeddings_and_head_dim(tmp_path):
@@ -115,6 +144,13 @@ def with_shared_widths(model):
     return model
 
 
+def without_expert_biases(model):
+    """Bias-free experts next to biased dense MLPs: only the dense layers stand in the way."""
+    for _, layer in moe_layers(model):
+        layer.experts.b_up = layer.experts.b_gate = layer.experts.b_down = None
+    return model
+
+
 SHARED_IN_BOTH = {"unit weights", "router bias", "capacity", "soft router", "expert biases", "shared bias",
                   "hidden norm", "adapter", "activation", "plain experts"}  # fmt: skip
 QWEN_REFUSALS = {
@@ -130,7 +166,15 @@ QWEN_REFUSALS = {
     "plain shared expert": (lambda: add_shared_expert(converted(), gated=False), r"\(plain silu, bias=False\) is not"),
     "biased shared expert": (
         lambda: add_shared_expert(converted(), bias=True),
-        r"bias=True\) is not a bias-free SiLU-gated",
+        r"\(gated silu, bias=True\) is not a bias-free SiLU-gated",
+    ),
+    "gelu shared expert": (
+        lambda: add_shared_expert(converted(), activation="gelu"),
+        r"\(gated gelu, bias=False\) is not a bias-free SiLU-gated",
+    ),
+    "biased dense MLP": (
+        lambda: without_expert_biases(converted(tiny_llama(mlp_bias=True), layers=[1])),
+        r"dense MLP of layer 0 has biases \(mlp_bias=True\)",
     ),
     "shared widths": (lambda: with_shared_widths(converted()), "differ in shared expert width"),
 }
@@ -139,4 +183,4 @@ QWEN_REFUSALS = {
 @pytest.mark.parametrize("case", list(QWEN_REFUSALS))
 def test_refusals(case, tmp_path):
     build, match = QWEN_REFUSALS[case]
-    assert_refused(export_qwen2_moe, build(), tmp_path, match)
+    assert_refused(export_qwen2_moe, build(), tmp_path, match, NAMES)
