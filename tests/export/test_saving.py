@@ -97,6 +97,14 @@ def test_untied_tensors_missing_from_the_file_are_refused(tmp_path):
         load_weights(tiny_moe(), state, "reshaped")
 
 
+def test_a_buffer_missing_from_the_file_is_refused_not_taken_for_a_tie():
+    """Only parameters can be tied: a missing buffer (here BatchNorm statistics) is named, whatever else is there."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    state = {name: tensor for name, tensor in model.state_dict().items() if name != "1.running_mean"}
+    with pytest.raises(ValueError, match=r"missing \['1.running_mean'\]"):
+        load_weights(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), state, "partial")
+
+
 def test_record_and_recipe_are_written_and_checked(tmp_path):
     moe = tiny_moe()
     out = upcycle.save(moe, tmp_path / "m")

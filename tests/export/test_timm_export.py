@@ -1,15 +1,19 @@
 """timm export: once upcycle has registered its entrypoint (``upcycle.register_with_timm()``, or ``import upcycle``
 after timm), timm rebuilds the converted model by name from the directory."""
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import upcycle
 from upcycle.cli import main
+from upcycle.export.timm_export import upcycle_moe
 
 from ..conversion.tiny_models import build
 
@@ -67,8 +71,6 @@ def test_cli_export_timm_and_refusals(tmp_path, capsys):
 
 
 def test_export_carries_the_preprocessing_config_and_refuses_a_new_head(tmp_path):
-    import json
-
     import timm
 
     vit = build("vit")
@@ -82,3 +84,42 @@ def test_export_carries_the_preprocessing_config_and_refuses_a_new_head(tmp_path
     assert rebuilt.num_classes == 5  # asking for the exported head size is fine
     with pytest.raises(ValueError, match="resizing its head is not supported"):
         timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True, num_classes=7)
+
+
+def exported_vit(directory: Path) -> tuple[torch.nn.Module, dict]:
+    """A converted ViT exported for timm, and the config.json timm reads."""
+    moe = upcycle.convert(build("vit"), "sparse_upcycling", num_experts=2, top_k=1, progress=False).eval()
+    upcycle.export(moe, directory, format="timm")
+    return moe, json.loads((directory / "config.json").read_text())
+
+
+def test_the_entrypoint_builds_the_skeleton_unless_asked_for_weights(tmp_path):
+    """upcycle_moe called as a factory: by default the structure with fresh weights and no file read; with
+    pretrained=True and timm's PretrainedCfg object (not only the dict local-dir passes), the exported weights."""
+    from timm.models import PretrainedCfg
+
+    moe, config = exported_vit(tmp_path / "timm")
+    record = config["model_args"]["upcycle_record"]
+    skeleton = upcycle_moe(upcycle_record=record)
+    shapes = {name: tensor.shape for name, tensor in moe.state_dict().items()}
+    assert {name: tensor.shape for name, tensor in skeleton.state_dict().items()} == shapes
+    assert not torch.equal(skeleton.head.weight, moe.head.weight)
+    cfg = PretrainedCfg(file=str(tmp_path / "timm"))
+    loaded = upcycle_moe(pretrained=True, pretrained_cfg=cfg, upcycle_record=record)
+    for name, tensor in moe.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_a_damaged_export_names_what_is_wrong(tmp_path):
+    import timm
+
+    out = tmp_path / "timm"
+    _, config = exported_vit(out)
+    weights = load_file(out / "model.safetensors")
+    save_file({name: tensor for name, tensor in weights.items() if name != "head.weight"}, out / "model.safetensors")
+    with pytest.raises(ValueError, match=f"weights in {re.escape(str(out))}.* missing \\['head.weight'\\]"):
+        timm.create_model(f"local-dir:{out}", pretrained=True)
+    del config["model_args"]["upcycle_record"]["layers"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the exported config\.json's upcycle_record lacks layers"):
+        timm.create_model(f"local-dir:{out}", pretrained=True)
