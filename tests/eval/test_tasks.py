@@ -193,3 +193,27 @@ def test_image_loss_smooths_labels_mixes_batches_and_scores_the_true_labels(vit)
             mixed_logits = vit(mixed["x"]).float()
         assert float(loss.detach()) == pytest.approx(float(soft_cross_entropy(mixed_logits, mixed["labels"])), rel=1e-5)
         assert metrics["accuracy"] == pytest.approx(float((mixed_logits.argmax(-1) == labels).float().mean()))  # hard
+
+
+def test_a_colour_model_reads_grey_images_as_three_channels():
+    from upcycle.sources import load_timm
+
+    rgb = load_timm("vit_tiny_patch16_224", None, False, {"img_size": 8, "patch_size": 4, "in_chans": 3,
+                    "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 10})  # fmt: skip
+    task = make_task(rgb, adapter_of(rgb), TrainConfig(data="digits", steps=1, data_options={"max_samples": 4}))
+    assert task.channels == 3 and task.dataset("val")[0]["x"].shape == (3, 8, 8)  # digits are grey: 1 channel
+
+
+def test_a_diverging_language_models_perplexity_is_capped_at_e_to_the_50():
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=259, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))  # fmt: skip
+    task = task_for(lm, data="shakespeare")
+    ids = torch.tensor([[1, 2, 3, 4]])
+
+    def confidently_wrong(input_ids):  # all its mass on token 0, which never comes: a loss of about 1000
+        return 1000.0 * F.one_hot(torch.zeros_like(input_ids), 259).float()
+
+    loss, metrics = task.loss(confidently_wrong, {"input_ids": ids}, torch.Generator())
+    assert float(loss) == pytest.approx(1000.0)
+    assert metrics["perplexity"] == math.exp(50.0)  # not an overflow
