@@ -46,6 +46,30 @@ def test_repeated_blocks_are_the_transformer_layers():
     assert repeated_blocks(model) == list(model.model.layers)
 
 
+def test_repeated_blocks_are_the_outermost_lists_of_one_class_with_parameters():
+    from torch import nn
+
+    from tests.conversion.tiny_models import build
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.inner = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])  # repeated, but inside a listed block
+
+    model = nn.Module()
+    model.stem = nn.Sequential(nn.Linear(4, 4), nn.ReLU())  # mixed classes
+    model.acts = nn.ModuleList([nn.ReLU(), nn.ReLU()])  # one class, no parameters
+    model.single = nn.ModuleList([Block()])  # one module is no repetition; the list inside its block is
+    model.layers = nn.ModuleList([Block(), Block(), Block()])
+    model.head = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    assert repeated_blocks(model) == [*model.single[0].inner, *model.layers, *model.head]  # in module order
+    vit = build("vit")
+    assert repeated_blocks(vit) == list(vit.blocks)
+    convnext = build("convnext_linear")
+    assert repeated_blocks(convnext) == list(convnext.stages)  # the stages, not the blocks inside them
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_fsdp_matches_one_process_and_resumes_a_one_process_checkpoint(tmp_path):

@@ -46,7 +46,7 @@ def is_sharded(model: nn.Module) -> bool:
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The children of every ModuleList / Sequential made of ≥ 2 modules of one class with parameters (transformer
-    layers, ViT blocks, ConvNeXt stages' blocks); the outermost such lists only."""
+    layers, ViT blocks, ConvNeXt stages); the outermost such lists only."""
     found: list[nn.Module] = []
     inside: set[int] = set()
     for module in model.modules():

@@ -176,3 +176,39 @@ def test_merge_reads_its_config_file_and_keeps_the_tokenizer_origin(tmp_path):
         record_of(upcycle.merge([seed], method="bam")).origin,
         record_of(upcycle.merge([seed], method="btx")).files,
     ) == ("the/seed", "where/the/tokenizer/is")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_mixture_records_its_recipe_paper_layers_dtype_and_the_seeds_origin(variant):
+    from upcycle.adapters import find_adapter
+
+    seed, branch = (tiny_lm(parallel=False, seed=s).to(torch.bfloat16) for s in range(2))
+    attach_record(seed, ConversionRecord(origin="org/seed", revision="r1", files="tokenizer/here"))
+    merged = upcycle.merge([seed, branch], **VARIANTS[variant], top_k=2, router_init_std=0.1, seed=5,
+                           expert_names=["seed", "code"], backend="eager")  # fmt: skip
+    record = record_of(merged)
+    method = VARIANTS[variant]["method"]
+    paper = {"btx": "https://arxiv.org/abs/2403.07816", "bam": "https://arxiv.org/abs/2408.08274"}[method]
+    assert record.merge == {  # the recipe to redo the mix; the compute backend is a runtime choice, not part of it
+        "method": method, "shared_kv": variant == "bam_shared_kv", "top_k": 2, "renormalize": False,
+        "router_init_std": 0.1, "seed": 5, "expert_names": ["seed", "code"], "paper": paper,
+    }  # fmt: skip
+    assert record.convert is None
+    assert (record.origin, record.revision, record.files) == ("org/seed", "r1", "tokenizer/here")
+    assert record.dtype == "bfloat16"
+    assert record.versions["torch"] == torch.__version__
+    if method == "btx":  # the seed's own class and adapter, an MoE at every FFN
+        assert record.adapter == find_adapter(seed).name == "hf_llama"
+        assert record.source["class"] == type(seed).__name__
+        assert sorted(record.layers) == [f"model.layers.{i}.mlp" for i in range(seed.config.num_hidden_layers)]
+        for i in range(seed.config.num_hidden_layers):
+            layer = record.layers[f"model.layers.{i}.mlp"]
+            assert layer["index"] == i
+            assert (layer["router"]["num_experts"], layer["router"]["top_k"]) == (2, 2)
+            assert layer["experts"]["d_hidden"] == seed.config.intermediate_size
+    else:  # upcycle's BAM model, which builds its own layers from its config
+        assert record.adapter == "upcycle_bam" and record.layers == {}
+        assert record.source["class"] == "UpcycleBAMForCausalLM"
+        assert record.source["config"]["num_local_experts"] == 2
+        assert record.source["config"]["shared_kv"] is (variant == "bam_shared_kv")
+    assert record.source["config"]["hidden_size"] == seed.config.hidden_size

@@ -1,11 +1,16 @@
 """The D2DMoE benchmark runs end to end in quick mode (its own cached pre-training, real MiniLM weights) and writes
-every summary key of the issue and both plots; its comparison helpers are checked on hand-made curves."""
+every summary key of the issue and both plots; its comparison helpers are checked on hand-made curves, its
+wall-clock helpers on tiny models (what they run, on which inputs, how often), its plots on hand-made rows."""
 
 import json
 
 import pytest
+import torch
 
+import upcycle
+from tests.conversion.tiny_models import build
 from upcycle.methods.d2dmoe import bench as d2dmoe
+from upcycle.methods.d2dmoe import plots, sweep
 from upcycle.methods.d2dmoe.sweep import lowest_fraction_within
 
 
@@ -17,6 +22,132 @@ def test_lowest_fraction_within_one_point():
     curve = rows((1.0, 0.90), (0.5, 0.895), (0.3, 0.885), (0.2, 0.80))
     assert lowest_fraction_within(curve, 0.90, "val")["flops_fraction"] == 0.5  # 0.885 is 1.5 points down
     assert lowest_fraction_within(curve, 0.99, "val") is None
+
+
+def test_lowest_fraction_within_takes_the_cheapest_qualifying_row_of_the_named_split():
+    curve = [{"point": "a", "flops_fraction": 0.6, "val": 0.95, "test": 0.70},
+             {"point": "b", "flops_fraction": 0.2, "val": 0.50, "test": 0.90},
+             {"point": "c", "flops_fraction": 0.4, "val": 0.89, "test": 0.80}]  # fmt: skip
+    assert lowest_fraction_within(curve, 0.90, "val") is curve[2]  # exactly one point down still qualifies
+    assert lowest_fraction_within(curve, 0.90, "test")["point"] == "b"  # the split named, not the first
+    assert lowest_fraction_within(curve, 0.90, "val", drop=0.0)["point"] == "a"
+    assert lowest_fraction_within(curve, 0.90, "val", drop=0.5)["point"] == "b"
+    assert lowest_fraction_within(curve, 0.97, "val") is None
+    assert lowest_fraction_within([], 0.5, "val") is None
+
+
+# ---- wall-clock helpers on a tiny ViT ----------------------------------------------------------------------------
+def image_batch(size=4, seed=0):
+    """Images for build("vit") (3 x 32 x 32, 5 classes) with their labels."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, 3, 32, 32, generator=generator)
+    return {"x": x, "labels": torch.randint(0, 5, (size,), generator=generator)}
+
+
+def record_calls(modules):
+    """Hooks that keep, for every call of each module, its first input, whether grad was on and its mode."""
+    seen = [[] for _ in modules]
+
+    def keep(index, module, args):
+        seen[index].append((args[0].detach().clone(), torch.is_grad_enabled(), module.training))
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: keep(i, mod, args)) for i, m in enumerate(modules)]
+    return seen, handles
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """The results time_inference returned inside the sweep module (the helpers must report their median)."""
+    results = []
+
+    def spy(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    real = sweep.time_inference
+    monkeypatch.setattr(sweep, "time_inference", spy)
+    return results
+
+
+def test_ffn_modules_are_the_modules_at_the_ffn_sites_dense_or_converted():
+    dense = build("vit")
+    assert sweep._ffn_modules(dense) == [block.mlp for block in dense.blocks]
+    moe = upcycle.convert(dense, "d2dmoe", num_experts=4, progress=False)
+    modules = sweep._ffn_modules(moe)
+    assert modules == [block.mlp for block in moe.blocks]  # the MoE wrappers installed there
+    assert all(module is not block.mlp for module, block in zip(modules, dense.blocks, strict=True))
+
+
+def test_forward_feeds_the_inputs_without_their_targets():
+    vit = build("vit").eval()
+    batch = image_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(sweep._forward(vit, batch), vit(batch["x"]), rtol=0, atol=0)
+    lm = build("llama").eval()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        out = sweep._forward(lm, {"input_ids": ids, "attention_mask": mask, "labels": ids})
+        torch.testing.assert_close(out.logits, lm(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+    assert out.loss is None  # the labels stayed out of the model's call
+
+
+@pytest.mark.parametrize("kind", ["dense", "d2dmoe"])
+def test_ffn_wallclock_runs_each_ffn_alone_on_what_it_sees_inside_the_model(kind, timed):
+    model = build("vit")
+    if kind == "d2dmoe":
+        model = upcycle.convert(model, "d2dmoe", num_experts=4, tau=0.5, progress=False)
+    batch = image_batch()
+    ffns = [block.mlp for block in model.blocks]
+    reference, handles = record_calls(ffns)
+    with torch.no_grad():
+        model.eval()(batch["x"])
+    for handle in handles:
+        handle.remove()
+    expected = [calls[0][0] for calls in reference]
+    assert not torch.equal(expected[0], expected[1])  # each FFN has its own input
+
+    seen, handles = record_calls(ffns)
+    attention, attention_handles = record_calls([block.attn for block in model.blocks])
+    model.train()  # the measurement runs the model as it is evaluated, whatever mode it was left in
+    ms = sweep.ffn_wallclock_ms(model, batch, repeats=3)
+    for handle in handles + attention_handles:
+        handle.remove()
+
+    assert ms == timed[-1]["median_ms"] > 0 and len(timed[-1]["samples_ms"]) == 3
+    assert [len(calls) for calls in attention] == [1, 1]  # the whole model ran once, to capture the inputs
+    for calls, want in zip(seen, expected, strict=True):
+        assert len(calls) == 1 + 2 + 3  # the capture, 2 warm-up runs, 3 timed runs
+        for x, grad, training in calls:
+            torch.testing.assert_close(x, want, rtol=0, atol=0)
+            assert not grad and not training
+
+
+def test_model_wallclock_times_the_whole_model_on_the_batch(timed):
+    model = build("vit").train()
+    batch = image_batch()
+    seen, handles = record_calls([model])
+    ms = sweep.model_wallclock_ms(model, batch, repeats=4)
+    handles[0].remove()
+    assert ms == timed[-1]["median_ms"] > 0 and len(timed[-1]["samples_ms"]) == 4
+    assert len(seen[0]) == 2 + 4  # 2 warm-up runs, 4 timed runs
+    for x, grad, training in seen[0]:
+        torch.testing.assert_close(x, batch["x"], rtol=0, atol=0)
+        assert not grad and not training
+
+
+def test_first_batch_is_the_first_held_out_batch():
+    from upcycle.eval.held_out import HeldOut
+    from upcycle.pretrain import build_dense
+
+    model = build_dense("vit_xxs", num_classes=10, seed=0, embed_dim=32, depth=2)
+    held_out = HeldOut(model, "digits", "val", examples=100)
+    first, second = list(held_out.batches())[:2]
+    batch = sweep.first_batch(held_out)
+    assert set(batch) == set(first)
+    assert all(torch.equal(batch[key], first[key]) for key in first)
+    assert batch["x"].shape[0] == held_out.batch_size and not torch.equal(batch["x"][: len(second["x"])], second["x"])
 
 
 def test_at_or_above_compares_along_the_cost_axis():
@@ -47,3 +178,100 @@ def test_bench_d2dmoe_quick(tmp_path, monkeypatch):
     assert d2d[0]["flops_fraction"] > d2d[-1]["flops_fraction"]  # τ = 1 runs the fewest experts
     for name in ("d2dmoe_curves.png", "d2dmoe_wallclock.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+# ---- plots on hand-made rows -------------------------------------------------------------------------------------
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every figure the plots save (then saved for real), to read what was drawn."""
+    saved = []
+    real = plots.save_figure
+
+    def keep(fig, path):
+        saved.append(fig)
+        real(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    return saved
+
+
+def assert_png_written_atomically(path):
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left behind
+
+
+def lines_by_label(ax):
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_plot_curves_draws_each_variant_sorted_by_cost_and_the_dense_point(tmp_path, figures):
+    panels = {
+        "vit": {"dense": {"val": 0.9, "test": 0.8},
+                "variants": {"d2dmoe": [{"flops_fraction": 0.7, "val": 0.88, "test": 0.78},
+                                        {"flops_fraction": 0.3, "val": 0.60, "test": 0.55},
+                                        {"flops_fraction": 1.1, "val": 0.90, "test": 0.80}],
+                             "moefication": [{"flops_fraction": 0.5, "val": 0.7, "test": 0.65}]}},
+        "minilm": {"dense": {"val": 0.6, "test": 0.5},
+                   "variants": {"d2dmoe_attention": [{"flops_fraction": 0.4, "val": 0.4, "test": 0.3}]}},
+    }  # fmt: skip
+    path = tmp_path / "curves.png"
+    path.write_bytes(b"an older plot")  # replaced whole
+    assert plots.plot_curves(panels, path, split="val") == path
+    assert_png_written_atomically(path)
+    (fig,) = figures
+    assert [ax.get_title() for ax in fig.axes] == ["vit", "minilm"]  # one panel per model, in order
+    vit, minilm = fig.axes
+
+    lines = lines_by_label(vit)
+    d2d, moe = lines["D2DMoE (τ sweep)"], lines["MoEfication (k sweep)"]
+    assert list(d2d.get_xdata()) == [0.3, 0.7, 1.1] and list(d2d.get_ydata()) == [0.60, 0.88, 0.90]
+    assert (list(moe.get_xdata()), list(moe.get_ydata())) == ([0.5], [0.7])
+    dense = lines["dense (original)"]
+    assert (list(dense.get_xdata()), list(dense.get_ydata())) == ([1.0], [0.9])
+    assert list(lines["dense − 1 point"].get_ydata()) == pytest.approx([0.89, 0.89])  # the 1-point-drop line
+    assert "D2DMoE + attention projections" not in lines  # only the variants given
+    assert vit.get_ylabel() == "val accuracy" and vit.get_xlabel() == "MACs per example / dense model's"
+    assert vit.get_xlim()[0] == 0
+    legend = {text.get_text() for text in vit.get_legend().get_texts()}
+    assert {"D2DMoE (τ sweep)", "MoEfication (k sweep)", "dense (original)", "dense − 1 point"} <= legend
+
+    other = lines_by_label(minilm)
+    assert set(other) >= {"D2DMoE + attention projections", "dense (original)"}
+    assert "D2DMoE (τ sweep)" not in other
+    assert list(other["dense (original)"].get_ydata()) == [0.6]
+
+
+def test_plot_curves_reads_the_split_it_is_given(tmp_path, figures):
+    panel = {"dense": {"val": 0.9, "test": 0.8}, "variants": {"d2dmoe": [{"flops_fraction": 0.5, "val": 0.7,
+                                                                           "test": 0.6}]}}  # fmt: skip
+    plots.plot_curves({"only": panel}, tmp_path / "c.png")  # test by default
+    (ax,) = figures[0].axes
+    lines = lines_by_label(ax)
+    assert list(lines["D2DMoE (τ sweep)"].get_ydata()) == [0.6] and list(lines["dense (original)"].get_ydata()) == [0.8]
+    assert ax.get_ylabel() == "test accuracy"
+
+
+def test_plot_timing_draws_measured_and_ideal_speedups_against_tau(tmp_path, figures):
+    rows = [{"tau": 0.0, "ideal_ffn_speedup": 0.9, "ffn_speedup": 0.8, "model_speedup": 0.95},
+            {"tau": 0.5, "ideal_ffn_speedup": 2.0, "ffn_speedup": 1.5, "model_speedup": 1.2},
+            {"tau": 1.0, "ideal_ffn_speedup": 4.0, "ffn_speedup": 2.5, "model_speedup": 1.4}]  # fmt: skip
+    path = tmp_path / "wallclock.png"
+    assert plots.plot_timing(rows, path) is None
+    assert_png_written_atomically(path)
+    (ax,) = figures[0].axes
+    lines = lines_by_label(ax)
+    expected = {
+        "ideal (dense FFN MACs / MoE FFN MACs)": [0.9, 2.0, 4.0],
+        "measured FFN layers (CPU, batch 64)": [0.8, 1.5, 2.5],
+        "measured whole model": [0.95, 1.2, 1.4],
+    }
+    for label, speedups in expected.items():
+        assert list(lines[label].get_xdata()) == [0.0, 0.5, 1.0], label
+        assert list(lines[label].get_ydata()) == speedups, label
+    assert any(list(line.get_ydata()) == [1.0, 1.0] for line in ax.get_lines())  # the break-even line
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("τ (larger runs fewer experts)", "speed-up over dense")
+    assert ax.get_title() == "ViT D2DMoE wall-clock"
+    assert {text.get_text() for text in ax.get_legend().get_texts()} == set(expected)

@@ -176,3 +176,34 @@ def test_router_stage_in_the_training_loop(tmp_path):
     split = upcycle.convert(vit, "neuron_split", num_experts=4, top_k=4, progress=False)
     with pytest.raises(ValueError, match="router_fit"):
         train(split, {**config, "steps": 1}, tmp_path / "refused", progress=False)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("dynamic_k", {"hidden": 6, "tau": 0.3}), ("moefication", {"hidden": 5, "top_k": 3}),
+     ("soft", {"slots_per_expert": 3})],
+)  # fmt: skip
+def test_seeded_router_is_the_named_router_with_its_options_drawn_from_the_generator(name, options):
+    """The routers D2DMoE / MoEfication (and Jetpack's slot routers) build themselves: reproducible in the seed."""
+    from upcycle.layers.routers.base import ROUTERS
+    from upcycle.recycling.routers import seeded_router
+
+    def draw(seed):
+        return seeded_router(name, 24, 4, torch.Generator().manual_seed(seed), **options)
+
+    torch.manual_seed(0)
+    a = draw(1)
+    torch.manual_seed(1)  # the global random state plays no part
+    b, c = draw(1), draw(2)
+    assert type(a) is ROUTERS.get(name)
+    assert a.spec() == a.spec() | {"name": name, "d_model": 24, "num_experts": 4, **options}
+    weights = [dict(r.named_parameters()) for r in (a, b, c)]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    assert any(not torch.equal(weights[0][key], weights[2][key]) for key in weights[0])
+    if name == "soft":  # slot queries N(0, 1/d)
+        assert 0.8 < a.slot_queries.std().item() * 24**0.5 < 1.2
+        assert a.slot_queries.shape == (4 * 3, 24)
+    else:  # each layer U(±1/√in), as nn.Linear draws it
+        for layer in (a.mlp[0], a.mlp[2]):
+            bound = layer.in_features**-0.5
+            assert 0.8 * bound < layer.weight.abs().max().item() <= bound

@@ -1,12 +1,14 @@
-"""The D2DMoE pipeline end to end on a tiny ViT and real images: stages, resumption, the τ / k sweeps."""
+"""The D2DMoE pipeline end to end on a tiny ViT and real images: stages, resumption, the τ / k sweeps; what the
+entry point adds on top (the summary, its operating points, the files it writes, its refusals) on hand-made sweeps."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from upcycle.eval.held_out import HeldOut
-from upcycle.methods.d2dmoe import load_recipe, run_stages, sweep_methods
+from upcycle.methods.d2dmoe import load_recipe, pipeline, plots, run_stages, sweep_methods
 from upcycle.methods.d2dmoe.relu import activation_sparsity, swap_to_relu
 from upcycle.pretrain import build_dense
 
@@ -83,3 +85,73 @@ def test_recipe_errors_say_what_to_change():
         load_recipe({**TINY_RECIPE, "sparsify": {"steps": 1, "aux": {"sparsity": 0}}})
     with pytest.raises(ValueError, match="top_ks"):
         load_recipe({**TINY_RECIPE, "top_ks": [5]})
+
+
+def test_run_d2dmoe_summarises_the_sweeps_at_one_point_below_dense_on_validation(tmp_path, monkeypatch):
+    """The stages and sweeps are stubbed with hand-made results: what run_d2dmoe adds is checked on known numbers."""
+    results = {
+        "dense": {"val": 0.9, "test": 0.5, "flops_fraction": 1.0},
+        "sparse": {"val": 0.89, "test": 0.49, "flops_fraction": 0.97},
+        "d2dmoe": [{"point": 0.0, "flops_fraction": 1.05, "val": 0.90, "test": 0.50},
+                   {"point": 0.5, "flops_fraction": 0.60, "val": 0.895, "test": 0.10},
+                   {"point": 1.0, "flops_fraction": 0.20, "val": 0.50, "test": 0.90}],
+        "moefication": [{"point": 1, "flops_fraction": 0.3, "val": 0.7, "test": 0.9},
+                        {"point": 4, "flops_fraction": 1.0, "val": 0.85, "test": 0.9}],  # never within 1 point
+    }  # fmt: skip
+    models = {"sparse": object(), "d2dmoe": object(), "moefication": object()}
+    calls, drawn = {}, []
+
+    def stages(dense, recipe, out, progress=True, redo=False):
+        calls["stages"] = (dense, recipe, out, progress, redo)
+        Path(out).mkdir(parents=True, exist_ok=True)  # the stages make the run's folder
+        return models
+
+    def sweeps(got_models, dense, recipe, out):
+        calls["sweeps"] = (got_models, dense, recipe, out)
+        return results
+
+    real_plot = plots.plot_curves
+
+    def plot(panels, path, split="test"):
+        drawn.append((panels, split))
+        return real_plot(panels, path, split)
+
+    monkeypatch.setattr(pipeline, "run_stages", stages)
+    monkeypatch.setattr(pipeline, "sweep_methods", sweeps)
+    monkeypatch.setattr(plots, "plot_curves", plot)
+    dense, out = tiny_vit(), tmp_path / "run"
+    summary = pipeline.run_d2dmoe(dense, TINY_RECIPE, str(out), progress=False, redo=True)
+
+    recipe = load_recipe(TINY_RECIPE)
+    assert calls["stages"] == (dense, recipe, out, False, True)
+    assert calls["sweeps"][0] is models and calls["sweeps"][1:] == (dense, recipe, out)
+    assert summary["recipe"] == recipe.model_dump(mode="json")
+    for key in ("dense", "sparse", "d2dmoe", "moefication"):
+        assert summary[key] == results[key], key
+    # the cheapest point within 1 point of the dense model's validation accuracy, chosen on validation
+    assert (summary["d2dmoe.flops_fraction_at_1pt_drop"], summary["d2dmoe.point_at_1pt_drop"]) == (0.6, 0.5)
+    assert (summary["moefication.flops_fraction_at_1pt_drop"], summary["moefication.point_at_1pt_drop"]) == (None, None)
+
+    written = json.loads((out / "summary.json").read_text())
+    assert written == {key: value for key, value in summary.items() if key != "curves_png"}
+    assert summary["curves_png"] == str(out / "curves.png")
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(path.name for path in out.iterdir()) == ["curves.png", "summary.json"]  # no temporary left
+    panel = {"dense": results["dense"], "variants": {m: results[m] for m in ("d2dmoe", "moefication")}}
+    assert drawn == [({"VisionTransformer": panel}, "val")]
+
+
+def test_run_d2dmoe_refuses_a_bad_recipe_or_another_recipe_s_stages_before_any_work(tmp_path):
+    dense = tiny_vit()
+    with pytest.raises(ValueError, match="taus"):
+        pipeline.run_d2dmoe(dense, {**TINY_RECIPE, "taus": [1.5]}, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+    out = tmp_path / "run"
+    other = pipeline.stage_fingerprints(load_recipe({**TINY_RECIPE, "seed": 1}))["0-attention"]
+    (out / "0-attention").mkdir(parents=True)
+    (out / "0-attention" / "stage.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"changed: seed\)"):
+        pipeline.run_d2dmoe(dense, TINY_RECIPE, out, progress=False)
+    assert sorted(path.name for path in out.iterdir()) == ["0-attention"]  # nothing built, nothing summarised
+    assert [path.name for path in (out / "0-attention").iterdir()] == ["stage.json"]
