@@ -31,6 +31,7 @@ The result is independent of the backend (eager, grouped, a GPU kernel).
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -55,6 +56,7 @@ from ._common import (
 )
 
 CATEGORIES = ("experts", "routers", "shared_experts", "attention", "ffn", "other")
+HEAD = re.compile(r"(?<!multi)head")  # a head module's class name; the "head" of "multihead" attention is not one
 
 
 @dataclass
@@ -182,13 +184,14 @@ def _is_descendant(name: str, ancestor: str) -> bool:
 def _category(name: str, module: nn.Module, ffn_sites: set[str]) -> str | None:
     """ "attention", "ffn" or None, by the adapter's FFN sites, the FFN class, then the class name (timm
     ``Attention``/``Mlp``, HF ``LlamaAttention``/``LlamaMLP``, ...). The root is never classified (a model class
-    named like ``MlpMixer`` is not one FFN), nor are heads (timm's ``NormMlpClassifierHead``)."""
+    named like ``MlpMixer`` is not one FFN), nor are heads (timm's ``NormMlpClassifierHead``); the "head" of a
+    multi-head attention (``MultiHeadSelfAttention``, torch's ``MultiheadAttention``) does not make it one."""
     if name == "":
         return None
     if name in ffn_sites or isinstance(module, FFN):
         return "ffn"
     cls = type(module).__name__.lower()
-    if "head" in cls:
+    if HEAD.search(cls):
         return None
     if "attention" in cls or cls.endswith("attn"):
         return "attention"
@@ -270,7 +273,7 @@ def _instrument(counter: FlopCounterMode, moes, regions) -> tuple[_Meter, _MoETa
     return meter, tally
 
 
-def _moe_layer_report(name: str, moe: MoE, meter: _Meter, tally: _MoETally) -> dict[str, float]:
+def _moe_layer_report(name: str, meter: _Meter, tally: _MoETally) -> dict[str, float]:
     return {
         "tokens": tally.tokens[name],
         "pairs": tally.pairs[name],
@@ -326,7 +329,7 @@ def count_macs(
         meter.remove()
         tally.remove()
 
-    moe_report = {name: _moe_layer_report(name, moe, meter, tally) for name, moe in moes}
+    moe_report = {name: _moe_layer_report(name, meter, tally) for name, _ in moes}
     breakdown, per_module = _attribute(counter.get_total_flops() / 2, moe_report, regions, meter)
     total = sum(breakdown.values())
     dense_equivalent = _dense_equivalent(model, moes, moe_report, total)
