@@ -72,6 +72,30 @@ def assert_round_trip(model: nn.Module, directory, expected_class: str) -> float
     return diff
 
 
+def assert_no_training_noise(directory) -> None:
+    """The loaded model computes the same in training mode: the export adds no router jitter or attention dropout
+    that the source does not have, which would change the model as soon as a user fine-tunes it."""
+    loaded = AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        evaluated = loaded.eval()(ids).logits
+        trained = loaded.train()(ids).logits
+    torch.testing.assert_close(trained, evaluated)
+
+
+# settings that differ from the targets' defaults, so a field that is not carried over shows
+BACKBONE = dict(max_position_embeddings=64, rms_norm_eps=1e-5, attention_dropout=0.1, initializer_range=0.05,
+                bos_token_id=5, eos_token_id=6, pad_token_id=0)  # fmt: skip
+
+
+def assert_backbone_config(directory, source) -> None:
+    """The exported config.json holds the source's backbone settings under the same names."""
+    config = json.loads((directory / "config.json").read_text())
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "hidden_act", *BACKBONE):  # fmt: skip
+        assert config[key] == getattr(source.config, key), key
+
+
 def tensor_names(directory) -> set[str]:
     with safe_open(str(directory / "model.safetensors"), "pt") as handle:
         return set(handle.keys())

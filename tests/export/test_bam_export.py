@@ -9,7 +9,7 @@ import torch
 import upcycle
 
 from ..models.helpers import tiny_lm
-from .helpers import assert_round_trip, tiny_llama
+from .helpers import assert_no_training_noise, assert_round_trip, tiny_llama
 
 
 def branches(build, count=3):
@@ -57,6 +57,7 @@ def test_btx_of_upcycles_own_sequential_lm_exports_to_mixtral(tmp_path):
     btx = upcycle.merge(models, method="btx", renormalize=True, router_init_std=0.5).eval()
     upcycle.export(btx, tmp_path / "mixtral", format="mixtral")
     assert_round_trip(btx, tmp_path / "mixtral", "MixtralForCausalLM")
+    assert_no_training_noise(tmp_path / "mixtral")  # our LM has no attention dropout setting: none is exported
 
 
 def test_refusals(tmp_path):

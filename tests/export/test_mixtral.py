@@ -6,16 +6,17 @@ import json
 import re
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import upcycle
 from upcycle.export.mixtral import export_mixtral
 
 from .helpers import (
+    BACKBONE,
     REFUSALS,
     SIZES,
-    VOCAB,
+    assert_backbone_config,
+    assert_no_training_noise,
     assert_provenance,
     assert_refused,
     assert_round_trip,
@@ -41,15 +42,20 @@ def test_round_trip(layout, tmp_path):
 
 
 def test_the_exported_router_adds_no_jitter_in_training_mode(tmp_path):
-    """Our router noise is training-time only and off here; the export must not add Mixtral's router jitter, which
-    would change the routing as soon as a user fine-tunes the loaded model."""
-    out = export_mixtral(converted(), tmp_path / "mixtral")
-    loaded = AutoModelForCausalLM.from_pretrained(out)
-    ids = torch.randint(0, VOCAB, (2, 12))
-    with torch.no_grad():
-        evaluated = loaded.eval()(ids).logits
-        trained = loaded.train()(ids).logits  # dropout is 0 in these configs: only jitter could differ
-    torch.testing.assert_close(trained, evaluated)
+    """Our router noise is training-time only and off here; the export must not add Mixtral's router jitter."""
+    assert_no_training_noise(export_mixtral(converted(), tmp_path / "mixtral"))
+
+
+def test_the_config_keeps_the_sources_backbone_settings(tmp_path):
+    model = converted(tiny_llama(**BACKBONE))
+    out = export_mixtral(model, tmp_path / "mixtral")
+    assert_backbone_config(out, model)
+    assert_round_trip(model, out, "MixtralForCausalLM")
+
+
+def test_a_one_layer_model_exports(tmp_path):
+    model = converted(tiny_llama(num_hidden_layers=1))
+    assert_round_trip(model, export_mixtral(model, tmp_path / "mixtral"), "MixtralForCausalLM")
 
 
 def test_tokenizer_files_travel_into_the_export(tmp_path):
@@ -95,17 +101,32 @@ def test_mistral_sliding_window(tmp_path):
     assert_round_trip(model, out, "MixtralForCausalLM")
 
 
-def test_per_layer_sliding_windows_are_refused(tmp_path):
-    """Mixtral has one sliding_window for every layer: a source whose layers differ (Qwen2's max_window_layers) is
-    refused, even when its attention has no biases that Mixtral lacks."""
-    config = Qwen2Config(**SIZES, use_sliding_window=True, sliding_window=4, max_window_layers=2)
-    dense = Qwen2ForCausalLM(config).eval()
+def bias_free_qwen2(**windows) -> Qwen2ForCausalLM:
+    """A Qwen2 source without the q/k/v biases Mixtral lacks, so only its attention windows decide."""
+    dense = Qwen2ForCausalLM(Qwen2Config(**SIZES, use_sliding_window=True, sliding_window=4, **windows)).eval()
     for layer in dense.model.layers:
         for projection in ("q_proj", "k_proj", "v_proj"):
             getattr(layer.self_attn, projection).bias = None
-    assert len(set(config.layer_types)) == 2  # full attention below, a window above
-    match = "mixes sliding and full attention layers " + re.escape(f"({config.layer_types})")
+    return dense
+
+
+def test_per_layer_sliding_windows_are_refused(tmp_path):
+    """Mixtral has one sliding_window for every layer: a source whose layers differ (Qwen2's max_window_layers) is
+    refused."""
+    dense = bias_free_qwen2(max_window_layers=2)
+    assert len(set(dense.config.layer_types)) == 2  # full attention below, a window above
+    match = "mixes sliding and full attention layers " + re.escape(f"({dense.config.layer_types})")
     assert_refused(export_mixtral, converted(dense), tmp_path, match, NAMES)
+
+
+def test_a_window_that_no_layer_uses_is_not_exported(tmp_path):
+    """Qwen2 with every layer below max_window_layers attends fully: Mixtral must not apply its sliding_window."""
+    dense = bias_free_qwen2(max_window_layers=SIZES["num_hidden_layers"])
+    assert set(dense.config.layer_types) == {"full_attention"}
+    model = converted(dense)
+    out = export_mixtral(model, tmp_path / "mixtral")
+    assert json.loads((out / "config.json").read_text())["sliding_window"] is None
+    assert_round_trip(model, out, "MixtralForCausalLM")  # 12 tokens: a window of 4 would change the logits
 
 
 def test_overwrite(tmp_path):

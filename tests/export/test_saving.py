@@ -3,6 +3,7 @@ restored under either name, the record and recipe files, tokenizer files carried
 with the reason."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -127,6 +128,19 @@ def test_record_and_recipe_are_written_and_checked(tmp_path):
     config.write_text(json.dumps({key: value for key, value in record.items() if key != "layers"}))
     with pytest.raises(UserError, match="lacks layers of an upcycle record"):
         read_record(out)
+
+
+def test_load_names_the_damaged_file_or_directory(tmp_path):
+    out = upcycle.save(tiny_moe(), tmp_path / "m")
+    weights = read_weights(out)
+    save_file({name: tensor for name, tensor in weights.items() if name != "lm_head.weight"}, out / SINGLE)
+    damaged = re.escape(f"weights in {out} do not match") + r".*missing \['lm_head.weight'\]"
+    with pytest.raises(ValueError, match=damaged):
+        upcycle.load(out)
+    config = out / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "version": -1}))
+    with pytest.raises(UserError, match=re.escape(f"{config} is not an upcycle record")):
+        upcycle.load(out)
 
 
 def test_a_dense_model_has_no_recipe(tmp_path):
