@@ -106,6 +106,34 @@ def test_a_buffer_missing_from_the_file_is_refused_not_taken_for_a_tie():
         load_weights(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), state, "partial")
 
 
+def test_save_refuses_an_existing_directory_unless_told_to_overwrite(tmp_path):
+    first, second = tiny_moe(), tiny_moe(tied=True)
+    out = upcycle.save(first, tmp_path / "m")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        upcycle.save(second, out)
+    assert same_weights(upcycle.load(out), first)
+    upcycle.save(second, out, overwrite=True)
+    assert same_weights(upcycle.load(out), second)
+
+
+def test_a_model_with_nan_weights_is_not_saved(tmp_path):
+    moe = tiny_moe()
+    with torch.no_grad():
+        moe.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"NaN or Inf in lm_head\.weight; nothing was written"):
+        upcycle.save(moe, tmp_path / "m")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_mismatch_message_names_at_most_ten_tensors():
+    moe = tiny_moe()
+    state = {name: torch.zeros(1) for name in unique_state(moe)}
+    assert len(state) > 10
+    with pytest.raises(ValueError, match="do not match") as error:
+        load_weights(moe, state, "shrunk")
+    assert str(error.value).count("vs model") == 10
+
+
 def test_record_and_recipe_are_written_and_checked(tmp_path):
     moe = tiny_moe()
     out = upcycle.save(moe, tmp_path / "m")
@@ -115,6 +143,7 @@ def test_record_and_recipe_are_written_and_checked(tmp_path):
     assert set(record["versions"]) >= {"upcycle", "torch", "transformers"}
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe == {"convert": record["convert"]} and recipe["convert"]["method"] == "sparse_upcycling"
+    assert list(recipe["convert"]) == list(record["convert"])  # in the config's own order: the method first
     loaded = upcycle.load(out)
     assert record_of(loaded).files == str(out) and not loaded.training
 
