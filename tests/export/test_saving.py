@@ -15,6 +15,7 @@ import upcycle
 from upcycle.errors import UserError
 from upcycle.export.saving import load_weights, read_record, unique_state
 from upcycle.export.shards import INDEX, SINGLE, ShardWriter, read_weights, shard_files
+from upcycle.export.tokenizer_files import copy_tokenizer_files
 from upcycle.record import record_of
 
 SIZES = {"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
@@ -134,6 +135,20 @@ def test_a_mismatch_message_names_at_most_ten_tensors():
     assert str(error.value).count("vs model") == 10
 
 
+def test_save_refuses_a_model_its_record_cannot_rebuild(tmp_path):
+    """Weights that upcycle.load could not put back (an extra tensor, a resized one) are refused before writing."""
+    extra = tiny_moe()
+    extra.model.norm.register_parameter("scale", torch.nn.Parameter(torch.ones(1)))
+    with pytest.raises(ValueError, match=r"cannot be rebuilt from its record: model\.norm\.scale$"):
+        upcycle.save(extra, tmp_path / "extra")
+    resized = tiny_moe()
+    resized.lm_head = torch.nn.Linear(SIZES["hidden_size"], 7, bias=False)
+    width = SIZES["hidden_size"]
+    with pytest.raises(ValueError, match=rf"rebuilt from its record: lm_head\.weight \(7, {width}\) rebuilt as"):
+        upcycle.save(resized, tmp_path / "resized")
+    assert not any(tmp_path.iterdir())
+
+
 def test_record_and_recipe_are_written_and_checked(tmp_path):
     moe = tiny_moe()
     out = upcycle.save(moe, tmp_path / "m")
@@ -190,6 +205,9 @@ def test_tokenizer_files_travel_with_the_model(tmp_path):
     again = upcycle.save(upcycle.load(origin), tmp_path / "again")
     assert (again / "tokenizer.json").read_text() == "{}" and (again / "vocab.txt").read_text() == "a\nb\n"
     assert not (again / "notes.txt").exists()
+    (tmp_path / "copies").mkdir()
+    assert copy_tokenizer_files(upcycle.load(origin), tmp_path / "copies") == ["tokenizer.json", "vocab.txt"]
+    assert copy_tokenizer_files(torch.nn.Linear(2, 2), tmp_path / "copies") == []  # no record: nothing to copy
 
 
 def test_damaged_shards_are_named(tmp_path):
