@@ -53,7 +53,7 @@ def minilm_classifier(num_labels: int):
 
     transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" notice is expected
     model = transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels)
-    attach_record(model, ConversionRecord(origin=str(minilm_dir()), files=str(minilm_dir())))  # its tokenizer
+    attach_record(model, ConversionRecord.of_folder(minilm_dir()))  # its tokenizer
     return model
 
 

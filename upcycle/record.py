@@ -14,6 +14,7 @@ import json
 import weakref
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
+from pathlib import Path
 
 from torch import nn
 
@@ -58,6 +59,11 @@ class ConversionRecord:
             raise UserError(f"{where} {problem} of an upcycle record; the directory is damaged: convert or save the "
                             "model again")  # fmt: skip
         return cls(**data)
+
+    @classmethod
+    def of_folder(cls, folder: str | Path) -> ConversionRecord:
+        """A dense model read from ``folder``: where it came from, and where its tokenizer files are."""
+        return cls(origin=str(folder), files=str(folder))
 
 
 def library_versions() -> dict[str, str]:

@@ -145,7 +145,7 @@ def load_hf_directory(path: str | Path, allow_pickle: bool = False) -> nn.Module
     problems = {key: info.get(key) for key in ("missing_keys", "mismatched_keys", "unexpected_keys") if info.get(key)}
     if problems.get("missing_keys") or problems.get("mismatched_keys"):
         raise UserError(f"the weights in {path} do not match its config.json: {_short(problems)}")
-    attach_record(model, ConversionRecord(origin=str(path), files=str(path)))  # its tokenizer files travel along
+    attach_record(model, ConversionRecord.of_folder(path))  # its tokenizer files travel along
     return model
 
 

@@ -402,7 +402,7 @@ def convert_streaming(
             layers, written = stream_tensors(checkpoint, steps, writer, cfg, activation, layout, bar)
         # the model class is imported only now, past the memory peak: its import alone adds ~150 MB of RSS
         dense = meta_model(adapter.rebuild, source)
-        origin = ConversionRecord(origin=str(source_dir), files=str(source_dir))  # as load_source records it
+        origin = ConversionRecord.of_folder(source_dir)  # as load_source records it
         record = new_record(adapter.name, source, record_dtype(dense, written), layers,
                             convert=cfg.model_dump(exclude=RUNTIME_FIELDS), origin=origin)  # fmt: skip
         check_written(record, written)

@@ -46,7 +46,7 @@ MERGE_METHODS: Registry[Callable] = Registry("merge method")  # name -> fn(model
 class MergeConfig(StrictModel):
     method: str = Field(
         "bam",
-        description="a merge method (upcycle list methods): btx, FFN experts only; bam, FFN and attention experts",
+        description="a merge method (upcycle list merge): btx, FFN experts only; bam, FFN and attention experts",
     )
     shared_kv: bool = Field(False, description="bam: attention experts share averaged K, V (one KV cache)")
     top_k: int = Field(1, ge=1, description="FFN experts per token")
