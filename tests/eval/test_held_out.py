@@ -8,14 +8,6 @@ import transformers
 import upcycle.eval.held_out as held_out
 from upcycle.eval import accuracy
 from upcycle.eval.held_out import BATCH, HeldOut
-from upcycle.sources import load_timm
-
-VIT = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 10}
-
-
-@pytest.fixture(scope="module")
-def vit():
-    return load_timm("vit_tiny_patch16_224", None, False, VIT)
 
 
 @pytest.fixture(scope="module")

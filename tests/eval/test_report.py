@@ -11,14 +11,11 @@ from upcycle.data import load_dataset
 from upcycle.eval import accuracy, count_macs, count_parameters
 from upcycle.eval.report import evaluate_model
 from upcycle.layers import moe_layers
-from upcycle.sources import load_timm
-
-SIZES = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}
 
 
 @pytest.fixture(scope="module")
-def vit():
-    return load_timm("vit_tiny_patch16_224", None, False, {"num_classes": 10, **SIZES}).eval()
+def vit(vit):  # the eval tests' tiny grey-image ViT, in eval mode
+    return vit.eval()
 
 
 @pytest.fixture(scope="module")

@@ -152,14 +152,6 @@ def test_a_language_models_data_follows_the_run_seed():
     assert any(not torch.equal(data[i]["input_ids"], other[i]["input_ids"]) for i in range(30))
 
 
-@pytest.fixture(scope="module")
-def vit():
-    from upcycle.sources import load_timm
-
-    return load_timm("vit_tiny_patch16_224", None, False, {"img_size": 8, "patch_size": 4, "in_chans": 1,
-                     "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 10})  # fmt: skip
-
-
 def test_image_task_reads_the_models_input_and_augments_only_training(vit):
     from upcycle.data import load_dataset
     from upcycle.eval.tasks import ImageClassification
