@@ -185,6 +185,12 @@ CASES = [
          "--out", str(w.out)], 2, "do not match its config.json"),
     Case("vision model given a text dataset", lambda w: ["train", w.copy("vit"), "--data", "shakespeare",
          "--steps", "1", "--out", str(w.out)], 2, "is not one; choose one of digits"),
+    Case("hub id in no cache, offline", lambda w: ["convert", "no-such-org/no-such-model@v2", "--out", str(w.out)], 2,
+         "is neither a local path nor in the Hugging Face cache"),
+    Case("timm architecture without weights", lambda w: ["convert", "timm:vit_tiny_patch16_224", "--out",
+         str(w.out)], 2, "names no weights: use timm:ARCH.TAG or --pretrained"),
+    Case("timm tag and --random-init", lambda w: ["convert", "timm:vit_tiny_patch16_224.augreg_in21k",
+         "--random-init", "--out", str(w.out)], 2, "takes one source of weights"),
     Case("verify of one family against another", lambda w: ["verify", w.copy("moe"), "--against", w.copy("gpt2")],
          2, "model.layers.0.mlp"),
     # the output folder

@@ -20,6 +20,7 @@ from .export import EXPORT_FORMATS
 from .layers import list_backends, list_routers
 from .recycling import list_methods
 from .registry import Registry
+from .sources import DTYPES
 
 EXAMPLES = """\
 examples:
@@ -30,7 +31,8 @@ examples:
   upcycle export RUN/model --format mixtral --out HF_DIR
   upcycle run moefication_minilm         a whole paper pipeline from one recipe
 
-SOURCE: a Hugging Face model folder, a .gguf file, timm:ARCH, or a folder written by upcycle.
+SOURCE: a Hugging Face model folder or hub id (ORG/NAME[@REVISION]), a .gguf file, timm:ARCH.TAG (or timm:ARCH
+with --pretrained, --checkpoint or --random-init), or a folder written by upcycle.
 Each command has its own --help; the README is the guide and docs/cli.md the reference.
 """
 
@@ -85,7 +87,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     result = convert_source(
         args.source, args.out, args.config, checkpoint=args.checkpoint, allow_pickle=args.allow_pickle,
-        overwrite=args.overwrite, stream=args.stream, **_recipe_overrides(args),
+        pretrained=args.pretrained, random_init=args.random_init, dtype=args.dtype, overwrite=args.overwrite,
+        stream=args.stream, **_recipe_overrides(args),
     )  # fmt: skip
     print(f"wrote {result['out']}")
     if result.get("max_abs_diff") is not None:
@@ -95,11 +98,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .export import load
-    from .sources import load_source
     from .verify import verify
 
     moe = load(args.directory)
-    dense = load_source(args.against, checkpoint=args.checkpoint, allow_pickle=args.allow_pickle)
+    dense = _load_source(args, args.against)
     result = verify(moe, dense, seed=args.seed)
     ok_end = result.end_to_end <= args.atol
     print(f"max |moe - dense| = {result.end_to_end:.3e} end to end ({'within' if ok_end else 'ABOVE'} atol "
@@ -119,7 +121,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     check_not_overlapping(args.out, args.directory, args.overwrite)
     options = {"layout": args.layout} if args.layout else {}
-    path = export(load(args.directory), args.out, format=args.format, overwrite=args.overwrite, **options)
+    model = load(args.directory)
+    if args.dtype != "auto":
+        model.to(DTYPES[args.dtype])
+    path = export(model, args.out, format=args.format, overwrite=args.overwrite, **options)
     print(f"wrote {path} ({args.format})")
     return 0
 
@@ -192,6 +197,7 @@ def _pipeline_flags(parser: argparse.ArgumentParser, recipe_help: str, out_help:
                         help=f"a recipe field, e.g. {set_example}")  # fmt: skip
     parser.add_argument("--redo", action="store_true",
                         help="rebuild stages whose recipe fields changed (default: stop and name them)")  # fmt: skip
+    _source_flags(parser)
 
 
 def _pipeline_recipe(load, args: argparse.Namespace):
@@ -202,10 +208,9 @@ def _pipeline_recipe(load, args: argparse.Namespace):
 
 def _cmd_d2dmoe(args: argparse.Namespace) -> int:
     from .methods.d2dmoe import load_recipe, run_d2dmoe
-    from .sources import load_source
 
     recipe = _pipeline_recipe(load_recipe, args)
-    summary = run_d2dmoe(load_source(args.source), recipe, args.out, redo=args.redo)
+    summary = run_d2dmoe(_load_source(args, args.source), recipe, args.out, redo=args.redo)
     for method in recipe.methods:
         fraction, point = summary[f"{method}.flops_fraction_at_1pt_drop"], summary[f"{method}.point_at_1pt_drop"]
         knob = "tau" if method == "d2dmoe" else "k"
@@ -216,10 +221,9 @@ def _cmd_d2dmoe(args: argparse.Namespace) -> int:
 
 def _cmd_bam(args: argparse.Namespace) -> int:
     from .methods.bam import load_recipe, run_bam
-    from .sources import load_source
 
     recipe = _pipeline_recipe(load_recipe, args)
-    summary = run_bam(load_source(args.source), recipe, args.out, redo=args.redo)
+    summary = run_bam(_load_source(args, args.source), recipe, args.out, redo=args.redo)
     for name in ("seed", "dense_continued", *recipe.variants):
         if f"{name}_ppl" in summary:
             print(f"{name}: average held-out test perplexity {summary[f'{name}_ppl']:.3f}")
@@ -331,11 +335,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _source_flags(parser: argparse.ArgumentParser) -> None:
+    """How SOURCE's weights are read; timm:ARCH needs one of a tag, --pretrained, --checkpoint, --random-init."""
+    parser.add_argument("--pretrained", action="store_true",
+                        help="timm:ARCH with timm's default pretrained weights (through the hub cache)")  # fmt: skip
     parser.add_argument("--checkpoint", help="safetensors state dict for a timm:ARCH source")
+    parser.add_argument("--random-init", action="store_true",
+                        help="timm:ARCH with random weights (seeded, so verify can rebuild it)")  # fmt: skip
     parser.add_argument(
         "--allow-pickle", action="store_true",
         help="accept pickle checkpoints (.bin/.pt), read with torch.load(weights_only=True)",
     )  # fmt: skip
+
+
+def _dtype_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help=f"dtype of {what} (default auto: the source's)")  # fmt: skip
+
+
+def _load_source(args: argparse.Namespace, source: str, dtype: str = "float32"):
+    """SOURCE read with the command's source flags."""
+    from .sources import load_source
+
+    return load_source(source, checkpoint=args.checkpoint, allow_pickle=args.allow_pickle, pretrained=args.pretrained,
+                       random_init=args.random_init, dtype=dtype)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert", help="convert a dense checkpoint into an MoE and save it",
-        description="SOURCE: a Hugging Face model directory, a .gguf file, timm:ARCH (with --checkpoint), or a "
-        "directory written by upcycle. Prints the max |moe - dense| on random inputs after converting.",
+        description="SOURCE: a Hugging Face model directory, a hub id ORG/NAME[@REVISION], a .gguf file, "
+        "timm:ARCH.TAG (pretrained; or timm:ARCH with --pretrained, --checkpoint or --random-init), or a directory "
+        "written by upcycle. Prints the max |moe - dense| on random inputs after converting.",
     )  # fmt: skip
     convert.add_argument("source", help="the dense model to convert")
     convert.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -360,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream tensors from safetensors shards (Llama-family directories larger than RAM)",
     )  # fmt: skip
     _source_flags(convert)
+    _dtype_flag(convert, "the converted model")
     _add_recipe_flags(convert)
     convert.set_defaults(func=_cmd_convert)
 
@@ -385,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output directory (written atomically)")
     export.add_argument("--layout", choices=["legacy", "fused"], help="mixtral tensor layout (default legacy)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _dtype_flag(export, "the exported weights")
     export.set_defaults(func=_cmd_export)
 
     train = commands.add_parser(

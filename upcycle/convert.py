@@ -80,6 +80,9 @@ def convert_source(
     *,
     checkpoint: str | None = None,
     allow_pickle: bool = False,
+    pretrained: bool = False,
+    random_init: bool = False,
+    dtype: str = "auto",
     overwrite: bool = False,
     stream: bool = False,
     verify_seed: int | None = 0,
@@ -87,7 +90,9 @@ def convert_source(
 ) -> dict:
     """Load SOURCE, convert it, save it to ``out`` and (unless ``verify_seed`` is None) measure max |moe - dense|.
 
-    ``stream``: convert a Llama-family safetensors directory tensor by tensor without loading it (larger than RAM).
+    SOURCE and its flags (``checkpoint``, ``pretrained``, ``random_init``, ``dtype``) are those of
+    :func:`upcycle.sources.load_source`; ``dtype="auto"`` keeps the source's. ``stream``: convert a Llama-family
+    safetensors directory (or hub id) tensor by tensor without loading it (larger than RAM).
     """
     from .atomic import check_not_overlapping
     from .export import save
@@ -104,7 +109,8 @@ def convert_source(
 
         path = convert_streaming(source, out, config, overwrite=overwrite, **overrides)
         return {"out": str(path), "max_abs_diff": None}
-    dense = load_source(source, checkpoint=checkpoint, allow_pickle=allow_pickle)
+    dense = load_source(source, checkpoint=checkpoint, allow_pickle=allow_pickle, pretrained=pretrained,
+                        random_init=random_init, dtype=dtype)  # fmt: skip
     moe = convert(dense, config=config, **overrides)
     save(moe, out, overwrite=overwrite)
     diff = None if verify_seed is None else verify(moe, dense, seed=verify_seed)

@@ -34,7 +34,8 @@ class ConversionRecord:
     convert: dict | None = None  # the resolved convert recipe (method, options, router, seed, ...)
     merge: dict | None = None  # or the merge recipe (upcycle.merge)
     origin: str | None = None  # the SOURCE the dense model was read from: a folder, a .gguf file, timm:ARCH, a hub id
-    revision: str | None = None  # its hub revision, when it was resolved from a hub id
+    revision: str | None = None  # the commit it was read at, when it came from the hub (a hub id, a timm tag)
+    weights: str | None = None  # for timm:ARCH: "pretrained", "random init" (--random-init) or the checkpoint file
     versions: dict[str, str] = field(default_factory=dict)  # library versions when the record was made
     version: int = RECORD_VERSION
     files: str | None = field(default=None, compare=False)  # where its tokenizer files are now (not saved)
@@ -79,11 +80,12 @@ def library_versions() -> dict[str, str]:
 def new_record(adapter: str, source: dict, dtype: str, layers: dict | None = None, *, convert: dict | None = None,
                merge: dict | None = None, origin: ConversionRecord | None = None) -> ConversionRecord:  # fmt: skip
     """The one place a record is made: what the model is, how it was made, from what (``origin``: the dense model's
-    record, whose source, revision and files carry over), and the library versions now."""
+    record, whose origin, revision, weights and files carry over), and the library versions now."""
     origin = origin or ConversionRecord()
     record = ConversionRecord(
         adapter=adapter, source=source, dtype=dtype, layers=layers or {}, convert=convert, merge=merge,
-        origin=origin.origin, revision=origin.revision, versions=library_versions(), files=origin.files,
+        origin=origin.origin, revision=origin.revision, weights=origin.weights, versions=library_versions(),
+        files=origin.files,
     )  # fmt: skip
     # exactly as it reads back from config.json (tuples become lists), or a clear error now rather than at save time
     return ConversionRecord(**record.to_json(), files=origin.files)

@@ -54,6 +54,7 @@ from .layers import MoE, describe_moe
 from .layers.activations import from_hf
 from .record import ConversionRecord, new_record
 from .recycling import get_method
+from .sources import resolve_local
 
 STREAM_SHARD_BYTES = 256 * 1024**2  # small: the pending output shard is most of the peak memory
 Written = dict[str, tuple[tuple[int, ...], torch.dtype]]  # output tensor name -> (shape, dtype)
@@ -369,7 +370,8 @@ def convert_streaming(
     max_shard_bytes: int = STREAM_SHARD_BYTES,
     **overrides,
 ) -> Path:
-    """Convert the checkpoint in ``source_dir`` tensor by tensor into an upcycle model directory ``out_dir``.
+    """Convert the checkpoint in ``source_dir`` (a folder, or a hub id) tensor by tensor into an upcycle model
+    directory ``out_dir``.
 
     ``config`` and ``overrides`` are those of :func:`upcycle.convert` (``method="sparse_upcycling",
     num_experts=8, top_k=2, layers="every_other", ...``). The result is what ``upcycle.save`` writes for
@@ -382,7 +384,8 @@ def convert_streaming(
         raise ValueError(
             f"method {cfg.method!r} looks at the whole model first (calibration); convert without streaming"
         )
-    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    source_dir, origin = resolve_local(str(source_dir))  # a folder, or a hub id's cached snapshot
+    out_dir = Path(out_dir)
     source = read_source(source_dir)
     if out_dir.resolve() == source_dir.resolve():
         raise ValueError(f"the output directory {out_dir} is the source checkpoint; choose another")
@@ -402,7 +405,6 @@ def convert_streaming(
             layers, written = stream_tensors(checkpoint, steps, writer, cfg, activation, layout, bar)
         # the model class is imported only now, past the memory peak: its import alone adds ~150 MB of RSS
         dense = meta_model(adapter.rebuild, source)
-        origin = ConversionRecord.of_folder(source_dir)  # as load_source records it
         record = new_record(adapter.name, source, record_dtype(dense, written), layers,
                             convert=cfg.model_dump(exclude=RUNTIME_FIELDS), origin=origin)  # fmt: skip
         check_written(record, written)

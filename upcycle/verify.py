@@ -3,7 +3,7 @@
 Two measurements, both maxima over every element (a mean would hide one wrong expert among many right ones):
 
 * **end to end**: max |moe(x) - dense(x)| over the outputs: logits (classifiers, causal LMs) or the last hidden
-  state (encoders), fp32, eval mode;
+  state (encoders), eval mode, in fp32 (a half-precision model is compared as fp32 copies of its weights);
 * **per layer**: for every module the conversion replaced (each MoE FFN, D2DMoE's attention-projection MoEs, BAM's
   Mixture of Attention; the adapter names them), max |converted(u) - dense(u)| / max |dense(u)| with u the input the
   converted module receives in the converted model's forward pass, fed to the dense module of the same name.
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import find_adapter, get_adapter
-from .record import record_of
+from .record import copy_model, record_of
 
 TINY = torch.finfo(torch.float32).tiny  # floor of the relative scale: an all-zero dense output must stay zero
 
@@ -71,6 +71,10 @@ def verify(moe_model: nn.Module, dense_model: nn.Module, inputs: dict | torch.Te
     inputs from ``seed`` if None): end to end and layer by layer, see the module docstring. The result is a float
     (the end-to-end max |moe - dense|) carrying ``per_layer``, ``worst_layer`` and ``passed(atol, rtol)``."""
     record = record_of(moe_model)  # a converted model's blocks may match no adapter: its record names one
+    if _dtype(moe_model) != torch.float32 or _dtype(dense_model) != torch.float32:
+        # half-precision rounding (~1e-2) would hide a wrong conversion or fail a right one: compare in fp32 what the
+        # stored weights compute
+        moe_model, dense_model = copy_model(moe_model).float(), copy_model(dense_model).float()
     adapter = get_adapter(record.adapter) if record is not None and record.adapter else find_adapter(dense_model)
     if inputs is None:
         inputs = adapter.example_inputs(dense_model, generator=torch.Generator().manual_seed(seed))
@@ -105,6 +109,10 @@ def verify(moe_model: nn.Module, dense_model: nn.Module, inputs: dict | torch.Te
     if converted.shape != reference.shape:
         raise ValueError(f"output shapes differ: converted {tuple(converted.shape)} vs dense {tuple(reference.shape)}")
     return Verification(float((converted - reference).abs().max()), per_layer)
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
 
 
 class _hooks:
