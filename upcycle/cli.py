@@ -129,8 +129,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_flags(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """--data SPEC and how to read the user's data."""
+    parser.add_argument("--data", required=required,
+                        help="a built-in dataset (upcycle list datasets), a .jsonl/.json/.csv/.parquet/.txt file, a "
+                        "save_to_disk folder, an image folder (a sub-folder per class) or a hub dataset "
+                        "ORG/NAME[:CONFIG]")  # fmt: skip
+    parser.add_argument("--task", choices=["causal-lm", "text-classification", "image-classification"],
+                        help="what to train or evaluate for (default: the model family's task)")  # fmt: skip
+    parser.add_argument("--text-column", help="the column holding the text (default: detected, e.g. text)")
+    parser.add_argument("--label-column", help="the column holding the label (default: detected, e.g. label)")
+    parser.add_argument("--image-column", help="the column holding the image (default: detected, e.g. image)")
+    parser.add_argument("--val-fraction", type=float,
+                        help="held-out share for each split the data lacks (default 0.1)")  # fmt: skip
+
+
+def _data_options(args: argparse.Namespace) -> dict:
+    keys = ("text_column", "label_column", "image_column", "val_fraction")
+    return {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
+
+
 def _train_flags(parser: argparse.ArgumentParser, freeze: bool = True) -> None:
-    parser.add_argument("--data", help="dataset name (upcycle list datasets)")
+    _data_flags(parser)
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps")
     length.add_argument("--epochs", type=float, help="passes over the training split")
@@ -148,8 +168,10 @@ def _train_flags(parser: argparse.ArgumentParser, freeze: bool = True) -> None:
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
-    keys = ["data", "steps", "epochs", "batch_size", "lr", "precision", "freeze", "seed"]
+    keys = ["data", "task", "steps", "epochs", "batch_size", "lr", "precision", "freeze", "seed"]
     overrides = {key: getattr(args, key, None) for key in keys}
+    if _data_options(args):
+        overrides["data_options"] = _data_options(args)
     overrides.update(_key_values(args.set))
     return overrides
 
@@ -174,7 +196,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     check_not_overlapping(args.out, args.directory, overwrite=True)  # the run replaces OUT/model
     model = load_source(args.directory)
-    summary = train(model, args.config, args.out, resume=args.resume, **_train_overrides(args))
+    overrides = _train_overrides(args)
+    if args.num_labels is not None or args.reset_head:
+        from .config import load_train_config
+        from .heads import classes_in, with_classifier
+
+        cfg = load_train_config(args.config, **overrides)
+        model = with_classifier(model, args.num_labels or classes_in(cfg.data, cfg.data_options, cfg.seed))
+    summary = train(model, args.config, args.out, resume=args.resume, **overrides)
     _print_summary(summary)
     return 0
 
@@ -264,7 +293,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .sources import load_source
 
     result = evaluate_model(load_source(args.directory), args.data, args.split, args.batch_size, args.max_batches,
-                            out=args.out)  # fmt: skip
+                            out=args.out, task=args.task, data_options=_data_options(args))  # fmt: skip
     metric = "accuracy" if "accuracy" in result else "perplexity"
     params = result["parameters"]
     print(f"{args.data}/{args.split}: {metric} {result[metric]:.4f} on {result['examples']} examples")
@@ -418,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     train.add_argument("directory", help="the model to train")
     _train_flags(train)
+    train.add_argument("--num-labels", type=int, help="a fresh classification head of this many classes")
+    train.add_argument("--reset-head", action="store_true",
+                       help="a fresh classification head sized from the data's labels (or --num-labels)")  # fmt: skip
     train.set_defaults(func=_cmd_train)
 
     pretrain = commands.add_parser(
@@ -472,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", help="held-out metric, MACs, parameters and routing statistics")
     evaluation.add_argument("directory", help="a folder written by upcycle, or any SOURCE")
-    evaluation.add_argument("--data", required=True, help="dataset name (upcycle list datasets)")
+    _data_flags(evaluation, required=True)
     evaluation.add_argument("--split", default="test", choices=["val", "test"], help="held-out split (default test)")
     evaluation.add_argument("--batch-size", type=int, default=64, help="examples per forward (default 64)")
     evaluation.add_argument("--max-batches", type=int, help="cap, for a quick look")

@@ -152,9 +152,14 @@ class AuxLossConfig(StrictModel):
 class TrainConfig(StrictModel):
     """One training run: the same loop pre-trains dense models and fine-tunes MoE models."""
 
-    data: str = Field(..., description="dataset name (upcycle.data.list_datasets())")
+    data: str = Field(..., description="a built-in dataset (upcycle list datasets), a file, a folder or a hub "
+                                        "dataset id (ORG/NAME[:CONFIG])")  # fmt: skip
     data_options: dict[str, Any] = Field(
-        default_factory=dict, description="dataset options, e.g. text_mixture weights: {shakespeare: 0.9, ...}"
+        default_factory=dict, description="dataset options, e.g. text_mixture weights: {shakespeare: 0.9, ...}, or "
+        "text_column / label_column / image_column / val_fraction of the user's data",
+    )  # fmt: skip
+    task: Literal["causal-lm", "text-classification", "image-classification"] | None = Field(
+        None, description="what the model is trained for (None: its family's task)"
     )
     steps: int | None = Field(None, ge=1, description="optimizer steps; exactly one of steps / epochs")
     epochs: float | None = Field(None, gt=0, description="passes over the training split")
@@ -216,10 +221,10 @@ class TrainConfig(StrictModel):
         from .data.registry import dataset_options
 
         set_by_the_run = sorted(set(self.data_options) & {"seq_len", "seed", "tokenizer", "image_size", "channels",
-                                                          "augment"})  # fmt: skip
+                                                          "augment", "task", "data_config"})  # fmt: skip
         if set_by_the_run:
             raise ValueError(f"data_options {set_by_the_run} are set by the training run itself; use the top-level "
-                             "training keys (seq_len, seed, augment) instead")  # fmt: skip
+                             "training keys (seq_len, seed, augment, task) instead")  # fmt: skip
         unknown = sorted(set(self.data_options) - set(dataset_options(self.data)))
         if unknown:
             raise ValueError(f"dataset {self.data!r} has no option {', '.join(unknown)}; options: "

@@ -81,7 +81,7 @@ def test_pickle_weights_are_fetched_only_when_accepted(hub_cache, tmp_path):
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")
     hub_cache.seed("org/pickled", folder)
-    with pytest.raises(UserError, match="no .safetensors weights; pickle weights are refused unless --allow-pickle"):
+    with pytest.raises(UserError, match=r"no \.safetensors weights; pickle weights are refused unless --allow-pickle"):
         load_source("org/pickled")
     model = load_source("org/pickled", allow_pickle=True)
     assert torch.equal(model.model.embed_tokens.weight, state["model.embed_tokens.weight"])

@@ -35,10 +35,8 @@ def cached_weights(hub_cache, tmp_path) -> tuple[dict[str, torch.Tensor], str]:
 @pytest.mark.parametrize("how", ["tag", "--pretrained"])
 def test_a_pretrained_tag_loads_the_cached_weights(cached_weights, how):
     state, commit = cached_weights
-    if how == "tag":
-        dense = load_source(f"timm:{TAGGED}")
-    else:  # the architecture's default tag is this one
-        dense = load_source("timm:test_vit", pretrained=True)
+    # --pretrained: the architecture's default tag is this one
+    dense = load_source(f"timm:{TAGGED}") if how == "tag" else load_source("timm:test_vit", pretrained=True)
     for name, tensor in dense.state_dict().items():
         assert torch.equal(tensor, state[name]), name
     record = upcycle.record_of(dense)

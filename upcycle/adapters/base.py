@@ -133,6 +133,11 @@ class Adapter:
         formats = " or ".join(repr(f) for f in self.export_formats) or "no format (upcycle.save / load keep them)"
         return f"models of the {self.name!r} adapter export as {formats}"
 
+    def with_classifier(self, model: nn.Module, num_labels: int) -> nn.Module:
+        """``model`` with a fresh classification head of ``num_labels`` classes (added, or replacing the one it has),
+        its record updated so it saves and reloads with that head; the body, MoE layers included, is kept."""
+        raise ValueError(f"{self.family}: giving the model a classification head is not supported")
+
     def replace_attention_projections(self, model: nn.Module, hidden_ratio: float = 0.5,
                                       generator: torch.Generator | None = None) -> nn.Module:  # fmt: skip
         """D2DMoE §3.4: every attention projection becomes an equal-cost ReLU MLP (read as an FFN site after)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -45,6 +47,43 @@ class HFAdapterMixin:
 
     def describe(self, model: nn.Module) -> dict:
         return {"class": type(model).__name__, "config": model.config.to_dict()}
+
+    def with_classifier(self, model: nn.Module, num_labels: int) -> nn.Module:
+        """The family's ``*ForSequenceClassification`` around the model's body (its MoE layers included), with a
+        fresh head initialised as transformers initialises it (a pooler the body lacks too). A bare encoder's
+        converted layers move under the class's base-model prefix (``bert.``), and the record follows."""
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+        from ..errors import UserError
+        from ..record import ConversionRecord, attach_record, record_of
+
+        config = copy.deepcopy(model.config)
+        class_name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(config.model_type)
+        model_class = getattr(transformers, class_name, None) if class_name else None
+        if model_class is None:
+            raise UserError(f"transformers has no sequence-classification class for {config.model_type} models")
+        config.num_labels, config.architectures = num_labels, [class_name]
+        if getattr(config, "pad_token_id", None) is None:  # decoders pool at the last non-padding token
+            config.pad_token_id = getattr(config, "eos_token_id", None)
+        with torch.device("meta"):  # only the head is new: nothing else is allocated
+            classifier = model_class(config)
+        prefix = classifier.base_model_prefix
+        wrapped = not hasattr(model, prefix)  # a bare encoder (BertModel) becomes the classifier's body
+        setattr(classifier, prefix, model if wrapped else getattr(model, prefix))
+        dtype = next(model.parameters()).dtype
+        for module in classifier.modules():
+            if any(p.is_meta for p in module.parameters(recurse=False)):
+                module.to_empty(device="cpu", recurse=False)
+                classifier._init_weights(module)
+                module.to(dtype)
+        classifier.train(model.training)
+        record = copy.deepcopy(record_of(model)) or ConversionRecord()
+        record.source = self.describe(classifier)
+        if wrapped:
+            record.layers = {f"{prefix}.{name}": layer for name, layer in record.layers.items()}
+        attach_record(classifier, record)
+        return classifier
 
     def record_activation(self, model: nn.Module, activation: str) -> None:
         for key in ("hidden_act", "activation_function"):  # read_ffn and the rebuild read the config

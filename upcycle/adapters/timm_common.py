@@ -77,6 +77,15 @@ class TimmAdapterMixin:
         record = record_of(model) or attach_record(model, ConversionRecord())
         record.source = description
 
+    def with_classifier(self, model: nn.Module, num_labels: int) -> nn.Module:
+        """timm's own ``reset_classifier`` (a freshly initialised head); the creation arguments note the new size."""
+        description = self.describe(model)
+        model.reset_classifier(num_labels)
+        description["kwargs"] = {**description["kwargs"], "num_classes": num_labels}
+        record = record_of(model) or attach_record(model, ConversionRecord())
+        record.source = description
+        return model
+
     def example_inputs(self, model: nn.Module, batch: int = 2, generator: torch.Generator | None = None) -> dict:
         config = getattr(model, "pretrained_cfg", {}) or {}
         channels, height, width = config.get("input_size", (3, 224, 224))

@@ -12,14 +12,15 @@ from collections.abc import Callable
 
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from ..registry import Registry
 from .splits import check_split
 
 DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 
 
-class UnknownDatasetError(ValueError):
-    """A name ``list_datasets()`` does not know; the message lists the known ones (bad input, like any ValueError)."""
+class UnknownDatasetError(UserError):
+    """A name that is neither a built-in dataset nor a file, folder or hub id; the message lists the built-in ones."""
 
 
 def register(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
@@ -31,20 +32,37 @@ def list_datasets() -> list[str]:
     return DATASETS.names()
 
 
+def is_builtin(name: str) -> bool:
+    """A built-in dataset's name; anything else is a SPEC of the user's data (``upcycle.data.user``)."""
+    return name in DATASETS
+
+
 def dataset_options(name: str) -> list[str]:
     """The keyword options ``load_dataset(name, split, ...)`` accepts."""
-    params = inspect.signature(_loader(name)).parameters.values()
+    if name in DATASETS:
+        loader = DATASETS.get(name)
+    else:
+        from .spec import load_spec as loader
+    params = inspect.signature(loader).parameters.values()
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
 def _loader(name: str) -> Callable[..., Dataset]:
-    if name not in DATASETS:
-        raise UnknownDatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
-    return DATASETS.get(name)
+    if name in DATASETS:
+        return DATASETS.get(name)
+    from .spec import load_spec
+    from .user import is_spec
+
+    if not is_spec(name):
+        raise UnknownDatasetError(f"unknown dataset {name!r}: not a built-in dataset ({', '.join(list_datasets())}), "
+                                  "an existing file or folder, or a hub id ORG/NAME[:CONFIG]")  # fmt: skip
+
+    return lambda split, **options: load_spec(name, split, **options)  # the options are load_spec's
 
 
 def load_dataset(name: str, split: str, **options) -> Dataset:
-    """Load one split of a dataset; ``dataset.info`` describes it (see ``DatasetInfo``)."""
+    """Load one split of a built-in dataset or of a SPEC (a file, a folder, a hub dataset id; see
+    ``upcycle.data.user``); ``dataset.info`` describes it (see ``DatasetInfo``)."""
     loader = _loader(name)
     check_split(split)
     unknown = sorted(set(options) - set(dataset_options(name)))

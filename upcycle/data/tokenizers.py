@@ -1,8 +1,9 @@
 """Tokenizers with one small interface, so packing works the same with our byte tokenizer or a Hugging Face one.
 
 Interface: ``encode(text) -> list[int]``, ``encode_array(text) -> int64 ndarray``, ``decode(ids) -> str``,
-``vocab_size``, ``bos_id``, ``eos_id``, ``pad_id``, ``name``. ``eos_id`` is the separator the packer puts after every
-document.
+``encode_example(text, max_len)`` (one classifier input, with special tokens), ``vocab_size``, ``bos_id``,
+``eos_id``, ``pad_id``, ``name``, ``fingerprint`` (what decides the ids, for caches). ``eos_id`` is the separator the
+packer puts after every document.
 
 - ``ByteTokenizer``: UTF-8 bytes 0-255 plus BOS=256, EOS=257, PAD=258 (vocab 259). No files, no training, lossless.
 - ``HFTokenizer``: wraps any Hugging Face tokenizer object or a local folder (read offline). Text is encoded without
@@ -13,6 +14,7 @@ document.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,14 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_example(self, text: str, max_len: int) -> list[int]:
+        """One example for a classifier: BOS, then the bytes, cut at ``max_len`` tokens."""
+        return [self.bos_id, *text.encode("utf-8")][:max_len]
+
+    @property
+    def fingerprint(self) -> str:
+        return "bytes"
 
     def decode(self, ids: Iterable[int]) -> str:
         # specials carry no text; a cut in the middle of a multi-byte character decodes as U+FFFD
@@ -69,6 +79,18 @@ class HFTokenizer:
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int64)
+
+    def encode_example(self, text: str, max_len: int) -> list[int]:
+        """One example for a classifier: with the model's special tokens (BERT: [CLS] ... [SEP]), cut at
+        ``max_len`` tokens."""
+        return list(self.tokenizer(text, truncation=True, max_length=max_len)["input_ids"])
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides the token ids: the whole tokenizer definition where it has one, else its name and size."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        text = backend.to_str() if backend is not None else f"{self.name}:{self.vocab_size}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids])

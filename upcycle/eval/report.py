@@ -26,7 +26,11 @@ def evaluate_model(
     max_batches: int | None = None,
     seq_len: int = 128,
     out: str | Path | None = None,
+    task: str | None = None,
+    data_options: dict | None = None,
 ) -> dict:
+    """``model`` on the held-out ``split`` of ``data`` (a built-in name or the user's SPEC, read with
+    ``data_options``; ``task`` overrides the family's); with ``out``, ``eval.json`` and the expert-load heatmap."""
     from ..config import TrainConfig
     from ..data.batches import held_out_batches
     from .tasks import make_task
@@ -34,7 +38,9 @@ def evaluate_model(
     if split not in ("val", "test"):
         raise ValueError(f"evaluate on a held-out split (val or test), not {split!r}")
     adapter = adapter_of(model)
-    task = make_task(model, adapter, TrainConfig(data=data, steps=1, augment=False, seq_len=seq_len))
+    config = TrainConfig(data=data, steps=1, augment=False, seq_len=seq_len, task=task,
+                         data_options=data_options or {})  # fmt: skip
+    task = make_task(model, adapter, config)
     dataset = task.dataset(split)
 
     def loader():

@@ -27,19 +27,19 @@ class ImageClassification:
         self.channels, self.image_size = inputs.shape[1], inputs.shape[-1]
         self.num_classes = model.num_classes
         self.config = config
+        self.data_config = _timm_data_config(model, self.channels, self.image_size)
 
     def dataset(self, split: str):
         from ..data import load_dataset
+        from ..data.registry import is_builtin
 
-        data = load_dataset(
-            self.config.data, split, image_size=self.image_size, channels=self.channels,
-            augment=self.config.augment and split == "train", seed=self.config.seed, **self.config.data_options,
-        )  # fmt: skip
-        if data.info.num_classes != self.num_classes:
-            raise ValueError(
-                f"the model predicts {self.num_classes} classes but {self.config.data} has {data.info.num_classes}; "
-                "build or convert a model with the right head (e.g. upcycle pretrain ... --data NAME)"
-            )
+        c = self.config
+        options = {"image_size": self.image_size, "channels": self.channels}
+        if not is_builtin(c.data):  # the user's images: the model's own timm transform
+            options = {"task": "image-classification", "data_config": self.data_config}
+        data = load_dataset(c.data, split, augment=c.augment and split == "train", seed=c.seed, **options,
+                            **c.data_options)  # fmt: skip
+        _check_classes(self.num_classes, data, c.data)
         return data
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -70,9 +70,11 @@ class CausalLM:
 
     def dataset(self, split: str):
         from ..data import load_dataset
+        from ..data.registry import is_builtin
 
+        task = {} if is_builtin(self.config.data) else {"task": "causal-lm"}
         return load_dataset(self.config.data, split, tokenizer=self.tokenizer, seq_len=self.config.seq_len,
-                            seed=self.config.seed, **self.config.data_options)  # fmt: skip
+                            seed=self.config.seed, **task, **self.config.data_options)  # fmt: skip
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         loss = next_token_loss(model, batch["input_ids"])
@@ -86,8 +88,9 @@ class CausalLM:
 
 
 class SequenceClassification:
-    """An encoder with a classification head (e.g. ``BertForSequenceClassification``) on a text dataset whose items
-    carry a ``domain`` id (``text_mixture``): the label of a passage is the domain it was taken from."""
+    """An encoder with a classification head (e.g. ``BertForSequenceClassification``) on labelled texts: the user's
+    (padded, with an attention mask the model pools by) or a built-in text set whose items carry a ``domain`` id
+    (``text_mixture``: the label of a passage is the domain it was taken from)."""
 
     metric = "accuracy"
 
@@ -103,9 +106,16 @@ class SequenceClassification:
 
     def dataset(self, split: str):
         from ..data import load_dataset
+        from ..data.registry import is_builtin
 
-        data = load_dataset(self.config.data, split, tokenizer=self.tokenizer, seq_len=self.config.seq_len,
-                            seed=self.config.seed, **self.config.data_options)  # fmt: skip
+        c = self.config
+        if not is_builtin(c.data):
+            data = load_dataset(c.data, split, task="text-classification", tokenizer=self.tokenizer,
+                                seq_len=c.seq_len, seed=c.seed, **c.data_options)  # fmt: skip
+            _check_classes(self.num_classes, data, c.data)
+            return data
+        data = load_dataset(c.data, split, tokenizer=self.tokenizer, seq_len=c.seq_len, seed=c.seed,
+                            **c.data_options)  # fmt: skip
         domains = getattr(data.info, "domains", None)
         if not domains:
             raise ValueError(f"{self.config.data} has no domain labels to classify; use text_mixture")
@@ -117,7 +127,7 @@ class SequenceClassification:
         return DomainLabelled(data)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        logits = model(input_ids=batch["input_ids"]).logits  # [b, classes]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits  # [b, classes]
         loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.config.label_smoothing)
         accuracy = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
         return loss, {"accuracy": float(accuracy)}
@@ -140,6 +150,26 @@ class DomainLabelled(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = self.data[i]
         return {"input_ids": item["input_ids"], "labels": item["domain"]}
+
+
+def _check_classes(num_classes: int, data, name: str) -> None:
+    if data.info.num_classes != num_classes:
+        raise UserError(
+            f"the model predicts {num_classes} classes but {name} has {data.info.num_classes}; give the model a "
+            f"fresh head of that size (--num-labels {data.info.num_classes}), or pretrain / convert one with it"
+        )
+
+
+def _timm_data_config(model: nn.Module, channels: int, image_size: int) -> dict:
+    """The model's own timm data config (input size, interpolation, crop, mean, std), for the user's images."""
+    from timm.data import resolve_model_data_config
+
+    config = resolve_model_data_config(model)
+    config["input_size"] = (channels, image_size, image_size)  # what the model was built for, whatever its tag said
+    for key in ("mean", "std"):
+        if len(config[key]) != channels:
+            config[key] = (sum(config[key]) / len(config[key]),) * channels
+    return config
 
 
 def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -168,25 +198,32 @@ def _tokenizer_for(model: nn.Module):
     return transformers.AutoTokenizer.from_pretrained(origin)
 
 
-TASKS = {"image_classification": ImageClassification, "causal_lm": CausalLM, "encoder": SequenceClassification}
-
+TASKS = {"image-classification": ImageClassification, "causal-lm": CausalLM,
+         "text-classification": SequenceClassification}  # fmt: skip
+# what a family is trained for unless the run says otherwise
+TASK_OF_ADAPTER = {"image_classification": "image-classification", "causal_lm": "causal-lm",
+                   "encoder": "text-classification"}  # fmt: skip
 
 # the dataset option each task passes, which only datasets of the right kind take
-DATA_KIND = {"image_classification": ("image_size", "image"), "causal_lm": ("tokenizer", "text"),
-             "encoder": ("tokenizer", "text")}  # fmt: skip
+DATA_KIND = {"image-classification": ("image_size", "image"), "causal-lm": ("tokenizer", "text"),
+             "text-classification": ("tokenizer", "text")}  # fmt: skip
 
 
 def make_task(model: nn.Module, adapter, config):
-    if adapter.task not in TASKS:
+    """The run's task: ``config.task`` when given (an LM trained as a text classifier), else the family's."""
+    task = getattr(config, "task", None) or TASK_OF_ADAPTER.get(adapter.task)
+    if task not in TASKS:
         raise ValueError(f"training {adapter.task} models is not supported yet; supported: {sorted(TASKS)}")
-    check_data_kind(adapter.task, config.data)
-    return TASKS[adapter.task](model, adapter, config)
+    check_data_kind(task, config.data)
+    return TASKS[task](model, adapter, config)
 
 
 def check_data_kind(task: str, data: str) -> None:
     """Refuse a dataset of the wrong kind (text for a vision model, images for an LM) before anything loads."""
-    from ..data.registry import UnknownDatasetError, dataset_options, list_datasets
+    from ..data.registry import UnknownDatasetError, dataset_options, is_builtin, list_datasets
 
+    if not is_builtin(data):
+        return  # the user's data: the task reads the columns it needs and names the ones it finds
     option, kind = DATA_KIND[task]
     try:
         fits = option in dataset_options(data)
@@ -194,5 +231,5 @@ def check_data_kind(task: str, data: str) -> None:
         return  # named in the error the loader raises
     if not fits:
         names = [name for name in list_datasets() if option in dataset_options(name)]
-        raise UserError(f"{task.replace('_', ' ')} models train on {kind} datasets and {data!r} is not one; "
+        raise UserError(f"{task.replace('-', ' ')} models train on {kind} datasets and {data!r} is not one; "
                         f"choose one of {', '.join(names)}")  # fmt: skip
