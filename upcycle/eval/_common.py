@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..adapters.hf_common import is_hf_model
+from ..layers import real_tokens
 
 TARGET_KEYS = ("labels",)  # batch keys that are targets, never model inputs
 
@@ -41,13 +43,21 @@ def default_forward(model: nn.Module, inputs: dict) -> Any:
 
 
 def resolve_forward(adapter_or_forward: Adapter | Forward | None) -> Forward:
+    """The forward to call, run so that padding (an ``attention_mask`` in the inputs) counts in no routing."""
     if adapter_or_forward is None:
-        return default_forward
-    if isinstance(adapter_or_forward, Adapter):
-        return adapter_or_forward.outputs
-    if callable(adapter_or_forward):
-        return adapter_or_forward
-    raise TypeError(f"expected an Adapter or a callable forward(model, inputs), got {type(adapter_or_forward)}")
+        forward = default_forward
+    elif isinstance(adapter_or_forward, Adapter):
+        forward = adapter_or_forward.outputs
+    elif callable(adapter_or_forward):
+        forward = adapter_or_forward
+    else:
+        raise TypeError(f"expected an Adapter or a callable forward(model, inputs), got {type(adapter_or_forward)}")
+    return partial(_without_padding, forward)
+
+
+def _without_padding(forward: Forward, model: nn.Module, inputs: dict) -> Any:
+    with real_tokens(inputs.get("attention_mask")):
+        return forward(model, inputs)
 
 
 def output_tensor(output: Any) -> torch.Tensor:

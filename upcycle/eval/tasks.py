@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..layers import real_tokens
 from ..record import record_of
 
 
@@ -127,7 +128,9 @@ class SequenceClassification:
         return DomainLabelled(data)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits  # [b, classes]
+        mask = batch.get("attention_mask")
+        with real_tokens(mask):  # padding is neither routed nor penalised
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits  # [b, classes]
         loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.config.label_smoothing)
         accuracy = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
         return loss, {"accuracy": float(accuracy)}

@@ -9,6 +9,7 @@ from .experts import Experts, ExpertStatistics
 from .ffn import FFN
 from .losses import hoyer_sparsity, l1_sparsity, load_balancing_loss, router_z_loss
 from .moe import MoE, build_moe, collect_aux_losses, describe_moe, moe_layers, set_backend, set_tau, set_top_k
+from .real_tokens import real_tokens
 from .routers import (
     MLPRouter,
     Router,
@@ -44,6 +45,7 @@ __all__ = [
     "list_routers",
     "load_balancing_loss",
     "moe_layers",
+    "real_tokens",
     "register_backend",
     "register_router",
     "router_z_loss",

@@ -1,8 +1,9 @@
 """The MoE layer: router + experts (+ an optional shared expert). A drop-in for an FFN, ``[..., d] -> [..., d]``.
 
 Any leading dimensions are accepted: ViT tokens ``[b, n, d]``, a ConvNeXt grid ``[b, H, W, d]``, LM sequences,
-or flat tokens ``[t, d]``. Sparse routers see all tokens flattened to ``[t, d]``; slot routers see
-``[b, n, d]`` with n = every position of one example (a 2-D input counts as one example).
+or flat tokens ``[t, d]``. Sparse routers see all tokens flattened to ``[t, d]``, padding left out (a sequence input
+inside ``real_tokens(attention_mask)``: padding gets a zero output); slot routers see ``[b, n, d]`` with n = every
+position of one example (a 2-D input counts as one example).
 
 The layer returns only the output tensor (so it can replace an FFN inside timm / transformers blocks) and keeps the
 latest :class:`Routing` on ``self.last_routing``; ``collect_aux_losses(model)`` reads them explicitly.
@@ -19,6 +20,7 @@ from torch import nn
 from .dual_experts import DualPathExperts
 from .experts import Experts
 from .ffn import FFN
+from .real_tokens import real_rows
 from .routers.base import Router
 from .routing import Routing
 
@@ -59,9 +61,19 @@ class MoE(nn.Module):
             raise ValueError(f"MoE layer expects last dim {self.d_model}, got input of shape {tuple(x.shape)}")
         if self.router.kind == "slots":
             examples = x.shape[0] if x.ndim >= 3 else 1
-            tokens = x.reshape(examples, -1, self.d_model)  # [b, n, d]
-        else:
-            tokens = x.reshape(-1, self.d_model)  # [t, d]
+            y, routing = self._compute(x.reshape(examples, -1, self.d_model))  # [b, n, d]
+            return y.reshape(x.shape), routing
+        tokens = x.reshape(-1, self.d_model)  # [t, d]
+        real = real_rows(x) if x.ndim == 3 else None  # [t] bool: padding is neither routed nor computed
+        if real is None:
+            y, routing = self._compute(tokens)
+            return y.reshape(x.shape), routing
+        y_real, routing = self._compute(tokens[real])  # [t_real, d]
+        y = y_real.new_zeros(tokens.shape).index_put((real.nonzero().squeeze(1),), y_real)
+        return y.reshape(x.shape), routing
+
+    def _compute(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """Route and compute ``tokens`` ([t, d], or [b, n, d] for slot routers): experts plus the shared expert."""
         routing = self.router(tokens)
         y = self.experts(tokens, routing)
         if self.shared_expert is not None:
@@ -69,7 +81,7 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
             y = y + shared
-        return y.reshape(x.shape), routing
+        return y, routing
 
 
 def describe_moe(layer: MoE) -> dict:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..layers.losses import hoyer_sparsity, l1_sparsity
+from ..layers.real_tokens import real_rows
 
 
 def activation_modules(model: nn.Module, adapter) -> dict[str, nn.Module]:
@@ -27,7 +28,8 @@ class SparsityPenalty:
         self.handles = [m.register_forward_hook(self._keep) for m in self.modules.values()]
 
     def _keep(self, module, inputs, output) -> None:
-        self.outputs.append(output)
+        real = real_rows(output)  # padding's activations count in no penalty
+        self.outputs.append(output if real is None else output.reshape(real.numel(), -1)[real])
 
     def take(self) -> tuple[torch.Tensor, float]:
         """(penalty, share of exactly-zero activations) of the forward pass just run; clears what was kept."""
