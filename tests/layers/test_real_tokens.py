@@ -32,8 +32,8 @@ def test_padding_is_zero_and_real_tokens_are_computed_as_alone():
     for key in ("load_balancing", "z_loss"):  # the aux losses see the real tokens only
         torch.testing.assert_close(masked.aux_losses[key], alone.aux_losses[key])
     assert routing_statistics(masked) == routing_statistics(alone)
-    grad, = torch.autograd.grad(y.square().sum(), x)  # gradients: the same as the reference's, zero on padding
-    ref_grad, = torch.autograd.grad(reference.square().sum(), x)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)  # gradients: the same as the reference's, zero on padding
+    (ref_grad,) = torch.autograd.grad(reference.square().sum(), x)
     torch.testing.assert_close(grad, ref_grad)
     assert torch.equal(grad[mask == 0], torch.zeros(3, 16))
 
