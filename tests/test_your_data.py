@@ -107,3 +107,18 @@ def test_a_text_file_trains_a_converted_lm(tmp_path):
         "--out", tmp_path / "run")  # fmt: skip
     after = evaluated(tmp_path, tmp_path / "run" / "model", book)["perplexity"]
     assert after < before / 3, (before, after)  # 8 words and spaces: far below the 259-way start
+
+
+def test_an_image_folder_calibrates_moe_jetpack_at_the_models_input(tmp_path):
+    from upcycle.methods.jetpack.recycling import JetpackOptions, calibration_images
+    from upcycle.sources import load_timm
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    (tmp_path / "images" / "b").mkdir(parents=True)
+    for i in range(12):
+        Image.new("RGB", (30, 20), (i * 20, 0, 0)).save(tmp_path / "images" / "ab"[i % 2] / f"{i}.png")
+    vit = load_timm("vit_tiny_patch16_224", kwargs={"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 1,
+                                                    "num_heads": 2})  # fmt: skip
+    options = JetpackOptions(calibration_data=str(tmp_path / "images"), calibration_images=8)
+    images = calibration_images(vit, options)
+    assert images.shape == (8, 3, 16, 16) and images.std() > 0

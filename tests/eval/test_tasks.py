@@ -158,9 +158,9 @@ def test_image_task_reads_the_models_input_and_augments_only_training(vit):
 
     config = TrainConfig(data="digits", steps=1, augment=True, seed=2, data_options={"max_samples": 40})
     task = make_task(vit, adapter_of(vit), config)
-    assert isinstance(task, ImageClassification) and (task.channels, task.image_size, task.num_classes) == (1, 8, 10)
+    assert isinstance(task, ImageClassification) and task.num_classes == 10
     train, val = task.dataset("train"), task.dataset("val")
-    assert train.augment and not val.augment and train[0]["x"].shape == (1, 8, 8)
+    assert train.augment and not val.augment and train[0]["x"].shape == (1, 8, 8)  # the model's input
     direct = load_dataset("digits", "val", image_size=8, channels=1, seed=2, max_samples=40)
     assert len(val) == len(direct) == 40 and torch.equal(val.labels, direct.labels)  # the run's seed and options
     assert not make_task(vit, adapter_of(vit), TrainConfig(data="digits", steps=1, augment=False)).dataset(
@@ -193,7 +193,7 @@ def test_a_colour_model_reads_grey_images_as_three_channels():
     rgb = load_timm("vit_tiny_patch16_224", None, False, {"img_size": 8, "patch_size": 4, "in_chans": 3,
                     "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 10})  # fmt: skip
     task = make_task(rgb, adapter_of(rgb), TrainConfig(data="digits", steps=1, data_options={"max_samples": 4}))
-    assert task.channels == 3 and task.dataset("val")[0]["x"].shape == (3, 8, 8)  # digits are grey: 1 channel
+    assert task.dataset("val")[0]["x"].shape == (3, 8, 8)  # digits are grey: 1 channel
 
 
 def test_a_diverging_language_models_perplexity_is_capped_at_e_to_the_50():

@@ -24,22 +24,12 @@ class ImageClassification:
     metric = "accuracy"
 
     def __init__(self, model: nn.Module, adapter, config):
-        inputs = adapter.example_inputs(model, batch=1)["x"]
-        self.channels, self.image_size = inputs.shape[1], inputs.shape[-1]
-        self.num_classes = model.num_classes
-        self.config = config
-        self.data_config = _timm_data_config(model, self.channels, self.image_size)
+        self.model, self.num_classes, self.config = model, model.num_classes, config
 
     def dataset(self, split: str):
-        from ..data import load_dataset
-        from ..data.registry import is_builtin
-
         c = self.config
-        options = {"image_size": self.image_size, "channels": self.channels}
-        if not is_builtin(c.data):  # the user's images: the model's own timm transform
-            options = {"task": "image-classification", "data_config": self.data_config}
-        data = load_dataset(c.data, split, augment=c.augment and split == "train", seed=c.seed, **options,
-                            **c.data_options)  # fmt: skip
+        data = image_dataset(self.model, c.data, split, augment=c.augment and split == "train", seed=c.seed,
+                             **c.data_options)  # fmt: skip
         _check_classes(self.num_classes, data, c.data)
         return data
 
@@ -161,6 +151,22 @@ def _check_classes(num_classes: int, data, name: str) -> None:
             f"the model predicts {num_classes} classes but {name} has {data.info.num_classes}; give the model a "
             f"fresh head of that size (--num-labels {data.info.num_classes}), or pretrain / convert one with it"
         )
+
+
+def image_dataset(model: nn.Module, data: str, split: str, *, augment: bool = False, seed: int = 0, **options):
+    """Split ``split`` of the images ``data`` names, at ``model``'s input size and channels: a built-in set, or the
+    user's images through the model's own timm transform (size, interpolation, crop, mean, std)."""
+    from ..adapters import adapter_of
+    from ..data import load_dataset
+    from ..data.registry import is_builtin
+
+    example = adapter_of(model).example_inputs(model, batch=1)["x"]  # [1, C, S, S]
+    channels, size = example.shape[1], example.shape[-1]
+    if is_builtin(data):
+        options = {"image_size": size, "channels": channels, **options}
+    else:
+        options = {"task": "image-classification", "data_config": _timm_data_config(model, channels, size), **options}
+    return load_dataset(data, split, augment=augment, seed=seed, **options)
 
 
 def _timm_data_config(model: nn.Module, channels: int, image_size: int) -> dict:

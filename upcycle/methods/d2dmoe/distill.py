@@ -71,10 +71,9 @@ def distill_attention_projections(model: nn.Module, teacher: nn.Module, data: st
 
 
 def _dataset(model: nn.Module, data: str, split: str):
-    from ...data import load_dataset
+    from ...eval.tasks import image_dataset
 
-    example = find_adapter(model).example_inputs(model, batch=1)["x"]  # [1, c, H, W]: the model's input size
-    return load_dataset(data, split, image_size=example.shape[-1], channels=example.shape[1])
+    return image_dataset(model, data, split)  # at the model's input size: a built-in set or the user's images
 
 
 @torch.no_grad()

@@ -74,7 +74,8 @@ class JetpackOptions(StrictModel):
     combine: Literal["softmax", "entmax15"] = Field("softmax", description="combine over slots (released: entmax15)")
     expert_dropout: float = Field(0.0, ge=0, lt=1, description="expert regularisation probability")
     dropout_variant: Literal["paper", "released"] = Field("paper", description="per-expert drop, or the code's")
-    calibration_data: str = Field("fashion_mnist", description="dataset whose train images calibrate (never test)")
+    calibration_data: str = Field("fashion_mnist", description="images whose train split calibrates (never test): "
+                                  "a built-in set, an image folder or a hub dataset")  # fmt: skip
     calibration_images: int = Field(256, ge=1, description="calibration images")
     graph_parts: int = Field(32, ge=2, description="METIS parts (strategy graph; released code: 32)")
     graph_threshold: float = Field(0.0, ge=0, description="co-activation counts above this make an edge")
@@ -110,7 +111,7 @@ def prepare(model, adapter, sites, config) -> list[LayerSource]:
             "layers are paired by index, so give a predecessor of the same depth"
         )
     paired = [source_sites[site.index] for site in sites]
-    images = calibration_images(source_model, source_adapter, options)
+    images = calibration_images(source_model, options)
     statistics = collect_ffn_statistics(source_model, images, sites=[s.name for s in paired],
                                         coactivation=options.strategy == "graph", adapter=source_adapter)  # fmt: skip
     sources = [source_adapter.read_ffn(source_model, s) for s in paired]
@@ -130,12 +131,12 @@ def prepare(model, adapter, sites, config) -> list[LayerSource]:
     return layer_sources
 
 
-def calibration_images(model, adapter, options: JetpackOptions) -> torch.Tensor:
-    """The first ``calibration_images`` training images of ``calibration_data``, at the model's input size."""
-    from ...data import load_dataset
+def calibration_images(model, options: JetpackOptions) -> torch.Tensor:
+    """The first ``calibration_images`` training images of ``calibration_data`` (a built-in set or the user's), at
+    the model's input size."""
+    from ...eval.tasks import image_dataset
 
-    example = adapter.example_inputs(model, batch=1)["x"]
-    data = load_dataset(options.calibration_data, "train", image_size=example.shape[-1], channels=example.shape[1])
+    data = image_dataset(model, options.calibration_data, "train")
     count = min(options.calibration_images, len(data))
     return torch.stack([data[i]["x"] for i in range(count)])
 
