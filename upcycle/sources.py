@@ -274,17 +274,25 @@ def _short(problems: dict) -> str:
     return "; ".join(f"{key}: {list(value)[:5]}" for key, value in problems.items())
 
 
+def content_key(path: Path, chunk: int = 1 << 24) -> str:
+    """A hash of the file's bytes (16 hex digits of SHA-256), read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def cache_gguf(gguf_file: str | Path) -> Path:
     """Dequantise a GGUF checkpoint with transformers once and cache it as a safetensors HF directory.
 
-    The cache key is the file's name, size and modification time, so a changed file is converted again.
+    The cache key is a hash of the file's content (not its path): a moved or copied file is found again, a changed
+    one is converted again.
     """
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file} does not exist")
-    stat = gguf_file.stat()
-    key = hashlib.sha256(f"{gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root() / "gguf" / f"{gguf_file.stem}-{key}"
+    target = cache_root() / "gguf" / f"{gguf_file.stem}-{content_key(gguf_file)}"
     if (target / "config.json").is_file():
         return target
     for module in ("gguf", "accelerate"):  # transformers needs both to dequantise; say so before it does
