@@ -58,4 +58,3 @@ def test_export_dtype(tmp_path):
 def test_a_bad_dtype_is_refused():
     with pytest.raises(ValueError, match="--dtype takes auto, float32, bfloat16, float16; got 'fp8'"):
         load_source("timm:test_vit", random_init=True, dtype="fp8")
-

@@ -1,5 +1,6 @@
 """The GGUF cache finds a file by its content: a moved copy is found again, an edited one converted again."""
 
+
 def test_the_gguf_cache_is_keyed_by_content_not_path(tmp_path):
     from upcycle.sources import content_key
 
