@@ -122,3 +122,24 @@ def test_an_image_folder_calibrates_moe_jetpack_at_the_models_input(tmp_path):
     options = JetpackOptions(calibration_data=str(tmp_path / "images"), calibration_images=8)
     images = calibration_images(vit, options)
     assert images.shape == (8, 3, 16, 16) and images.std() > 0
+
+
+def test_a_converted_lm_becomes_a_text_classifier(tmp_path):
+    """--task text-classification with --num-labels: the family's *ForSequenceClassification around the MoE body,
+    pooling at the last token that is not the data's padding."""
+    import pandas as pd
+
+    data = tmp_path / "reviews.jsonl"
+    pd.DataFrame(reviews(160)).to_json(data, orient="records", lines=True)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "lm")
+    run("convert", tmp_path / "lm", "--experts", "4", "--out", tmp_path / "moe")
+    flags = ["--task", "text-classification", "--text-column", "review", "--label-column", "sentiment"]
+    run("train", tmp_path / "moe", "--data", data, *flags, "--num-labels", "2", "--steps", "60", "--lr", "3e-3",
+        "--batch-size", "16", "--out", tmp_path / "run")  # fmt: skip
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["source"]["class"] == "LlamaForSequenceClassification" and saved["layers"]
+    result = evaluated(tmp_path, tmp_path / "run" / "model", data, *flags)
+    assert result["accuracy"] >= 0.9, result

@@ -221,7 +221,7 @@ class TrainConfig(StrictModel):
         from .data.registry import dataset_options
 
         set_by_the_run = sorted(set(self.data_options) & {"seq_len", "seed", "tokenizer", "image_size", "channels",
-                                                          "augment", "task", "data_config"})  # fmt: skip
+                                                          "augment", "task", "data_config", "pad_id"})  # fmt: skip
         if set_by_the_run:
             raise ValueError(f"data_options {set_by_the_run} are set by the training run itself; use the top-level "
                              "training keys (seq_len, seed, augment, task) instead")  # fmt: skip

@@ -195,3 +195,18 @@ def test_tokenized_text_is_cached_by_content_not_path(tmp_path, monkeypatch):
     load_dataset(str(moved), "train", task="causal-lm", seq_len=16)
     assert len(builds) == 2  # an edited file is tokenized again
     assert np.all([p.suffix == ".safetensors" for p in (tmp_path / "upcycle-data" / "tokenized").iterdir()])
+
+
+def test_a_mixture_of_the_users_text_per_domain(tmp_path):
+    for name, word in (("a", "alpha"), ("b", "beta")):
+        (tmp_path / f"{name}.txt").write_text("\n\n".join(f"{word} {i} " * 10 for i in range(30)))
+    sources = {"first": str(tmp_path / "a.txt"), "second": str(tmp_path / "b.txt")}
+    mixed = load_dataset("text_mixture", "train", sources=sources, weights={"first": 3, "second": 1}, seq_len=16)
+    assert mixed.info.domains == ("first", "second")
+    counts = torch.bincount(mixed.domain_ids, minlength=2)
+    assert abs(int(counts[0]) - 3 * int(counts[1])) <= 3  # 3 : 1, up to rounding
+    alone = load_dataset("text_mixture", "val", sources=sources, domain="second", seq_len=16)
+    assert set(alone.domain_ids.tolist()) == {1} and b"beta" in bytes(t for t in alone.sequences[0].tolist() if t < 256)
+    natural = load_dataset("text_mixture", "train", sources=sources, seq_len=16)  # all of both
+    sizes = {d: len(part) for d, part in natural.per_domain().items()}
+    assert sizes == {"first": int((natural.domain_ids == 0).sum()), "second": int((natural.domain_ids == 1).sum())}

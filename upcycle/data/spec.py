@@ -32,12 +32,13 @@ from .user import class_names, find_column, infer_task, label_ids, pick_split, r
 TASKS = ("causal-lm", "text-classification", "image-classification")
 
 
-def load_spec(spec: str, split: str, *, task: str | None = None, tokenizer=None, seq_len: int = 256, seed: int = 0,
-              data_config: dict | None = None, image_size: int | None = None, channels: int = 3, augment: bool = False,
+def load_spec(spec: str, split: str, *, task: str | None = None, tokenizer=None, pad_id: int | None = None,
+              seq_len: int = 256, seed: int = 0, data_config: dict | None = None, image_size: int | None = None,
+              channels: int = 3, augment: bool = False,
               text_column: str | None = None, label_column: str | None = None, image_column: str | None = None,
               val_fraction: float = 0.1, max_tokens: int | None = None) -> Dataset:  # fmt: skip
     """Split ``split`` of the dataset ``spec`` names, as items for ``task`` (one of ``TASKS``; None: inferred from
-    the columns, see ``infer_task``)."""
+    the columns, see ``infer_task``). ``pad_id``: what classified text is padded with (default: the tokenizer's)."""
     if task is not None and task not in TASKS:
         raise UserError(f"--task takes {', '.join(TASKS)}; got {task!r}")
     splits = read_splits(spec)
@@ -51,7 +52,8 @@ def load_spec(spec: str, split: str, *, task: str | None = None, tokenizer=None,
     tok = get_tokenizer(tokenizer)
     if task == "causal-lm":
         return _packed_text(spec, split, rows[text], tok, seq_len, seed, max_tokens)
-    return _classified_text(spec, split, rows, train, text, label_column, tok, seq_len, seed)
+    return _classified_text(spec, split, rows, train, text, label_column, tok, seq_len, seed,
+                            tok.pad_id if pad_id is None else pad_id)  # fmt: skip
 
 
 def _packed_text(spec, split, texts, tok, seq_len, seed, max_tokens) -> PackedTextDataset:
@@ -80,18 +82,18 @@ class ClassifiedText(Dataset):
         return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
 
 
-def _classified_text(spec, split, rows, train, text, label_column, tok, seq_len, seed) -> ClassifiedText:
+def _classified_text(spec, split, rows, train, text, label_column, tok, seq_len, seed, pad_id) -> ClassifiedText:
     label = find_column(rows, "label", label_column, spec)
     classes = class_names(train, label)
     labels = torch.from_numpy(label_ids(rows, label, classes, spec))
     texts = [str(t) for t in rows[text]]
-    key = _content_key("text-classification", tok, seq_len, None, texts)
+    key = _content_key(f"text-classification:{pad_id}", tok, seq_len, None, texts)
 
     def tokenize() -> dict[str, torch.Tensor]:
         encoded = [tok.encode_example(t, seq_len) for t in tqdm(texts, desc=f"tokenize {split}", unit="row",
                                                                  leave=False)]  # fmt: skip
         length = max(1, max(len(ids) for ids in encoded))
-        ids = torch.full((len(encoded), length), tok.pad_id, dtype=torch.int64)
+        ids = torch.full((len(encoded), length), pad_id, dtype=torch.int64)
         mask = torch.zeros(len(encoded), length, dtype=torch.int64)
         for row, tokens in enumerate(encoded):
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)

@@ -6,6 +6,10 @@ file-level split as when loaded alone; the mixture then takes sequences from eac
 ``info.domains`` (always all three, in the order of ``DOMAINS``, so ids are stable across weightings), and
 ``dataset.per_domain()`` gives each domain's packed split, for reporting held-out loss per domain.
 
+``sources`` mixes the user's text instead: ``{domain name: SPEC}`` (a text file, a folder, a hub dataset; see
+``upcycle.data.user``), each read as a causal-LM set (its rows are its documents), in that order; a SPEC may also
+be one of the three built-in domains.
+
 How many sequences per domain:
 - no ``weights``, ``max_tokens`` or ``num_sequences``: all of every domain (the natural mixture);
 - otherwise the weights (default: proportional to each domain's characters in this split) are normalised, and the
@@ -49,14 +53,14 @@ class MixtureDataset(PackedTextDataset):
         return dict(self.parts)
 
 
-def _normalise(weights: dict[str, float]) -> dict[str, float]:
-    unknown = sorted(set(weights) - set(DOMAINS))
+def _normalise(weights: dict[str, float], domains: tuple[str, ...] = DOMAINS) -> dict[str, float]:
+    unknown = sorted(set(weights) - set(domains))
     if unknown:
-        raise ValueError(f"unknown domain(s) {', '.join(unknown)} in weights; domains: {', '.join(DOMAINS)}")
+        raise ValueError(f"unknown domain(s) {', '.join(unknown)} in weights; domains: {', '.join(domains)}")
     if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
         raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
     total = sum(weights.values())
-    return {d: weights[d] / total for d in DOMAINS if weights.get(d, 0) > 0}
+    return {d: weights[d] / total for d in domains if weights.get(d, 0) > 0}
 
 
 def _largest_remainder(weights: dict[str, float], total: int) -> dict[str, int]:
@@ -84,23 +88,37 @@ def load(
     max_tokens: int | None = None,
     num_sequences: int | None = None,
     seed: int = 0,
+    sources: dict[str, str] | None = None,
 ) -> MixtureDataset:
+    specs = dict(sources) if sources else {d: d for d in DOMAINS}  # domain name -> what is read for it
+    domains = tuple(specs)
     if domain is not None:  # one domain of the mixture, with the mixture's domain ids
         if weights is not None:
             raise ValueError("pass weights or domain, not both")
         weights = {domain: 1.0}
     tok = get_tokenizer(tokenizer)  # once, so a Hugging Face tokenizer is read once for all domains
-    corpora = {d: CORPORA[d](seed) for d in (_normalise(weights) if weights else DOMAINS)}
+    included = list(_normalise(weights, domains)) if weights else list(domains)
+    corpora = {d: CORPORA[specs[d]](seed) for d in included if specs[d] in CORPORA}
+
+    def packed(d: str, cap: int | None) -> PackedTextDataset:
+        """One domain's packed split: a built-in domain's files, or the user's SPEC read as causal-LM text."""
+        if d in corpora:
+            return text_dataset(corpora[d], split, tokenizer=tok, seq_len=seq_len, max_tokens=cap, seed=seed)
+        from .spec import load_spec
+
+        return load_spec(specs[d], split, task="causal-lm", tokenizer=tok, seq_len=seq_len, seed=seed, max_tokens=cap)
+
     natural = weights is None and max_tokens is None and num_sequences is None
-    if weights is None:
-        weights = {d: float(c.num_chars(split)) for d, c in corpora.items()}
-    weights = _normalise(weights)
+    if weights is None:  # in proportion to each domain's text: characters of the files, else packed sequences
+        builtin = len(corpora) == len(included)
+        weights = {d: float(corpora[d].num_chars(split) if builtin else len(packed(d, None))) for d in included}
+    weights = _normalise(weights, domains)
 
     parts = {}
-    for d, corpus in corpora.items():
+    for d in weights:
         # a little more than this domain's share, so the selection below is never short by rounding
         cap = None if max_tokens is None else math.ceil(weights[d] * max_tokens) + seq_len
-        parts[d] = text_dataset(corpus, split, tokenizer=tok, seq_len=seq_len, max_tokens=cap, seed=seed)
+        parts[d] = packed(d, cap)
     available = {d: len(part) for d, part in parts.items()}
 
     if natural:
@@ -117,7 +135,7 @@ def load(
     if not chosen:
         raise ValueError("the mixture is empty; raise max_tokens or num_sequences")
     sequences = torch.cat([parts[d].sequences[torch.from_numpy(idx)] for d, idx in chosen.items()])  # [N, seq_len]
-    domain_ids = torch.cat([torch.full((len(idx),), DOMAINS.index(d), dtype=torch.int64) for d, idx in chosen.items()])
+    domain_ids = torch.cat([torch.full((len(idx),), domains.index(d), dtype=torch.int64) for d, idx in chosen.items()])
     info = DatasetInfo(
         name=NAME,
         kind="text",
@@ -129,7 +147,7 @@ def load(
         seq_len=seq_len,
         num_tokens=sequences.numel(),
         domain="mixture",
-        domains=DOMAINS,
+        domains=domains,
         files=tuple(f"{d}/{name}" for d in parts for name in parts[d].info.files),
     )
     return MixtureDataset(sequences, info, domain_ids, parts)

@@ -79,21 +79,22 @@ class CausalLM:
 
 
 class SequenceClassification:
-    """An encoder with a classification head (e.g. ``BertForSequenceClassification``) on labelled texts: the user's
-    (padded, with an attention mask the model pools by) or a built-in text set whose items carry a ``domain`` id
+    """A transformers ``*ForSequenceClassification`` (an encoder, or a decoder pooling its last token) on labelled
+    texts: the user's (padded, with an attention mask) or a built-in text set whose items carry a ``domain`` id
     (``text_mixture``: the label of a passage is the domain it was taken from)."""
 
     metric = "accuracy"
 
     def __init__(self, model: nn.Module, adapter, config):
-        if not isinstance(getattr(model, "classifier", None), nn.Module):
-            raise ValueError(
-                f"{type(model).__name__} has no classification head; load the encoder for sequence classification "
-                "(e.g. BertForSequenceClassification.from_pretrained(folder, num_labels=3))"
-            )
+        if not type(model).__name__.endswith("ForSequenceClassification"):
+            raise UserError(f"{type(model).__name__} has no classification head; give it one with --num-labels N "
+                            "(or --reset-head, sized from the data's labels)")  # fmt: skip
         self.config = config
         self.num_classes = model.config.num_labels
         self.tokenizer = _tokenizer_for(model)
+        # pad with the model's own padding id: a decoder pools at its last token that is not padding
+        pad = getattr(model.config, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else self.tokenizer.pad_id
 
     def dataset(self, split: str):
         from ..data import load_dataset
@@ -102,7 +103,7 @@ class SequenceClassification:
         c = self.config
         if not is_builtin(c.data):
             data = load_dataset(c.data, split, task="text-classification", tokenizer=self.tokenizer,
-                                seq_len=c.seq_len, seed=c.seed, **c.data_options)  # fmt: skip
+                                pad_id=self.pad_id, seq_len=c.seq_len, seed=c.seed, **c.data_options)  # fmt: skip
             _check_classes(self.num_classes, data, c.data)
             return data
         data = load_dataset(c.data, split, tokenizer=self.tokenizer, seq_len=c.seq_len, seed=c.seed,

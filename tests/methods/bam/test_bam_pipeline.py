@@ -109,3 +109,22 @@ def test_cli(tmp_path, capsys):
     code = main(["export", str(tmp_path / "run" / "mix-bam_shared_kv" / "model"), "--format", "bam", "--out",
                  str(tmp_path / "hf")])  # fmt: skip
     assert code == 0 and (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_each_branch_trains_on_the_users_text(tmp_path, monkeypatch):
+    """domains: {name: SPEC}: one branch per file of the user's text, mixed and evaluated per domain."""
+    import random
+
+    monkeypatch.setenv("UPCYCLE_DATA", str(tmp_path / "data-cache"))
+    rng = random.Random(0)
+    for name, words in (("recipes", ["flour", "salt", "bake", "stir"]), ("law", ["court", "shall", "party", "act"])):
+        (tmp_path / f"{name}.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(40))
+                                                          for _ in range(30)))  # fmt: skip
+    domains = {"recipes": str(tmp_path / "recipes.txt"), "law": str(tmp_path / "law.txt")}
+    recipe = {**TINY_RECIPE, "domains": domains, "variants": ["btx"], "dense_continued": False}
+    summary = run_bam(tiny_seed(), recipe, tmp_path / "run", progress=False, timing=False)
+    assert (tmp_path / "run" / "branch-recipes" / "model").is_dir() and (tmp_path / "run" / "branch-law").is_dir()
+    assert set(summary["models"]["btx"]["test"]) == {"recipes", "law", "average"}
+    assert set(summary["models"]["btx"]["expert_usage"]) == {"recipes", "law"}
+    with pytest.raises(ValueError, match="mixed by the text_mixture dataset"):
+        load_recipe({**recipe, "data": "shakespeare"})

@@ -21,7 +21,8 @@ def domain_perplexity(model: nn.Module, recipe: BAMRecipe, split: str) -> dict[s
     seq_len = recipe.mix_config().seq_len
     result = {}
     for domain in recipe.domains:
-        held_out = HeldOut(model, recipe.data, split, recipe.eval_sequences, seq_len, data_options={"domain": domain})
+        held_out = HeldOut(model, recipe.data, split, recipe.eval_sequences, seq_len,
+                           data_options=recipe.data_options(domain=domain))  # fmt: skip
         result[domain] = held_out.metric(model)
     result["average"] = statistics.fmean(result[d] for d in recipe.domains)
     return result
@@ -41,7 +42,7 @@ def expert_usage(model: nn.Module, recipe: BAMRecipe, split: str = "val") -> dic
     model.eval()
     for domain in recipe.domains:
         held_out = HeldOut(model, recipe.data, split, recipe.eval_sequences, recipe.mix_config().seq_len,
-                           data_options={"domain": domain})  # fmt: skip
+                           data_options=recipe.data_options(domain=domain))  # fmt: skip
         ffn, attention = torch.zeros(experts), torch.zeros(experts)
         for batch in held_out.batches():
             model(input_ids=batch["input_ids"])
@@ -58,7 +59,7 @@ def expert_usage(model: nn.Module, recipe: BAMRecipe, split: str = "val") -> dic
 def example_ids(model: nn.Module, recipe: BAMRecipe, sequences: int) -> torch.Tensor:
     """The first ``sequences`` held-out validation sequences of the mixture ``[n, seq_len]``."""
     held_out = HeldOut(model, recipe.data, "val", sequences, recipe.mix_config().seq_len,
-                       data_options={"weights": dict.fromkeys(recipe.domains, 1.0)})  # fmt: skip
+                       data_options=recipe.data_options(weights=dict.fromkeys(recipe.domains, 1.0)))  # fmt: skip
     return next(iter(held_out.batches(1)))["input_ids"][:sequences]
 
 

@@ -146,6 +146,6 @@ def run_bam(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str | P
     if "btx" in results and "bam_expert_kv" in results:
         summary["bam_over_btx"] = summary["bam_expert_kv_ppl"] / summary["btx_ppl"]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    summary["plot"] = str(plot_bam({"seed 0": results}, recipe.domains, out / "bam.png"))
-    summary["usage_plot"] = str(plot_usage(results, recipe.domains, out / "routing.png"))
+    summary["plot"] = str(plot_bam({"seed 0": results}, list(recipe.domains), out / "bam.png"))
+    summary["usage_plot"] = str(plot_usage(results, list(recipe.domains), out / "routing.png"))
     return summary

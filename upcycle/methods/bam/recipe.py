@@ -35,8 +35,11 @@ MIX_DEFAULTS = {"steps": 600, "batch_size": 16, "lr": 5e-4, "warmup": 0.05, "wei
 
 class BAMRecipe(StrictModel):
     data: str = Field("text_mixture", description="a dataset of domains with per-domain weights (text_mixture)")
-    domains: list[str] = Field(["shakespeare", "python_code", "python_docs"], min_length=1,
-                               description="one branch per domain, in expert order after the seed")  # fmt: skip
+    domains: list[str] | dict[str, str] = Field(
+        ["shakespeare", "python_code", "python_docs"], min_length=1,
+        description="one branch per domain, in expert order after the seed: text_mixture's domains, or "
+        "{name: SPEC} of the user's text (a text file, a folder, a hub dataset) per domain",
+    )  # fmt: skip
     general_share: float = Field(0.1, ge=0, lt=1, description="share of the other domains in a branch's data")
     branch: dict[str, Any] = Field(default_factory=dict, description="training recipe of each branch")
     mix: dict[str, Any] = Field(default_factory=dict, description="training recipe of the mixture phase")
@@ -54,7 +57,10 @@ class BAMRecipe(StrictModel):
     def _check(self):
         if len(set(self.domains)) != len(self.domains):
             raise ValueError(f"domains must be distinct, got {self.domains}")
-        if self.data == "text_mixture":
+        if isinstance(self.domains, dict) and self.data != "text_mixture":
+            raise ValueError("domains given as {name: SPEC} are mixed by the text_mixture dataset; set data: "
+                             "text_mixture")  # fmt: skip
+        if self.data == "text_mixture" and isinstance(self.domains, list):
             from ...data.text_mixture import DOMAINS
 
             unknown = sorted(set(self.domains) - set(DOMAINS))
@@ -76,12 +82,16 @@ class BAMRecipe(StrictModel):
             return {domain: 1.0}
         return {domain: 1 - self.general_share, **{d: self.general_share / len(others) for d in others}}
 
+    def data_options(self, **options) -> dict:
+        """``options`` of the mixture dataset, with the user's SPEC per domain when the recipe names them."""
+        return {**options, "sources": dict(self.domains)} if isinstance(self.domains, dict) else options
+
     def branch_config(self, domain: str) -> TrainConfig:
-        return self._config(BRANCH_DEFAULTS, self.branch, {"weights": self.branch_weights(domain)})
+        return self._config(BRANCH_DEFAULTS, self.branch, self.data_options(weights=self.branch_weights(domain)))
 
     def mix_config(self, steps: int | None = None) -> TrainConfig:
         """The mixture phase (all domains in equal shares); ``steps`` overrides its length (the dense run)."""
-        config = self._config(MIX_DEFAULTS, self.mix, {"weights": dict.fromkeys(self.domains, 1.0)})
+        config = self._config(MIX_DEFAULTS, self.mix, self.data_options(weights=dict.fromkeys(self.domains, 1.0)))
         return config if steps is None else load_train_config(config, steps=steps, epochs=None)
 
     def _config(self, defaults: dict, given: dict, data_options: dict) -> TrainConfig:
