@@ -9,18 +9,23 @@ import pytest
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import upcycle
+from upcycle.adapters.base import ensure_record
 from upcycle.export.mixtral import export_mixtral
+from upcycle.layers import Experts
 
 from .helpers import (
     BACKBONE,
+    EXPERTS,
     REFUSALS,
     SIZES,
+    WIDTH,
     assert_backbone_config,
     assert_no_training_noise,
     assert_provenance,
     assert_refused,
     assert_round_trip,
     converted,
+    first_moe,
     tensor_names,
     tiny_llama,
 )
@@ -55,6 +60,14 @@ def test_the_config_keeps_the_sources_backbone_settings(tmp_path):
 
 def test_a_one_layer_model_exports(tmp_path):
     model = converted(tiny_llama(num_hidden_layers=1))
+    assert_round_trip(model, export_mixtral(model, tmp_path / "mixtral"), "MixtralForCausalLM")
+
+
+def test_moe_layers_installed_without_a_wrapper_export(tmp_path):
+    """An MoE that sits in the model as the layer's mlp itself (no MoEFFN around it) is read as it is."""
+    model = converted()
+    for layer in model.model.layers:
+        layer.mlp = layer.mlp.moe
     assert_round_trip(model, export_mixtral(model, tmp_path / "mixtral"), "MixtralForCausalLM")
 
 
@@ -148,3 +161,73 @@ def test_unknown_layout(tmp_path):
 def test_refusals(case, tmp_path):
     build, match = REFUSALS[case]
     assert_refused(export_mixtral, build(), tmp_path, match, NAMES)
+
+
+def with_experts(model, d_hidden: int = 64, activation: str = "silu"):
+    """Layer 0's experts replaced by gated, bias-free ones of another width or activation."""
+    first_moe(model).experts = Experts(EXPERTS, WIDTH, d_hidden, activation=activation, gated=True, bias=False)
+    return model
+
+
+def with_record_only(model):
+    """A dense model with a record (as upcycle.save writes for one) but no MoE layer."""
+    ensure_record(model)
+    return model
+
+
+# the whole reason and what to do about it, so a reworded, truncated or mis-addressed message shows
+MESSAGES = {
+    "partial": (
+        REFUSALS["partial"][0],
+        "decoder layers [0, 2] are still dense FFNs, but every Mixtral layer is a sparse MoE block; convert with "
+        "layers='all', or use export_qwen2_moe, which keeps dense layers (mlp_only_layers)",
+    ),
+    "not renormalised": (
+        REFUSALS["not renormalised"][0],
+        "the router does not renormalise the top-k weights (renormalize=False), but Mixtral always divides them by "
+        "their sum; convert with router_renormalize=True, or use export_qwen2_moe (norm_topk_prob=False)",
+    ),
+    "soft router": (
+        REFUSALS["soft router"][0],
+        "layer 0: its router is SoftMoERouter, not token-choice top-k; Mixtral sends each token to its top-k experts "
+        "by softmax probability (convert with router type 'topk')",
+    ),
+    "expert biases": (
+        REFUSALS["expert biases"][0],
+        "layer 0: its experts have biases (b_up, b_gate, b_down, from a source with mlp_bias=True); Mixtral's expert "
+        "projections have none",
+    ),
+    "gated gelu experts": (
+        lambda: with_experts(converted(), activation="gelu"),
+        "layer 0: its experts are gated gelu FFNs; Mixtral's experts are SiLU-gated: down(silu(gate·x) ⊙ up·x)",
+    ),
+    "expert widths": (
+        lambda: with_experts(converted(), d_hidden=48),
+        "MoE layers differ in d_hidden ({0: 48, 1: 64, 2: 64}); Mixtral's config holds one value",
+    ),
+    "activation": (
+        REFUSALS["activation"][0],
+        "the source activation is 'gelu', but Mixtral's MLPs and experts compute silu(gate·x) ⊙ up·x; only "
+        "SiLU-gated sources (hidden_act='silu') can be exported",
+    ),
+    "attention bias": (
+        REFUSALS["attention bias"][0],
+        "the source attention projections ['q_proj', 'k_proj', 'v_proj', 'o_proj'] have biases (e.g. Llama "
+        "attention_bias=True), but in Mixtral's attention no projection has a bias",
+    ),
+    "not converted": (
+        REFUSALS["not converted"][0],
+        "the model has no conversion record; export a model returned by upcycle.convert",
+    ),
+    "no MoE layer": (
+        lambda: with_record_only(tiny_llama()),
+        "the model has no MoE layer (the layer selection of upcycle.convert matched none)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MESSAGES))
+def test_refusal_messages_in_full(case, tmp_path):
+    """Each refusal names Mixtral, says exactly what stands in the way and how to convert or export instead."""
+    build, message = MESSAGES[case]
+    assert_refused(export_mixtral, build(), tmp_path, re.escape(message) + "$", NAMES)

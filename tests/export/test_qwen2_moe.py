@@ -2,12 +2,14 @@
 and reproduce our logits and greedy continuation; what Qwen2-MoE cannot express is refused before writing."""
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 from upcycle.export.qwen2_moe import export_qwen2_moe
 from upcycle.layers import FFN, moe_layers
@@ -144,6 +146,12 @@ def with_shared_widths(model):
     return model
 
 
+def with_dense_widths(model):
+    """Dense layers 0 and 1 of different widths: the config has one intermediate_size for every dense MLP."""
+    model.model.layers[0].mlp = LlamaMLP(LlamaConfig(**{**SIZES, "intermediate_size": 48}))
+    return model
+
+
 def without_expert_biases(model):
     """Bias-free experts next to biased dense MLPs: only the dense layers stand in the way."""
     for _, layer in moe_layers(model):
@@ -161,7 +169,11 @@ QWEN_REFUSALS = {
     ),
     "ungated shared expert": (
         lambda: add_shared_expert(converted(), gate=False),
-        "not scaled by a bias-free sigmoid gate",
+        re.escape(
+            "layer 0: the shared expert is not scaled by a bias-free sigmoid gate; Qwen2-MoE always multiplies it by "
+            "sigmoid(shared_expert_gate·x) (build the MoE with shared_expert_gate=True)"
+        )
+        + "$",
     ),
     "plain shared expert": (lambda: add_shared_expert(converted(), gated=False), r"\(plain silu, bias=False\) is not"),
     "biased shared expert": (
@@ -177,6 +189,10 @@ QWEN_REFUSALS = {
         r"dense MLP of layer 0 has biases \(mlp_bias=True\)",
     ),
     "shared widths": (lambda: with_shared_widths(converted()), "differ in shared expert width"),
+    "dense widths": (
+        lambda: with_dense_widths(converted(layers=[2])),
+        re.escape("MoE layers differ in dense MLP width ({0: 48, 1: 64}); Qwen2-MoE's config holds one value") + "$",
+    ),
 }
 
 
