@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -39,6 +40,7 @@ def test_a_large_model_is_written_in_indexed_shards_that_load_back(tmp_path):
     biggest = max(t.numel() * t.element_size() for t in state.values())
     out = upcycle.save(moe, tmp_path / "m", max_shard_bytes=biggest)
     index = json.loads((out / INDEX).read_text())
+    assert (out / INDEX).read_text() == json.dumps(index, indent=2) + "\n"  # indented, as Hugging Face writes it
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and not (out / SINGLE).exists()
     assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
@@ -49,23 +51,53 @@ def test_a_large_model_is_written_in_indexed_shards_that_load_back(tmp_path):
     assert not list(out.glob("shard-*"))  # no temporary shard names left
 
 
-def test_shards_never_exceed_the_limit_unless_one_tensor_does(tmp_path):
+@pytest.mark.parametrize(
+    ("sizes", "shards"),
+    [
+        ([10, 10, 5, 30, 1], [["t0", "t1", "t2"], ["t3"], ["t4"]]),  # float32: 100 bytes fit; 120 alone; then 4
+        ([10, 10, 10], [["t0", "t1"], ["t2"]]),  # 40 + 40 + 40: the shard's bytes add up, the third would pass 100
+        ([15, 15, 10], [["t0"], ["t1", "t2"]]),  # 60 | 60 + 40: a new shard counts from zero, so 100 fit again
+    ],
+)
+def test_shards_never_exceed_the_limit_unless_one_tensor_does(sizes, shards, tmp_path):
     with ShardWriter(tmp_path, max_shard_bytes=100) as writer:
-        for i, size in enumerate([10, 10, 5, 30, 1]):  # float32: 40, 40, 20, 120, 4 bytes
+        for i, size in enumerate(sizes):
             writer.add(f"t{i}", torch.full((size,), float(i)))
     index = json.loads((tmp_path / INDEX).read_text())
-    shards = {}
+    written = {}
     for name, file in index["weight_map"].items():
-        shards.setdefault(file, []).append(name)
-    assert sorted(shards.values()) == [["t0", "t1", "t2"], ["t3"], ["t4"]]  # 100 bytes fit; 120 alone; then 4
+        written.setdefault(file, []).append(name)
+    assert sorted(written.values()) == shards
     state = read_weights(tmp_path)
-    assert all(torch.equal(state[f"t{i}"], torch.full((n,), float(i))) for i, n in enumerate([10, 10, 5, 30, 1]))
+    assert all(torch.equal(state[f"t{i}"], torch.full((n,), float(i))) for i, n in enumerate(sizes))
+
+
+@pytest.mark.parametrize("max_shard_bytes", [100, 40])
+def test_every_file_says_its_format_and_keeps_the_callers_metadata(max_shard_bytes, tmp_path):
+    """Each safetensors file, single or one of the shards, has metadata format "pt" (transformers refuses a file
+    whose metadata names another framework) next to what the caller asked for."""
+    with ShardWriter(tmp_path, max_shard_bytes, metadata={"origin": "test"}) as writer:
+        writer.add("a", torch.zeros(10))
+        writer.add("b", torch.ones(10))
+    files = shard_files(tmp_path)
+    assert len(files) == (1 if max_shard_bytes == 100 else 2)
+    for path in files:
+        with safe_open(str(path), "pt") as handle:
+            assert handle.metadata() == {"format": "pt", "origin": "test"}
 
 
 def test_an_empty_writer_still_writes_one_file(tmp_path):
     with ShardWriter(tmp_path, max_shard_bytes=100):
         pass
     assert [p.name for p in tmp_path.iterdir()] == [SINGLE]
+
+
+def test_every_tensor_after_a_repeated_one_is_kept():
+    """unique_state skips a tensor that shares storage with an earlier one, and goes on with the rest."""
+    shared = torch.nn.Linear(2, 2)
+    model = torch.nn.Sequential(shared, shared, torch.nn.Linear(2, 3))
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias"]
+    assert list(unique_state(model)) == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
 def test_tied_tensors_are_stored_once_and_restored_under_either_name(tmp_path):
@@ -121,18 +153,59 @@ def test_a_model_with_nan_weights_is_not_saved(tmp_path):
     moe = tiny_moe()
     with torch.no_grad():
         moe.lm_head.weight[0, 0] = float("nan")
-    with pytest.raises(UserError, match=r"NaN or Inf in lm_head\.weight; nothing was written"):
+    with pytest.raises(
+        UserError, match=r"^the model to save contains NaN or Inf in lm_head\.weight; nothing was written"
+    ):
         upcycle.save(moe, tmp_path / "m")
     assert not any(tmp_path.iterdir())
 
 
-def test_a_mismatch_message_names_at_most_ten_tensors():
+def test_a_directory_with_nan_weights_is_not_loaded(tmp_path):
+    """The refusal names the directory and the tensor, and says what to do."""
+    out = upcycle.save(tiny_moe(), tmp_path / "m")
+    weights = read_weights(out)
+    weights["lm_head.weight"][0, 0] = float("inf")
+    save_file(weights, out / SINGLE)
+    message = (
+        f"the model in {out} contains NaN or Inf in lm_head.weight; the directory is damaged; convert or train it again"
+    )
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        upcycle.load(out)
+
+
+@pytest.mark.parametrize(("dtype", "loaded"), [("bfloat16", torch.bfloat16), (None, torch.float32)])
+def test_load_rebuilds_the_model_in_its_recorded_dtype(dtype, loaded, tmp_path):
+    """The recorded dtype, or float32 for a record that names none."""
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(**SIZES)).to(torch.bfloat16).eval()
+    moe = upcycle.convert(dense, "sparse_upcycling", num_experts=2, top_k=1, progress=False)
+    out = upcycle.save(moe, tmp_path / "m")
+    config = out / "config.json"
+    assert json.loads(config.read_text())["dtype"] == "bfloat16"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": dtype}))
+    assert {tensor.dtype for tensor in upcycle.load(out).state_dict().values()} == {loaded}
+
+
+def test_a_mismatch_message_names_at_most_ten_tensors_one_a_line():
     moe = tiny_moe()
     state = {name: torch.zeros(1) for name in unique_state(moe)}
     assert len(state) > 10
     with pytest.raises(ValueError, match="do not match") as error:
         load_weights(moe, state, "shrunk")
-    assert str(error.value).count("vs model") == 10
+    head, *lines = str(error.value).split("\n  ")
+    assert head == "weights in shrunk do not match the recorded structure:"
+    assert lines == [f"{name}: file (1,) vs model {tuple(moe.state_dict()[name].shape)}" for name in list(state)[:10]]
+
+
+def test_missing_and_unexpected_tensors_are_named_ten_at_most():
+    moe = tiny_moe()
+    names = list(unique_state(moe))
+    assert len(names) > 10
+    with pytest.raises(ValueError, match=re.escape(f"missing {names[:10]}, unexpected []") + "$"):
+        load_weights(moe, {}, "empty")
+    extra = {f"extra{i}": torch.zeros(1) for i in range(11)}
+    with pytest.raises(ValueError, match=re.escape(f"missing [], unexpected {list(extra)[:10]}") + "$"):
+        load_weights(moe, {**unique_state(moe), **extra}, "extra")
 
 
 def test_save_refuses_a_model_its_record_cannot_rebuild(tmp_path):
@@ -146,6 +219,12 @@ def test_save_refuses_a_model_its_record_cannot_rebuild(tmp_path):
     width = SIZES["hidden_size"]
     with pytest.raises(ValueError, match=rf"rebuilt from its record: lm_head\.weight \(7, {width}\) rebuilt as"):
         upcycle.save(resized, tmp_path / "resized")
+    many = tiny_moe()  # the message names five, separated by semicolons
+    for i in range(6):
+        many.model.norm.register_parameter(f"extra{i}", torch.nn.Parameter(torch.ones(1)))
+    names = "; ".join(f"model.norm.extra{i}" for i in range(5))
+    with pytest.raises(ValueError, match=re.escape(f"the model cannot be rebuilt from its record: {names}") + "$"):
+        upcycle.save(many, tmp_path / "many")
     assert not any(tmp_path.iterdir())
 
 
@@ -185,6 +264,11 @@ def test_load_names_the_damaged_file_or_directory(tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "version": -1}))
     with pytest.raises(UserError, match=re.escape(f"{config} is not an upcycle record")):
         upcycle.load(out)
+    config.unlink()
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"{out} is not an upcycle model directory: config.json is missing")
+    ):
+        upcycle.load(out)
 
 
 def test_a_dense_model_has_no_recipe(tmp_path):
@@ -216,7 +300,16 @@ def test_damaged_shards_are_named(tmp_path):
     with pytest.raises(ValueError, match="is damaged"):
         shard_files(out)
     save_file({"x": torch.zeros(2)}, tmp_path / "one.safetensors")
-    (tmp_path / "idx").mkdir()
-    (tmp_path / "idx" / INDEX).write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
-    with pytest.raises(FileNotFoundError, match=r"gone\.safetensors"):
-        read_weights(tmp_path / "idx")
+    index = tmp_path / "idx"
+    index.mkdir()
+    (index / INDEX).write_text(json.dumps({"weight_map": {"x": "lost.safetensors", "y": "gone.safetensors"}}))
+    missing = f"weights missing from {index}: {index / 'gone.safetensors'}, {index / 'lost.safetensors'}"
+    with pytest.raises(FileNotFoundError, match=re.escape(missing) + "$"):
+        read_weights(index)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / SINGLE).write_bytes((tmp_path / "one.safetensors").read_bytes()[:-4])
+    with pytest.raises(
+        ValueError, match=re.escape(str(cut / SINGLE)) + r" cannot be read \(.+\); it is truncated or corrupt$"
+    ):
+        read_weights(cut)

@@ -15,7 +15,7 @@ import upcycle
 from upcycle.cli import main
 from upcycle.export.timm_export import upcycle_moe
 
-from ..conversion.tiny_models import build
+from ..conversion.tiny_models import TIMM_CASES, build
 
 COMPAT = str(Path(upcycle.__file__).parent / "_compat.py")
 
@@ -108,6 +108,31 @@ def test_the_entrypoint_builds_the_skeleton_unless_asked_for_weights(tmp_path):
     loaded = upcycle_moe(pretrained=True, pretrained_cfg=cfg, upcycle_record=record)
     for name, tensor in moe.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_the_entrypoint_without_a_record_says_where_it_comes_from():
+    """timm.create_model("upcycle_moe") by name, without an exported directory's record, says how to build one."""
+    message = "upcycle_moe is built from an exported directory: timm.create_model('local-dir:DIR')"
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        upcycle_moe()
+
+
+def test_a_model_built_outside_upcycle_with_unrecorded_arguments_is_refused_with_the_fix(tmp_path):
+    """A timm model created directly, with an argument upcycle cannot read off the model (reg_tokens), rebuilds
+    differently; the refusal names each tensor that does not fit and says to load the dense model with upcycle."""
+    import timm
+
+    arch, kwargs = TIMM_CASES["vit"]
+    dense = timm.create_model(arch, num_classes=5, reg_tokens=1, **kwargs)
+    moe = upcycle.convert(dense, "sparse_upcycling", num_experts=2, top_k=1, progress=False)
+    message = (
+        "the model cannot be rebuilt from its record: reg_token; pos_embed (1, 18, 48) rebuilt as (1, 17, 48)\n"
+        "load the dense model with upcycle (timm:ARCH, upcycle.load), which records the timm.create_model keyword "
+        "arguments it was built with, before upcycle.convert"
+    )
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        upcycle.export(moe, tmp_path / "timm", format="timm")
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_damaged_export_names_what_is_wrong(tmp_path):
