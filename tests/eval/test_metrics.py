@@ -154,6 +154,11 @@ def test_mean_pool_averages_each_example_over_its_own_tokens():
     assert torch.equal(mean_pool(hidden, torch.tensor([[0, 0, 0], [1, 1, 1]]))[0], torch.zeros(2))  # nothing kept
 
 
+def test_mean_pool_refuses_other_ranks_and_names_the_shape():
+    with pytest.raises(ValueError, match=r"cannot mean-pool a representation of shape \(2, 3, 4, 5, 6\)"):
+        mean_pool(torch.ones(2, 3, 4, 5, 6))
+
+
 class NoFeatures(nn.Module):
     """An image model without ``forward_features``: its output is what fidelity compares."""
 

@@ -85,3 +85,14 @@ def test_a_language_model_reads_sequences_of_128_tokens_by_default():
     lm = transformers.LlamaForCausalLM(config).eval()
     result = evaluate_model(lm, "shakespeare", "val", batch_size=2, max_batches=1)
     assert result["macs_per_sample"] == count_macs(lm, {"input_ids": torch.zeros(1, 128, dtype=torch.long)}).total
+
+
+def test_the_task_given_overrides_the_familys(vit):
+    from upcycle.errors import UserError
+
+    with pytest.raises(UserError, match="causal lm models train on text datasets"):
+        evaluate_model(vit, "digits", "val", task="causal-lm")  # a ViT's own task would read the digits
+
+
+def test_data_options_reach_the_dataset(vit):
+    assert evaluate_model(vit, "digits", "val", data_options={"max_samples": 40})["examples"] == 40

@@ -79,7 +79,9 @@ def test_heatmap_is_written_atomically(tmp_path):
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 1000
     assert [p.name for p in path.parent.iterdir()] == ["load.png"]  # no temporary file left behind
-    with pytest.raises(ValueError, match="no routing statistics"):
+    with pytest.raises(
+        ValueError, match=r"^plot_expert_load: no routing statistics \(did the loader run any MoE layer\?\)$"
+    ):
         plot_expert_load({}, tmp_path / "empty.png")
 
 
@@ -111,7 +113,7 @@ def saved_figure(monkeypatch):
     figures, save = [], Figure.savefig
 
     def spy(self, *args, **kwargs):
-        figures.append((self, kwargs.get("format")))
+        figures.append((self, kwargs))
         return save(self, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", spy)
@@ -132,6 +134,40 @@ def test_heatmap_shows_each_layers_load_on_a_scale_from_zero(tmp_path, monkeypat
     assert [t.get_text() for t in heatmap.get_yticklabels()] == ["layers.0", "layers.1"]
     assert list(heatmap.get_xticks()) == [0, 1, 2, 3]
     assert len(figure.axes) == 2 and image.colorbar.ax is figure.axes[1]  # the colour bar is the heatmap's scale
+
+
+@pytest.mark.parametrize(
+    ("title", "shown"), [({}, "Expert load"), ({"title": "MoE after training"}, "MoE after training")]
+)
+def test_heatmap_names_its_axes_scale_and_title(tmp_path, monkeypatch, title, shown):
+    figures = saved_figure(monkeypatch)
+    plot_expert_load({"layers.0": {"load": [0.25, 0.75, 0.0, 0.0]}}, tmp_path / "load.png", **title)
+    ((figure, _),) = figures
+    heatmap, scale = figure.axes
+    assert heatmap.get_xlabel() == "expert" and heatmap.get_ylabel() == "MoE layer"
+    assert scale.get_ylabel() == "share of routed tokens"
+    assert heatmap.get_title() == f"{shown}\n(uniform = 1/4)"
+
+
+def test_heatmap_draws_each_load_as_a_sharp_cell_in_readable_type(tmp_path, monkeypatch):
+    """Cells stretched to fill the axes, drawn without smoothing in viridis; tick labels of 7 points and a title of
+    10 (whatever the user's matplotlib defaults); a constrained layout at 120 dpi; 0.4 inch per expert and 0.35 per
+    layer on a 5 × 2 inch base, at most 16 × 12."""
+    import matplotlib
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    figures = saved_figure(monkeypatch)
+    with matplotlib.rc_context({"image.cmap": "gray", "font.size": 14}):
+        plot_expert_load({"layers.0": {"load": [0.5, 0.5, 0.0, 0.0]}, "layers.1": {"load": [0.25] * 4}}, tmp_path / "a")
+    ((figure, saved),) = figures
+    heatmap, image = figure.axes[0], figure.axes[0].images[0]
+    assert heatmap.get_aspect() == "auto" and image.get_interpolation() == "nearest"
+    assert image.get_cmap().name == "viridis"
+    assert heatmap.title.get_fontsize() == 10 and {t.get_fontsize() for t in heatmap.get_yticklabels()} == {7}
+    assert isinstance(figure.get_layout_engine(), ConstrainedLayoutEngine) and saved["dpi"] == 120
+    assert tuple(figure.get_size_inches()) == pytest.approx((5 + 0.4 * 4, 2 + 0.35 * 2))
+    plot_expert_load({f"layers.{i}": {"load": [1 / 40] * 40} for i in range(40)}, tmp_path / "b")
+    assert tuple(figures[-1][0].get_size_inches()) == (16, 12)
 
 
 @pytest.mark.parametrize(("name", "magic"), [("load.svg", b"<?xml"), ("load.pdf", b"%PDF"), ("load", b"\x89PNG"),

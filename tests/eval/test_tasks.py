@@ -1,18 +1,24 @@
 """Sequence classification (an encoder with a head, on the domains of ``text_mixture``): labels, loss, metric and
 refusals, on a tiny byte-vocabulary BERT."""
 
+import json
 import math
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 
+import upcycle
 from upcycle.adapters import adapter_of
 from upcycle.config import TrainConfig
 from upcycle.data.tokenizers import ByteTokenizer
+from upcycle.errors import UserError
 from upcycle.eval import accuracy
 from upcycle.eval.tasks import SequenceClassification, make_task
+from upcycle.layers import moe_layers, routing_statistics
 from upcycle.record import ConversionRecord, attach_record
 
 SIZES = {"vocab_size": 259, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
@@ -26,9 +32,9 @@ def classifier(labels=3):
 
 
 def task_for(model, data="text_mixture", **options):
-    config = TrainConfig(data=data, steps=1, seq_len=16, label_smoothing=options.pop("label_smoothing", 0.0),
-                         seed=options.pop("seed", 0),
-                         data_options={"num_sequences": 30, **options} if data == "text_mixture" else {})  # fmt: skip
+    smoothing, seed = options.pop("label_smoothing", 0.0), options.pop("seed", 0)
+    options = {"num_sequences": 30, **options} if data == "text_mixture" else options  # the rest: the data's
+    config = TrainConfig(data=data, steps=1, seq_len=16, label_smoothing=smoothing, seed=seed, data_options=options)
     return make_task(model, adapter_of(model), config)
 
 
@@ -63,11 +69,23 @@ def test_loss_is_cross_entropy_with_smoothing_and_accuracy_is_top1(model):
 
 
 def test_refusals():
-    with pytest.raises(ValueError, match="no classification head"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "BertModel has no classification head; give it one with "
+            "--num-labels N (or --reset-head, sized from the data's labels)"
+        ),
+    ):
         SequenceClassification(transformers.BertModel(transformers.BertConfig(**SIZES)), None, None)
     with pytest.raises(ValueError, match="shakespeare has no domain labels"):
         task_for(classifier(), data="shakespeare").dataset("val")
-    with pytest.raises(ValueError, match="predicts 2 classes but text_mixture has 3 domains"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "predicts 2 classes but text_mixture has 3 domains; load the "
+            "encoder with a head of that many labels (num_labels)"
+        ),
+    ):
         task_for(classifier(labels=2)).dataset("val")
     with pytest.raises(ValueError, match="not the byte vocabulary"):
         task_for(transformers.BertForSequenceClassification(transformers.BertConfig(**{**SIZES, "vocab_size": 97})))
@@ -102,6 +120,82 @@ def test_a_model_with_its_own_vocabulary_reads_text_with_its_tokenizer(tokenizer
     attach_record(encoder, ConversionRecord(files=str(tokenizer_dir)))
     mixture = task_for(encoder).dataset("val")
     assert mixture.info.vocab_size == 130 and mixture[0]["input_ids"].shape == (16,)
+
+
+class TinyForSequenceClassification(torch.nn.Module):
+    """Only what the task reads of a classifier: its class name and a config (byte vocabulary, 3 labels)."""
+
+    def __init__(self, **config):
+        super().__init__()
+        self.config = SimpleNamespace(num_labels=3, vocab_size=259, **config)
+
+
+@pytest.mark.parametrize(("config", "pad_id"), [({"pad_token_id": 5}, 5), ({"pad_token_id": None}, 258), ({}, 258)])
+def test_texts_are_padded_with_the_models_padding_id_else_the_tokenizers(config, pad_id):
+    """A model's own pad_token_id wins; without one (None, or no such attribute) the tokenizer's (bytes: 258)."""
+    assert SequenceClassification(TinyForSequenceClassification(**config), None, None).pad_id == pad_id
+
+
+@pytest.fixture
+def user_texts(tmp_path, monkeypatch):
+    """60 passages in a JSON-lines file, labelled in a column ``topic`` (not a usual label name) with 3 topics, half
+    of them shorter than 16 characters and half longer; tokenized data and ``datasets``' cache in the test's folder."""
+    import datasets
+
+    monkeypatch.setenv("UPCYCLE_DATA", str(tmp_path / "upcycle-data"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    rows = [{"text": f"p{i}" if i % 2 else f"passage number {i} " * 3, "topic": ("sport", "news", "art")[i % 3]}
+            for i in range(60)]  # fmt: skip
+    path = tmp_path / "passages.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_the_users_labelled_texts_are_read_with_the_models_tokenizer_padding_and_options(tokenizer_dir, user_texts):
+    """The user's file is read as text classification (even with its labels in an unusual column named by the run's
+    options), with the model's tokenizer and padding id, the run's seq_len and seed; a head of the wrong size is
+    refused naming the file."""
+    from upcycle.data import load_dataset
+
+    def encoder(labels):  # pads with id 0 (BERT's pad_token_id); its tokenizer would pad with 1
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(**{**SIZES, "vocab_size": 130},
+                                                                                   num_labels=labels))  # fmt: skip
+        attach_record(model, ConversionRecord(files=str(tokenizer_dir)))
+        return model
+
+    task = task_for(encoder(3), data=str(user_texts), seed=3, label_column="topic")
+    assert task.pad_id == 0 and task.tokenizer.pad_token_id == 1
+    data = task.dataset("val")
+    direct = load_dataset(str(user_texts), "val", task="text-classification", tokenizer=task.tokenizer, pad_id=0,
+                          seq_len=16, seed=3, label_column="topic")  # fmt: skip
+    assert data.info.num_classes == 3 and data.info.seed == 3 and len(data) == 6
+    assert data.ids.shape == (6, 16)  # the long passages are cut at the run's seq_len
+    assert torch.equal(data.ids, direct.ids) and torch.equal(data.mask, direct.mask)
+    assert torch.equal(data.labels, direct.labels)
+    assert (data.mask == 0).any() and (data.ids[data.mask == 0] == 0).all()  # padded with the model's id
+    assert all(32 <= i - 2 < 128 for i in data.ids[data.mask == 1].tolist())  # character codes + 2: its own ids
+    with pytest.raises(UserError, match=re.escape(f"the model predicts 2 classes but {user_texts} has 3")):
+        task_for(encoder(2), data=str(user_texts), label_column="topic").dataset("val")
+
+
+def test_padding_is_masked_in_attention_and_left_out_of_routing():
+    """The batch's attention mask reaches the model, and an MoE's routers see only the real tokens."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(**SIZES, num_labels=3, initializer_range=1.0)  # large weights: the mask shows
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids, labels = torch.randint(0, 259, (2, 6)), torch.tensor([0, 2])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])  # two padding tokens in the first passage
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    task = task_for(model)
+    loss, _ = task.loss(model, batch, torch.Generator())
+    with torch.no_grad():
+        masked, unmasked = model(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids).logits
+    assert not torch.allclose(masked, unmasked, rtol=0.01)  # the mask changes this model's output
+    assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(masked, labels)), rel=1e-5)
+    moe = upcycle.convert(model, "sparse_upcycling", num_experts=4, top_k=2, progress=False)
+    task.loss(moe, batch, torch.Generator())
+    ((_, layer),) = moe_layers(moe)
+    assert routing_statistics(layer.last_routing)["tokens"] == 10  # the real tokens only
 
 
 def test_the_run_seed_and_options_choose_the_passages(model):

@@ -78,3 +78,20 @@ def test_cases_run_round_after_round_with_setup_outside_the_timed_region():
     assert len(time_interleaved({"a": lambda: calls.append(1)}, rounds=2)["a"]) == 2
     assert len(calls) == 3  # warm-up defaults to one round
     assert median_ms([0.003, 0.001, 0.002]) == pytest.approx(2.0)
+
+
+def test_progress_bars_name_what_is_timed_and_count_rounds(monkeypatch):
+    from upcycle.eval import timing
+
+    bars = []
+
+    def recording_tqdm(iterable, **kwargs):
+        bars.append(kwargs)
+        return iterable
+
+    monkeypatch.setattr(timing, "tqdm", recording_tqdm)
+    time_inference(lambda: None, warmup=0, repeats=1)
+    timing.time_interleaved({"a": lambda: None}, rounds=1)
+    timing.time_interleaved({"a": lambda: None}, rounds=1, desc="dense vs moe")
+    assert [bar["desc"] for bar in bars] == ["time_inference", "timing", "dense vs moe"]
+    assert all(bar["unit"] == "round" and bar["leave"] is False for bar in bars)
