@@ -191,19 +191,18 @@ def _key_values(items: list[str]) -> dict:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .atomic import check_not_overlapping
+    from .config import load_train_config
     from .sources import load_source
     from .train import train
 
     check_not_overlapping(args.out, args.directory, overwrite=True)  # the run replaces OUT/model
     model = load_source(args.directory)
-    overrides = _train_overrides(args)
+    cfg = load_train_config(args.config, **_train_overrides(args))
     if args.num_labels is not None or args.reset_head:
-        from .config import load_train_config
         from .heads import classes_in, with_classifier
 
-        cfg = load_train_config(args.config, **overrides)
         model = with_classifier(model, args.num_labels or classes_in(cfg.data, cfg.data_options, cfg.seed))
-    summary = train(model, args.config, args.out, resume=args.resume, **overrides)
+    summary = train(model, cfg, args.out, resume=args.resume)
     _print_summary(summary)
     return 0
 

@@ -28,9 +28,9 @@ def classes_in(data: str, data_options: dict | None = None, seed: int = 0) -> in
         info = load_dataset(data, "train", seed=seed, **options).info
         count = info.num_classes or len(info.domains)
     else:
-        from .data.user import class_names, find_column, pick_split, read_splits
+        from .data.user import VAL_FRACTION, class_names, find_column, pick_split, read_splits
 
-        train = pick_split(read_splits(data), "train", options.get("val_fraction", 0.1), seed)
+        train = pick_split(read_splits(data), "train", options.get("val_fraction", VAL_FRACTION), seed)
         count = len(class_names(train, find_column(train, "label", options.get("label_column"), data)))
     if count < 2:
         raise UserError(f"{data} labels {count} class(es); a classifier needs at least 2")

@@ -27,7 +27,7 @@ from .info import DatasetInfo
 from .packing import PackedTextDataset, pack_documents
 from .paths import data_root
 from .tokenizers import get_tokenizer
-from .user import class_names, find_column, infer_task, label_ids, pick_split, read_splits
+from .user import VAL_FRACTION, class_names, find_column, infer_task, label_ids, pick_split, read_splits
 
 TASKS = ("causal-lm", "text-classification", "image-classification")
 
@@ -36,7 +36,7 @@ def load_spec(spec: str, split: str, *, task: str | None = None, tokenizer=None,
               seq_len: int = 256, seed: int = 0, data_config: dict | None = None, image_size: int | None = None,
               channels: int = 3, augment: bool = False,
               text_column: str | None = None, label_column: str | None = None, image_column: str | None = None,
-              val_fraction: float = 0.1, max_tokens: int | None = None) -> Dataset:  # fmt: skip
+              val_fraction: float = VAL_FRACTION, max_tokens: int | None = None) -> Dataset:  # fmt: skip
     """Split ``split`` of the dataset ``spec`` names, as items for ``task`` (one of ``TASKS``; None: inferred from
     the columns, see ``infer_task``). ``pad_id``: what classified text is padded with (default: the tokenizer's)."""
     if task is not None and task not in TASKS:
@@ -83,9 +83,7 @@ class ClassifiedText(Dataset):
 
 
 def _classified_text(spec, split, rows, train, text, label_column, tok, seq_len, seed, pad_id) -> ClassifiedText:
-    label = find_column(rows, "label", label_column, spec)
-    classes = class_names(train, label)
-    labels = torch.from_numpy(label_ids(rows, label, classes, spec))
+    classes, labels = _labels(rows, train, label_column, spec)
     texts = [str(t) for t in rows[text]]
     key = _content_key(f"text-classification:{pad_id}", tok, seq_len, None, texts)
 
@@ -127,9 +125,7 @@ def _images(spec, split, rows, train, data_config, image_size, channels, augment
     from timm.data import create_transform
 
     column = find_column(rows, "image", image_column, spec)
-    label = find_column(rows, "label", label_column, spec)
-    classes = class_names(train, label)
-    labels = torch.from_numpy(label_ids(rows, label, classes, spec))
+    classes, labels = _labels(rows, train, label_column, spec)
     config = dict(data_config or {"input_size": (channels, image_size or 224, image_size or 224),
                                   "mean": (0.5,) * channels, "std": (0.5,) * channels})  # fmt: skip
     channels = config["input_size"][0]
@@ -142,6 +138,14 @@ def _images(spec, split, rows, train, data_config, image_size, channels, augment
                        channels=channels, mean=tuple(config["mean"]), std=tuple(config["std"]),
                        augment=training)  # fmt: skip
     return ClassifiedImages(rows, column, labels, transform, "RGB" if channels == 3 else "L", info)
+
+
+def _labels(rows, train, label_column: str | None, spec: str) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The class names, taken from the training rows so every split maps a label alike, and each row's class index
+    (int64 [N])."""
+    label = find_column(rows, "label", label_column, spec)
+    classes = class_names(train, label)
+    return classes, torch.from_numpy(label_ids(rows, label, classes, spec))
 
 
 def _content_key(task: str, tok, seq_len: int, max_tokens: int | None, texts: list[str]) -> str:

@@ -30,6 +30,7 @@ COLUMN_NAMES = {  # role -> the names a column of that role usually has, in orde
     "label": ("label", "labels", "class", "category", "target"),
     "image": ("image", "img", "picture", "pixel_values"),
 }
+VAL_FRACTION = 0.1  # the share of the training rows held out for each split a dataset lacks
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 

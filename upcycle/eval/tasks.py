@@ -230,16 +230,12 @@ def make_task(model: nn.Module, adapter, config):
 
 def check_data_kind(task: str, data: str) -> None:
     """Refuse a dataset of the wrong kind (text for a vision model, images for an LM) before anything loads."""
-    from ..data.registry import UnknownDatasetError, dataset_options, is_builtin, list_datasets
+    from ..data.registry import dataset_options, is_builtin, list_datasets
 
     if not is_builtin(data):
-        return  # the user's data: the task reads the columns it needs and names the ones it finds
+        return  # the user's data (or an unknown name): the loader reads the columns it needs, or names the problem
     option, kind = DATA_KIND[task]
-    try:
-        fits = option in dataset_options(data)
-    except UnknownDatasetError:
-        return  # named in the error the loader raises
-    if not fits:
+    if option not in dataset_options(data):
         names = [name for name in list_datasets() if option in dataset_options(name)]
         raise UserError(f"{task.replace('-', ' ')} models train on {kind} datasets and {data!r} is not one; "
                         f"choose one of {', '.join(names)}")  # fmt: skip
