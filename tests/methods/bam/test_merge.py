@@ -212,3 +212,73 @@ def test_the_mixture_records_its_recipe_paper_layers_dtype_and_the_seeds_origin(
         assert record.source["config"]["num_local_experts"] == 2
         assert record.source["config"]["shared_kv"] is (variant == "bam_shared_kv")
     assert record.source["config"]["hidden_size"] == seed.config.hidden_size
+
+
+BAM_FIELDS = {"vocab_size": 101, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 3,
+              "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 77,
+              "rms_norm_eps": 1e-5, "hidden_act": "gelu", "tie_word_embeddings": True, "attention_bias": True,
+              "mlp_bias": True, "initializer_range": 0.05, "bos_token_id": 3, "eos_token_id": 4,
+              "pad_token_id": 5}  # fmt: skip
+
+
+def test_bam_config_copies_every_architecture_field_of_the_seed():
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from upcycle.methods.bam.merge import MergeConfig, bam_config
+
+    cfg = MergeConfig(method="bam", top_k=1)
+    seed = LlamaConfig(**BAM_FIELDS, rope_parameters={"rope_type": "default", "rope_theta": 123.0})
+    bam = bam_config(seed, 3, cfg)
+    assert {field: getattr(bam, field) for field in BAM_FIELDS} == BAM_FIELDS  # none left at the BAM default
+    assert (bam.rope_theta, bam.num_local_experts, bam.num_attention_experts) == (123.0, 3, 3)
+    # a seed config without the optional fields (no pad token, no head_dim) keeps the BAM defaults for them
+    plain = SimpleNamespace(**{k: v for k, v in BAM_FIELDS.items() if k not in ("pad_token_id", "head_dim")},
+                            rope_theta=10.0)  # fmt: skip
+    bam = bam_config(plain, 2, cfg)
+    assert (bam.hidden_size, bam.head_dim, bam.rope_theta) == (48, 8, 10.0)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, {"type_": "x"}])
+def test_bam_config_refuses_scaled_rope_and_takes_an_unnamed_type_as_default(rope):
+    from types import SimpleNamespace
+
+    from upcycle.methods.bam.merge import MergeConfig, bam_config
+
+    seed = SimpleNamespace(**BAM_FIELDS, rope_parameters={**rope, "rope_theta": 1e4})
+    if "rope_type" in rope:
+        with pytest.raises(ValueError, match=r"^the seed uses 'linear' RoPE scaling; upcycle's BAM model implements"):
+            bam_config(seed, 2, MergeConfig(method="bam"))
+    else:  # no rope_type: plain RoPE
+        assert bam_config(seed, 2, MergeConfig(method="bam")).rope_theta == 1e4
+
+
+@pytest.mark.parametrize("field, value", [("hidden_act", "gelu"), ("parallel_attention", True),
+                                          ("tie_word_embeddings", True), ("rms_norm_eps", 1e-3)])  # fmt: skip
+def test_branches_with_another_config_are_refused_with_the_field(field, value):
+    seed, branch = tiny_lm(), tiny_lm()
+    setattr(branch.config, field, value)  # same tensors, another computation
+    with pytest.raises(ValueError, match=rf"^model 1 has {field}={value!r} but the seed has .*; branches must share"):
+        upcycle.merge([seed, branch], method="btx")
+
+
+def test_refusal_messages_in_full(tmp_path):
+    with pytest.raises(ValueError, match=r"^merge needs at least one model \(the seed\)$"):
+        upcycle.merge([], method="bam")
+    seed = tiny_lm()
+    with pytest.raises(ValueError, match=r"branches must be copies of the seed$"):
+        upcycle.merge([seed, tiny_llama(hidden_size=32, vocab_size=259)], method="bam")
+    with pytest.raises(ValueError) as refused:
+        upcycle.merge([seed, tiny_lm(hidden_size=64, intermediate_size=96)], method="btx")
+    assert str(refused.value).endswith("); branches must be copies of the seed")
+    assert str(refused.value).count("', (") == 3  # the first three differing tensors, no more
+    listed = tmp_path / "list.yaml"
+    listed.write_text("merge: [btx]\n")
+    with pytest.raises(ValueError, match=rf"^the merge section of {listed} must be a mapping of keys, got list$"):
+        upcycle.merge([seed], config=listed)
+    with pytest.raises(FileNotFoundError, match=r"^merge config .*missing.yaml does not exist"):
+        upcycle.merge([seed], config=tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"^merge config .*list.yaml must hold a mapping of keys"):
+        listed.write_text("- btx\n")
+        upcycle.merge([seed], config=listed)
