@@ -305,3 +305,155 @@ def test_importance_must_be_finite_and_non_negative(bad, what):
             importance_sampling(importance, 2, 4, gen())
         else:
             channel_selection(importance, 8, 2, "sampled", gen())
+
+
+SIZE_MESSAGE = r"^cannot take 17 hidden units per expert out of 16; choose 1 <= size <= 16$"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: importance_sampling(torch.ones(16), 2, 17, gen()),
+        lambda: graph_partition_sampling(torch.ones(16, 16), 2, 17, gen()),
+        lambda: uniform_selection(16, 2, 17),
+        lambda: random_sampling(16, 2, 17, gen()),
+    ],
+)
+def test_every_strategy_names_the_hidden_units_it_cannot_take(call):
+    with pytest.raises(ValueError, match=SIZE_MESSAGE):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("call", "detail"),
+    [
+        (lambda: importance_sampling(torch.ones(16), 2, 16, gen()), "16 of 16 units with 16 of positive importance"),
+        (lambda: graph_partition_sampling(torch.ones(16, 16), 2, 16, gen()), "16 of 16 units"),
+        (lambda: uniform_selection(16, 2, 16), "evenly spaced sets of 16 of 16 units"),
+        (lambda: random_sampling(16, 2, 16, gen()), "16 of 16 units"),
+    ],
+)
+def test_experts_that_cannot_differ_are_refused_with_the_reason(call, detail):
+    with pytest.raises(ValueError) as refused:
+        call()
+    assert str(refused.value) == (
+        f"2 experts cannot differ: {detail} allow only 1 distinct set(s); use fewer experts or a smaller expert "
+        "hidden size"
+    )
+
+
+def test_draws_that_keep_repeating_an_expert_are_refused_after_max_attempts(monkeypatch):
+    concentrated = torch.tensor([1.0, 1.0, 1e-12, 1e-12])  # six pairs exist, one is drawn (almost) always
+    with pytest.raises(ValueError) as refused:
+        importance_sampling(concentrated, 3, 2, gen(), max_attempts=5)
+    assert str(refused.value) == ("expert 1 repeated an earlier expert in 5 draws (the importance is concentrated on "
+                                  "too few units); use fewer experts")  # fmt: skip
+    # two METIS parts of two units: whole parts make only two distinct experts of 2 units, six pairs exist
+    counts = torch.zeros(4, 4)
+    counts[:2, :2] = counts[2:, 2:] = 9.0
+    with pytest.raises(ValueError) as refused:
+        graph_partition_sampling(counts, 3, 2, gen(), parts=2)
+    assert str(refused.value) == ("expert 2 repeated an earlier expert in 1000 draws (the partition leaves too few "
+                                  "distinct unions of parts); use fewer experts")  # fmt: skip
+    monkeypatch.setattr(torch, "randperm", lambda n, generator=None: torch.arange(n))  # every draw the same subset
+    with pytest.raises(ValueError) as refused:
+        random_sampling(8, 2, 4, gen())
+    assert str(refused.value) == "expert 1 repeated an earlier expert in 1000 draws (too few distinct subsets); " \
+                                 "use fewer experts"  # fmt: skip
+
+
+def test_random_sampling_draws_only_from_its_generator():
+    torch.manual_seed(0)
+    first = random_sampling(64, 4, 16, gen(3))
+    torch.manual_seed(1)
+    assert torch.equal(random_sampling(64, 4, 16, gen(3)), first)
+
+
+def test_the_zero_importance_fill_is_uniform_over_the_zero_units():
+    """With fewer positive units than h, the rest is a uniform draw among the zero units, not the last of them."""
+    importance = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    fills = [importance_sampling(importance, 1, 3, gen(seed))[0, 2].item() for seed in range(200)]
+    assert {unit: fills.count(unit) for unit in range(2, 6)} == pytest.approx(dict.fromkeys(range(2, 6), 50), abs=20)
+    index = importance_sampling(importance, 4, 3, gen())  # four zero units: four distinct experts exist
+    assert sorted(row[2].item() for row in index) == [2, 3, 4, 5] and (index[:, :2] == torch.tensor([0, 1])).all()
+    channels = [channel_selection(importance, 3, 1, "sampled", gen(seed))[0, 2].item() for seed in range(200)]
+    assert set(channels) == {2, 3, 4, 5}
+
+
+def test_graph_partition_takes_parts_from_1_and_32_by_default(monkeypatch):
+    import pymetis
+
+    seen = []
+    part_graph = pymetis.part_graph
+    monkeypatch.setattr(
+        pymetis, "part_graph", lambda parts, **kwargs: seen.append(parts) or part_graph(parts, **kwargs)
+    )
+    counts, _ = planted_blocks()
+    graph_partition_sampling(counts, 2, 8, gen())
+    assert seen == [32]  # the released code's 32 parts
+    assert_well_formed(graph_partition_sampling(counts, 3, 8, gen(), parts=1), 64, 3, 8)  # one part: random subsets
+    assert seen == [32]  # a single part needs no METIS
+    with pytest.raises(ValueError, match=r"^parts must be >= 1, got 0$"):
+        graph_partition_sampling(counts, 2, 8, gen(), parts=0)
+
+
+def test_metis_is_seeded_from_the_generator_and_skipped_on_a_graph_without_edges(monkeypatch):
+    import pymetis
+
+    seeds = []
+    part_graph = pymetis.part_graph
+
+    def spy(parts, **kwargs):
+        seeds.append(kwargs["options"].seed)
+        return part_graph(parts, **kwargs)
+
+    monkeypatch.setattr(pymetis, "part_graph", spy)
+    counts, _ = planted_blocks()
+    for seed in range(3):
+        graph_partition_sampling(counts, 2, 8, gen(seed), parts=8, threshold=20)
+    # METIS's seed is the generator's first draw, a non-negative 32-bit signed integer
+    assert seeds == [int(torch.randint(2**31 - 1, (1,), generator=gen(seed))) for seed in range(3)]
+    empty = torch.zeros(16, 16)
+    torch.manual_seed(0)
+    first = graph_partition_sampling(empty, 4, 4, gen(3), parts=4)
+    torch.manual_seed(1)  # the random balanced partition comes from the generator too
+    assert torch.equal(graph_partition_sampling(empty, 4, 4, gen(3), parts=4), first)
+    assert len(seeds) == 3  # no edges: no METIS call
+
+
+def test_single_unit_parts_are_drawn_like_any_other(monkeypatch):
+    import pymetis
+
+    membership = [0, 0, 0, 0, 1, 2, 3, 3]  # parts 1 and 2 hold one unit each
+    monkeypatch.setattr(pymetis, "part_graph", lambda parts, **kwargs: (0, membership))
+    counts = torch.ones(8, 8)
+    index = graph_partition_sampling(counts, 20, 2, gen(), parts=4)
+    assert {4, 5} <= set(index.flatten().tolist())  # the single units reach experts
+    assert_well_formed(index, 8, 20, 2)
+
+
+def test_coactivation_counts_of_any_dtype_give_the_same_sets():
+    counts, _ = planted_blocks()
+    counts = counts.clamp(max=255)
+    reference = graph_partition_sampling(counts, 4, 16, gen(), parts=8, threshold=20, weighted=True)
+    small = counts.to(torch.uint8)  # integer counts: 999 * count must not overflow the input's dtype
+    assert torch.equal(graph_partition_sampling(small, 4, 16, gen(), parts=8, threshold=20, weighted=True), reference)
+
+
+def test_graph_partition_without_pymetis_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pymetis", None)
+    counts, _ = planted_blocks()
+    with pytest.raises(ImportError) as refused:
+        graph_partition_sampling(counts, 2, 8, gen(), parts=8, threshold=20)
+    assert str(refused.value) == ("graph-partition sampling (METIS) needs 'pymetis', which is not installed: "
+                                  "pip install 'upcycle[metis]'")  # fmt: skip
+
+
+def test_uniform_selection_warning_in_full_points_at_the_caller():
+    with pytest.warns(UserWarning) as record:
+        uniform_selection(64, 4, 32)
+    assert str(record[0].message) == ("uniform selection: evenly spaced sets of 32 of 64 units (spacing 2.00) have "
+                                      "only 2 distinct offsets for 4 experts, so experts share sets")  # fmt: skip
+    assert record[0].filename == __file__
