@@ -53,3 +53,19 @@ def test_mallopt_is_a_no_op_without_glibc(monkeypatch, library):
 
     monkeypatch.setattr(memory.ctypes, "CDLL", load)
     assert memory._mallopt(memory.M_MMAP_THRESHOLD, memory.MAPPED_BLOCK_BYTES) is None
+
+
+@pytest.mark.parametrize(("found", "opened"), [("libc.so.7", "libc.so.7"), (None, "libc.so.6")],
+                         ids=["found", "not_found"])  # fmt: skip
+def test_mallopt_opens_the_c_library_find_library_names_else_libc_so_6(monkeypatch, found, opened):
+    """find_library needs ldconfig or a compiler, which a slim container may lack: then glibc's soname is tried."""
+    names = []
+
+    class Libc:
+        def mallopt(self, parameter, value):
+            return 1
+
+    monkeypatch.setattr(memory.ctypes.util, "find_library", lambda name: found if name == "c" else None)
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: names.append(name) or Libc())
+    memory._mallopt(memory.M_MMAP_THRESHOLD, memory.MAPPED_BLOCK_BYTES)
+    assert names == [opened]

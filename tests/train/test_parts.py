@@ -1,6 +1,9 @@
 """The training engine's parts: parameter groups, schedule, resumable sampler, freezing, EMA, checkpoints."""
 
 import math
+import pickle
+import random
+import re
 import warnings
 
 import pytest
@@ -9,7 +12,7 @@ from torch import nn
 
 import upcycle
 from upcycle.config import load_train_config
-from upcycle.train.checkpoint import latest_checkpoint, save_checkpoint
+from upcycle.train.checkpoint import latest_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from upcycle.train.optim import build_optimizer, layer_ids, lr_multiplier, parameter_groups
 from upcycle.train.sampler import ResumableBatchSampler
 from upcycle.train.stages import EMA, apply_freeze
@@ -136,6 +139,77 @@ def test_checkpoints_keep_the_newest_and_skip_damaged_ones(tmp_path):
     assert torch.equal(checkpoint.model["weight"], torch.full((2, 3), 4.0))
     assert any("damaged" in str(w.message) for w in caught)
     assert math.isclose(float(checkpoint.model["weight"][0, 0]), 4.0)
+
+
+def two_checkpoints(root):
+    """Steps 2 and 4 of a Linear(3, 2) whose weights are filled with the step."""
+    model = nn.Linear(3, 2)
+    for step in (2, 4):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        save_checkpoint(root, step, model.state_dict(), {"note": step}, None, keep=2)
+    return root / "step-00000002", root / "step-00000004"
+
+
+def test_a_missing_file_is_named_in_a_warning_at_the_caller_and_the_previous_checkpoint_is_used(tmp_path, monkeypatch):
+    older, newest = two_checkpoints(tmp_path)
+    (newest / "trainer.pt").unlink()
+    calls = []
+    monkeypatch.setattr(warnings, "warn", lambda *args, **kwargs: calls.append((args, kwargs)))
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint.step == 2 and checkpoint.path == older and checkpoint.trainer["note"] == 2
+    message = (f"checkpoint {newest} is damaged ({newest / 'trainer.pt'} does not match the manifest); falling back to "
+               "the previous one")  # fmt: skip
+    assert calls == [((message,), {"stacklevel": 2})]  # attributed to the code that asked for the checkpoint
+
+
+def test_a_file_changed_in_place_is_caught_by_its_checksum(tmp_path):
+    older, newest = two_checkpoints(tmp_path)
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the last weight's top byte: the same size, and the file still loads
+    weights.write_bytes(bytes(data))
+    message = (
+        f"checkpoint {newest} is damaged ({weights} does not match the manifest); falling back to the previous one"
+    )
+    with pytest.warns(UserWarning, match=f"^{re.escape(message)}$"):
+        checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint.path == older and torch.equal(checkpoint.model["weight"], torch.full((2, 3), 2.0))
+
+
+class Note:
+    """Not a tensor nor a plain container: loading it would run pickle's arbitrary-object path."""
+
+
+def test_trainer_state_is_read_weights_only_whatever_the_environment_says(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # lifts torch.load's default, not an explicit True
+    save_checkpoint(tmp_path, 1, {"weight": torch.zeros(2)}, {"note": Note()}, None, keep=1)
+    with pytest.raises(pickle.UnpicklingError, match=r"^Weights only load failed"):
+        latest_checkpoint(tmp_path)
+
+
+def test_rng_states_restore_a_python_state_read_back_as_a_list():
+    states = rng_states()
+    expected = [random.random() for _ in range(3)], torch.rand(3)
+    restore_rng_states({"torch": states["torch"], "python": list(states["python"])})  # not a tuple
+    assert [random.random() for _ in range(3)] == expected[0] and torch.equal(torch.rand(3), expected[1])
+
+
+def test_cuda_rng_states_are_saved_and_restored_only_where_cuda_is_available(monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["gpu 0 state"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with_cuda = rng_states()
+    assert with_cuda["cuda"] == ["gpu 0 state"]
+    restore_rng_states(with_cuda)
+    assert restored == [["gpu 0 state"]]
+    restore_rng_states({"torch": with_cuda["torch"], "python": with_cuda["python"]})  # saved on a CPU machine
+    assert restored == [["gpu 0 state"]]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sorted(rng_states()) == ["python", "torch"]
+    restore_rng_states(with_cuda)  # saved on a GPU machine, resumed on a CPU one: the CUDA states are left out
+    assert restored == [["gpu 0 state"]]
 
 
 def test_train_config_refusals():
