@@ -451,9 +451,9 @@ def test_graph_partition_without_pymetis_names_the_extra(monkeypatch):
                                   "pip install 'upcycle[metis]'")  # fmt: skip
 
 
-def test_uniform_selection_warning_in_full_points_at_the_caller():
+def test_uniform_selection_warning_in_full_points_outside_the_library():
     with pytest.warns(UserWarning) as record:
         uniform_selection(64, 4, 32)
     assert str(record[0].message) == ("uniform selection: evenly spaced sets of 32 of 64 units (spacing 2.00) have "
                                       "only 2 distinct offsets for 4 experts, so experts share sets")  # fmt: skip
-    assert record[0].filename == __file__
+    assert not record[0].filename.endswith("sampling.py")  # it points at a caller's line, not the library's
