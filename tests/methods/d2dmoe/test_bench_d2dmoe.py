@@ -36,6 +36,14 @@ def test_lowest_fraction_within_takes_the_cheapest_qualifying_row_of_the_named_s
     assert lowest_fraction_within([], 0.5, "val") is None
 
 
+def test_lowest_fraction_within_keeps_a_point_exactly_at_the_tolerance():
+    # the bound is inclusive: a row at reference - drop - 1e-12 (the rounding slack itself) still qualifies
+    edge = 0.9 - 0.01 - 1e-12
+    curve = rows((0.8, 0.95), (0.4, edge), (0.1, 0.5))
+    assert lowest_fraction_within(curve, 0.9, "val") is curve[1]
+    assert lowest_fraction_within(rows((0.3, 0.7)), 0.7, "val", drop=0.0)["flops_fraction"] == 0.3
+
+
 # ---- wall-clock helpers on a tiny ViT ----------------------------------------------------------------------------
 def image_batch(size=4, seed=0):
     """Images for build("vit") (3 x 32 x 32, 5 classes) with their labels."""
@@ -122,6 +130,19 @@ def test_ffn_wallclock_runs_each_ffn_alone_on_what_it_sees_inside_the_model(kind
         for x, grad, training in calls:
             torch.testing.assert_close(x, want, rtol=0, atol=0)
             assert not grad and not training
+
+
+def test_wallclock_helpers_time_seven_runs_after_two_warm_ups_by_default(timed):
+    model = build("vit")
+    batch = image_batch()
+    ffn_calls, handles = record_calls([model.blocks[0].mlp])
+    sweep.ffn_wallclock_ms(model, batch)
+    handles[0].remove()
+    assert len(timed[-1]["samples_ms"]) == 7 and len(ffn_calls[0]) == 1 + 2 + 7  # capture, warm-up, timed
+    model_calls, handles = record_calls([model])
+    sweep.model_wallclock_ms(model, batch)
+    handles[0].remove()
+    assert len(timed[-1]["samples_ms"]) == 7 and len(model_calls[0]) == 2 + 7
 
 
 def test_model_wallclock_times_the_whole_model_on_the_batch(timed):
@@ -275,3 +296,56 @@ def test_plot_timing_draws_measured_and_ideal_speedups_against_tau(tmp_path, fig
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("τ (larger runs fewer experts)", "speed-up over dense")
     assert ax.get_title() == "ViT D2DMoE wall-clock"
     assert {text.get_text() for text in ax.get_legend().get_texts()} == set(expected)
+
+
+def line_style(line):
+    return line.get_marker(), line.get_linestyle(), line.get_markersize()
+
+
+def assert_grid_and_small_legend(ax):
+    gridlines = ax.xaxis.get_gridlines() + ax.yaxis.get_gridlines()
+    assert gridlines and all(line.get_visible() and line.get_alpha() == 0.3 for line in gridlines)  # a faint grid
+    assert {text.get_fontsize() for text in ax.get_legend().get_texts()} == {8}
+
+
+def test_plot_curves_styles_each_variant_the_dense_star_and_the_drop_line(tmp_path, figures):
+    from matplotlib.colors import same_color
+    from matplotlib.legend import Legend
+
+    point = {"flops_fraction": 0.5, "val": 0.7, "test": 0.6}
+    panels = {"vit": {"dense": {"val": 0.9, "test": 0.8}, "variants": {"d2dmoe": [point], "moefication": [point]}},
+              "minilm": {"dense": {"val": 0.6, "test": 0.5}, "variants": {"d2dmoe_attention": [point]}}}  # fmt: skip
+    plots.plot_curves(panels, tmp_path / "c.png")
+    (fig,) = figures
+    assert tuple(fig.get_size_inches()) == pytest.approx((2 * 5.8, 4.4))  # 5.8 inches of width per panel
+    vit, minilm = fig.axes
+    # the sweeps: markers on lines (MoEfication dashed), small markers; each method keeps its style across panels
+    assert line_style(lines_by_label(vit)["D2DMoE (τ sweep)"]) == ("o", "-", 4)
+    assert line_style(lines_by_label(vit)["MoEfication (k sweep)"]) == ("^", "--", 4)
+    assert line_style(lines_by_label(minilm)["D2DMoE + attention projections"]) == ("s", "-", 4)
+    for ax in (vit, minilm):
+        lines = lines_by_label(ax)
+        dense, drop = lines["dense (original)"], lines["dense − 1 point"]
+        assert line_style(dense) == ("*", "None", 12) and same_color(dense.get_color(), "black")  # a big star alone
+        assert (drop.get_linestyle(), drop.get_linewidth()) == (":", 0.8) and same_color(drop.get_color(), "grey")
+        assert_grid_and_small_legend(ax)
+        assert ax.get_legend()._loc == Legend.codes["lower right"]  # below the curves, which rise to the right
+
+
+def test_plot_timing_styles_ideal_measured_and_break_even_lines(tmp_path, figures):
+    from matplotlib.colors import same_color
+
+    rows = [{"tau": 0.0, "ideal_ffn_speedup": 0.9, "ffn_speedup": 0.8, "model_speedup": 0.95},
+            {"tau": 1.0, "ideal_ffn_speedup": 4.0, "ffn_speedup": 2.5, "model_speedup": 1.4}]  # fmt: skip
+    plots.plot_timing(rows, tmp_path / "wallclock.png")
+    (fig,) = figures
+    assert tuple(fig.get_size_inches()) == pytest.approx((5.8, 4.2))
+    (ax,) = fig.axes
+    lines = lines_by_label(ax)
+    ideal = lines["ideal (dense FFN MACs / MoE FFN MACs)"]
+    assert (ideal.get_marker(), ideal.get_linestyle()) == ("None", "--") and same_color(ideal.get_color(), "black")
+    measured = lines["measured FFN layers (CPU, batch 64)"], lines["measured whole model"]
+    assert [(line.get_marker(), line.get_linestyle()) for line in measured] == [("o", "-"), ("s", ":")]
+    (even,) = [line for line in ax.get_lines() if list(line.get_ydata()) == [1.0, 1.0]]
+    assert (even.get_linestyle(), even.get_linewidth()) == ("-", 0.8) and same_color(even.get_color(), "grey")
+    assert_grid_and_small_legend(ax)

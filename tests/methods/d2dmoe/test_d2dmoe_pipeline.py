@@ -141,6 +141,33 @@ def test_run_d2dmoe_summarises_the_sweeps_at_one_point_below_dense_on_validation
     assert drawn == [({"VisionTransformer": panel}, "val")]
 
 
+def test_run_d2dmoe_shows_progress_by_default_and_writes_its_summary_as_indented_json(tmp_path, monkeypatch):
+    """The summary returned is the file's content: the recipe dumped as JSON (a tuple in a training recipe becomes a
+    list), written two-space indented with a final newline; stages and sweeps stubbed as above."""
+    results = {"dense": {"val": 0.9, "test": 0.5, "flops_fraction": 1.0},
+               "d2dmoe": [{"point": 0.5, "flops_fraction": 0.6, "val": 0.895, "test": 0.4}]}  # fmt: skip
+    calls = []
+
+    def stages(dense, recipe, out, progress, redo):
+        calls.append((progress, redo))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return {}
+
+    monkeypatch.setattr(pipeline, "run_stages", stages)
+    monkeypatch.setattr(pipeline, "sweep_methods", lambda models, dense, recipe, out: results)
+    monkeypatch.setattr(plots, "plot_curves", lambda panels, path, split: path)
+    recipe = {**TINY_RECIPE, "methods": ["d2dmoe"], "sparsify": {**TINY_RECIPE["sparsify"], "betas": (0.9, 0.95)}}
+    out = tmp_path / "run"
+    summary = pipeline.run_d2dmoe(tiny_vit(), recipe, out)
+
+    assert calls == [(True, False)]  # a progress bar unless asked otherwise, finished stages kept
+    assert summary["recipe"]["sparsify"]["betas"] == [0.9, 0.95]
+    assert summary["recipe"] == load_recipe(recipe).model_dump(mode="json")
+    written = {key: value for key, value in summary.items() if key != "curves_png"}
+    assert (out / "summary.json").read_text() == json.dumps(written, indent=2) + "\n"
+    assert json.loads((out / "summary.json").read_text()) == written
+
+
 def test_run_d2dmoe_refuses_a_bad_recipe_or_another_recipe_s_stages_before_any_work(tmp_path):
     dense = tiny_vit()
     with pytest.raises(ValueError, match="taus"):
