@@ -303,3 +303,47 @@ def test_a_diverging_language_models_perplexity_is_capped_at_e_to_the_50():
     loss, metrics = task.loss(confidently_wrong, {"input_ids": ids}, torch.Generator())
     assert float(loss) == pytest.approx(1000.0)
     assert metrics["perplexity"] == math.exp(50.0)  # not an overflow
+
+
+def image_folder(root, count=8):
+    from PIL import Image
+
+    for i in range(count):
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (30, 20), (i * 20, 0, 255 - i * 20)).save(root / "ab"[i % 2] / f"{i}.png")
+    return root
+
+
+def test_the_users_images_are_read_through_the_models_own_timm_config(tmp_path):
+    """A colour model keeps its per-channel mean and std; a grey one averages them; both at the model's input size
+    (not the 224 of its architecture's tag), split with seed 0 unless the run says otherwise."""
+    from upcycle.eval.tasks import image_dataset
+    from upcycle.sources import load_timm
+
+    folder = str(image_folder(tmp_path / "images"))
+    models = {}
+    for channels in (3, 1):
+        models[channels] = load_timm("vit_tiny_patch16_224", None, False, {"img_size": 8 * channels, "patch_size": 8,
+                                     "in_chans": channels, "embed_dim": 16, "depth": 1, "num_heads": 2})  # fmt: skip
+        models[channels].pretrained_cfg = {**models[channels].pretrained_cfg, "mean": (0.1, 0.2, 0.6),
+                                           "std": (0.3, 0.4, 0.5)}  # fmt: skip
+    colour = image_dataset(models[3], folder, "train")
+    assert colour[0]["x"].shape == (3, 24, 24) and colour.info.image_size == 24 and colour.info.seed == 0
+    assert (colour.info.mean, colour.info.std) == (pytest.approx((0.1, 0.2, 0.6)), pytest.approx((0.3, 0.4, 0.5)))
+    grey = image_dataset(models[1], folder, "val", seed=3)
+    assert grey[0]["x"].shape == (1, 8, 8) and (grey.info.channels, grey.info.seed) == (1, 3)
+    assert (grey.info.mean, grey.info.std) == (pytest.approx((0.3,)), pytest.approx((0.4,)))  # the channel means
+    assert (colour.info.num_classes, colour.info.classes) == (2, ("a", "b"))  # classified images, from the folders
+
+
+def test_evaluation_forwards_route_only_the_real_tokens():
+    from upcycle.eval._common import resolve_forward
+
+    torch.manual_seed(0)
+    moe = upcycle.convert(classifier(), "sparse_upcycling", num_experts=4, top_k=2, progress=False)
+    ids, mask = torch.randint(0, 259, (2, 6)), torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    ((_, layer),) = moe_layers(moe)
+    for forward in (None, adapter_of(moe), lambda model, inputs: model(**inputs)):
+        with torch.no_grad():
+            resolve_forward(forward)(moe, {"input_ids": ids, "attention_mask": mask})
+        assert routing_statistics(layer.last_routing)["tokens"] == 9  # three padding tokens left out
