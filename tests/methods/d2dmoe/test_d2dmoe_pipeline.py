@@ -87,6 +87,237 @@ def test_recipe_errors_say_what_to_change():
         load_recipe({**TINY_RECIPE, "top_ks": [5]})
 
 
+def test_stage_fingerprints_name_each_stage_and_the_recipe_fields_it_depends_on():
+    recipe = load_recipe(TINY_RECIPE)
+    prints = pipeline.stage_fingerprints(recipe)
+    assert list(prints) == ["0-attention", "1-sparsify", "2-d2dmoe", "3-d2dmoe-routers", "2-moefication",
+                            "3-moefication-routers"]  # fmt: skip
+    stage = {"steps": 3, "batch_size": 8, "lr": 1e-3, "sparsity": 0.01, "hidden_ratio": 0.5}  # the defaults filled in
+    attention = {"data": "digits", "seed": 0, "attention": stage}
+    assert prints["0-attention"] == attention
+    sparsify = {**attention, "sparsify": json.loads(recipe.sparsify_config().model_dump_json())}
+    assert prints["1-sparsify"] == sparsify
+    split = {**sparsify, "method": "d2dmoe", "num_experts": 4, "partition": "kmeans", "router_hidden": 128}
+    assert prints["2-d2dmoe"] == split and prints["2-moefication"] == {**split, "method": "moefication"}
+    routers = json.loads(recipe.router_config().model_dump_json())
+    assert prints["3-d2dmoe-routers"] == {**split, "routers": routers}
+    assert prints["3-moefication-routers"] == {**split, "method": "moefication", "routers": routers}
+    # stage.json is compared after a JSON round trip: the training recipes' tuples (AdamW betas) must be lists
+    assert prints["1-sparsify"]["sparsify"]["betas"] == [0.9, 0.999]
+    assert prints["3-d2dmoe-routers"]["routers"]["betas"] == [0.9, 0.999]
+
+    one = pipeline.stage_fingerprints(recipe, "moefication")  # one method: the shared stages and its own
+    assert one == {name: prints[name] for name in ("0-attention", "1-sparsify", "2-moefication",
+                                                    "3-moefication-routers")}  # fmt: skip
+    without = pipeline.stage_fingerprints(load_recipe({**TINY_RECIPE, "attention": None}))
+    assert without["0-attention"] == {"data": "digits", "seed": 0, "attention": None}
+
+
+def test_attention_stage_distils_with_the_recipe_s_settings_and_writes_its_report(tmp_path, monkeypatch):
+    """Replacement, distillation and saving stubbed: what the stage passes them and what it writes."""
+    import upcycle.methods.d2dmoe as package
+    from upcycle.methods.d2dmoe import distill
+
+    calls, saved = {}, []
+    report = {"blocks.0.attn.qkv": 0.25, "blocks.1.attn.proj": 0.5}
+
+    def replace(model, hidden_ratio, generator):
+        calls["replace"] = (model, hidden_ratio, generator.initial_seed())
+
+    def distil(model, dense, data, steps, batch_size, lr, sparsity, *, seed, progress):
+        calls["distil"] = (model, dense, data, steps, batch_size, lr, sparsity, seed, progress)
+        return report
+
+    monkeypatch.setattr(package, "replace_attention_projections", replace)
+    monkeypatch.setattr(distill, "distill_attention_projections", distil)
+    monkeypatch.setattr(pipeline, "save_stage", lambda model, out: saved.append((model, out)))
+    attention = {"steps": 5, "batch_size": 6, "lr": 0.002, "sparsity": 0.03, "hidden_ratio": 0.25}
+    recipe = load_recipe({**TINY_RECIPE, "seed": 3, "attention": attention})
+    dense, out = tiny_vit(), tmp_path / "run" / "0-attention"
+    model = pipeline.attention_stage(dense, recipe, out, progress=True)  # the folder made, its parents too
+
+    assert model is not dense and calls["replace"] == (model, 0.25, 3)  # a copy, seeded by the recipe
+    assert calls["distil"] == (model, dense, "digits", 5, 6, 0.002, 0.03, 3, True)
+    assert (out / "distillation.json").read_text() == json.dumps(report, indent=2) + "\n"
+    assert saved == [(model, out)]
+    pipeline.attention_stage(dense, recipe, out, progress=False)  # an existing folder is reused
+    assert calls["distil"][-1] is False
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    """train() stubbed: each call's model, config, folder, resume and progress; it freezes the model as the router
+    stage's training leaves it (all but the routers)."""
+    import importlib
+
+    calls = []
+
+    def train(model, config, out, *, resume, progress):
+        calls.append((model, config, out, resume, progress))
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+    monkeypatch.setattr(importlib.import_module("upcycle.train"), "train", train)
+    return calls
+
+
+def test_sparsify_stage_trains_a_relu_copy_and_writes_its_activation_sparsity(tmp_path, monkeypatch, trained):
+    held_out, measured = [], []
+    sparsity = {"blocks.0.mlp": 0.75, "blocks.1.mlp": 0.25, "mean": 0.5}
+
+    class FakeHeldOut:
+        def __init__(self, model, data, split, *, examples, seq_len):
+            held_out.append((model, data, split, examples, seq_len))
+
+        def batches(self):
+            return "the validation batches"
+
+    def activation_sparsity(model, batches):
+        measured.append((model, batches))
+        return sparsity
+
+    monkeypatch.setattr(pipeline, "HeldOut", FakeHeldOut)
+    monkeypatch.setattr(pipeline, "activation_sparsity", activation_sparsity)
+    recipe = load_recipe(TINY_RECIPE)
+    dense, out = tiny_vit(), tmp_path / "1-sparsify"
+    out.mkdir()  # made by cached_stage
+    model = pipeline.sparsify_stage(dense, recipe, out, progress=True)
+
+    assert model is not dense and all(type(block.mlp.act).__name__ == "ReLU" for block in model.blocks)
+    assert all(type(block.mlp.act).__name__ == "GELU" for block in dense.blocks)  # the input is left as it was
+    assert trained == [(model, recipe.sparsify_config(), out, False, True)]  # nothing to resume yet
+    seq_len = recipe.sparsify_config().seq_len
+    assert seq_len is not None and held_out == [(model, "digits", "val", 512, seq_len)]
+    assert measured == [(model, "the validation batches")]
+    assert (out / "activation_sparsity.json").read_text() == json.dumps(sparsity, indent=2) + "\n"
+    (out / "checkpoints").mkdir()  # an interrupted run left checkpoints: training resumes from them
+    pipeline.sparsify_stage(dense, recipe, out, progress=False)
+    assert trained[-1][3:] == (True, False)
+
+
+def test_split_stage_converts_with_the_recipe_s_experts_partition_and_router(tmp_path, monkeypatch):
+    import importlib
+
+    calls, saved = [], []
+    moe = torch.nn.Identity()
+
+    def convert(model, method, **options):
+        calls.append((model, method, options))
+        return moe
+
+    monkeypatch.setattr(
+        importlib.import_module("upcycle.convert"), "convert", convert
+    )  # the package exports the function
+    monkeypatch.setattr(pipeline, "save_stage", lambda model, out: saved.append((model, out)))
+    recipe = load_recipe({**TINY_RECIPE, "partition": "random", "router_hidden": 16, "seed": 2})
+    sparse = tiny_vit()
+    assert pipeline.split_stage(sparse, recipe, "moefication", tmp_path) is moe
+    # every FFN, one expert per token until the sweep sets τ / k, the sorted backend, no progress bar of its own
+    options = {"num_experts": 4, "top_k": 1, "layers": "all", "seed": 2, "backend": "sorted", "progress": False,
+               "partition": "random", "router_hidden": 16}  # fmt: skip
+    assert calls == [(sparse, "moefication", options)]
+    assert saved == [(moe, tmp_path)]
+
+
+def test_router_stage_trains_a_copy_and_returns_it_whole(tmp_path, trained):
+    recipe = load_recipe(TINY_RECIPE)
+    moe = tiny_vit()
+    fitted = pipeline.router_stage(moe, recipe, tmp_path, progress=True)
+    assert fitted is not moe and trained == [(fitted, recipe.router_config(), tmp_path, False, True)]
+    assert all(param.requires_grad for param in fitted.parameters())  # unfrozen after training
+    (tmp_path / "checkpoints").mkdir()
+    pipeline.router_stage(moe, recipe, tmp_path, progress=False)
+    assert trained[-1][3:] == (True, False)
+
+
+@pytest.mark.parametrize("attention", [True, False], ids=["attention", "no-attention"])
+def test_run_stages_chains_the_stages_and_shows_progress_by_default(tmp_path, monkeypatch, attention):
+    """Each stage stubbed: which model, recipe, folder and progress flag it gets; the stage.json it is cached under."""
+    import upcycle
+
+    calls = []
+
+    def stub(name, result):
+        def build(*args):
+            calls.append((name, *args))
+            return result
+
+        return build
+
+    dense, attended, sparse = tiny_vit(), tiny_vit(), tiny_vit()
+    split = {m: upcycle.convert(tiny_vit(), m, num_experts=4, progress=False) for m in ("d2dmoe", "moefication")}
+    fitted = {m: upcycle.convert(tiny_vit(), m, num_experts=4, backend="eager", progress=False) for m in split}
+    monkeypatch.setattr(pipeline, "attention_stage", stub("attention", attended))
+    monkeypatch.setattr(pipeline, "sparsify_stage", stub("sparsify", sparse))
+    monkeypatch.setattr(
+        pipeline, "split_stage", lambda model, recipe, m, out: stub("split", split[m])(model, recipe, m, out)
+    )
+    monkeypatch.setattr(
+        pipeline,
+        "router_stage",
+        lambda model, recipe, out, progress: stub(
+            "routers", fitted["d2dmoe" if model is split["d2dmoe"] else "moefication"]
+        )(model, recipe, out, progress),
+    )
+    recipe = load_recipe(TINY_RECIPE if attention else {**TINY_RECIPE, "attention": None})
+    models = run_stages(dense, recipe, tmp_path)
+
+    assert models == {"sparse": sparse, **fitted}
+    first = [("attention", dense, recipe, tmp_path / "0-attention", True)] if attention else []
+    assert calls == [*first, ("sparsify", attended if attention else dense, recipe, tmp_path / "1-sparsify", True),
+                     ("split", sparse, recipe, "d2dmoe", tmp_path / "2-d2dmoe"),
+                     ("routers", split["d2dmoe"], recipe, tmp_path / "3-d2dmoe-routers", True),
+                     ("split", sparse, recipe, "moefication", tmp_path / "2-moefication"),
+                     ("routers", split["moefication"], recipe, tmp_path / "3-moefication-routers", True)]  # fmt: skip
+    prints = pipeline.stage_fingerprints(recipe)
+    for name in [*prints][0 if attention else 1 :]:
+        assert json.loads((tmp_path / name / "stage.json").read_text()) == prints[name], name
+    for model in fitted.values():  # inference runs only the selected pairs
+        assert {block.mlp.moe.experts.backend for block in model.blocks} == {"sorted"}
+
+
+def test_sweep_methods_measures_every_point_against_the_dense_model(tmp_path, monkeypatch):
+    """Held-out splits, MACs and the sweep stubbed with known numbers: what sweep_methods asks and reports."""
+    built, costed, swept = [], [], []
+    dense, sparse, d2d, moe = (torch.nn.Linear(1, 1) for _ in range(4))
+    accuracy = {(dense, "val"): 0.9, (dense, "test"): 0.8, (sparse, "val"): 0.85, (sparse, "test"): 0.75}
+
+    class FakeHeldOut:
+        def __init__(self, model, data, split, examples, seq_len):
+            built.append((model, data, split, examples, seq_len))
+            self.split = split
+
+        def metric(self, model):
+            return accuracy[model, self.split]
+
+    def macs(model, held_out, examples):
+        costed.append((model, held_out.split, examples))
+        return {dense: 400.0, sparse: 100.0}[model]
+
+    def sweep(model, dense_macs, points, apply, held_out, mac_examples, desc):
+        swept.append((model, dense_macs, points, apply, {s: h.split for s, h in held_out.items()}, mac_examples, desc))
+        return [{"point": points[0], "flops_fraction": 0.5, "val": 0.1, "test": 0.2}]
+
+    monkeypatch.setattr(pipeline, "HeldOut", FakeHeldOut)
+    monkeypatch.setattr(pipeline, "macs_per_example", macs)
+    monkeypatch.setattr(pipeline, "sweep", sweep)
+    recipe = load_recipe(TINY_RECIPE)
+    results = sweep_methods({"sparse": sparse, "d2dmoe": d2d, "moefication": moe}, dense, recipe, tmp_path)
+
+    seq_len = recipe.sparsify_config().seq_len
+    assert built == [(dense, "digits", "val", 100, seq_len), (dense, "digits", "test", 100, seq_len)]
+    assert costed == [(dense, "val", 256), (sparse, "val", 256)]  # MACs on the first split, 256 examples
+    assert results["dense"] == {"val": 0.9, "test": 0.8, "flops_fraction": 1.0}
+    assert results["sparse"] == {"val": 0.85, "test": 0.75, "flops_fraction": 0.25}
+    splits = {"val": "val", "test": "test"}
+    assert swept == [(d2d, 400.0, [0.0, 0.5, 1.0], pipeline.set_tau, splits, 256, "d2dmoe sweep"),
+                     (moe, 400.0, [1, 4], pipeline.set_top_k, splits, 256, "moefication sweep")]  # fmt: skip
+    for method, first in (("d2dmoe", 0.0), ("moefication", 1)):
+        rows = [{"point": first, "flops_fraction": 0.5, "val": 0.1, "test": 0.2}]
+        assert results[method] == rows
+        assert (tmp_path / f"sweep-{method}.json").read_text() == json.dumps(rows, indent=2) + "\n"
+
+
 def test_run_d2dmoe_summarises_the_sweeps_at_one_point_below_dense_on_validation(tmp_path, monkeypatch):
     """The stages and sweeps are stubbed with hand-made results: what run_d2dmoe adds is checked on known numbers."""
     results = {
