@@ -168,3 +168,29 @@ def test_each_strategy_calls_its_sampler_with_the_recipe_and_generator(strategy,
             assert isinstance(args[3], torch.Generator)  # drawn from the conversion's seed
         if name == "graph_partition_sampling":
             assert (kwargs["parts"], kwargs["threshold"]) == (5, 0.5)
+
+
+def test_the_soft_router_takes_the_recipes_slots_per_expert():
+    router = moe_layers(jetpack(vit(32), slot_router="soft", router_slots_per_expert=3, core_experts=2,
+                                universal_experts=1))[0][1].router  # fmt: skip
+    assert type(router).__name__ == "SoftMoERouter" and router.slot_queries.shape[-2:] == (3 * 3, 32)
+
+
+def test_a_one_token_model_gets_one_universal_and_one_core_expert():
+    """n = 1 token per image (one patch, no class token): E_univ = n and E_core = max(1, n/2) both give 1."""
+    one_token = vit(32, img_size=8, patch_size=8, class_token=False, global_pool="avg")
+    layer = moe_layers(jetpack(one_token))[0][1]
+    assert (layer.experts.num_core, layer.experts.num_universal) == (1, 1)
+
+
+def test_refusals_in_full(tmp_path):
+    upcycle.save(vit(64, depth=3), tmp_path / "deeper")
+    with pytest.raises(ValueError, match=r"^the predecessor has 3 FFNs but the model has 2; layers are paired by "
+                                         r"index, so give a predecessor of the same depth$"):  # fmt: skip
+        jetpack(vit(32), tmp_path / "deeper")
+    lm = build_dense("lm_tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"^moe_jetpack recycles vision models \(it calibrates on images\); "
+                                         r"hf_llama models are causal lm models: use sparse_upcycling or "
+                                         r"neuron_split$"):  # fmt: skip
+        jetpack(lm)
