@@ -52,6 +52,27 @@ def test_layer_decay_orders_depths():
     assert convnext_count == 5 and convnext_depths["stages.2.blocks.1.mlp.fc1.weight"] == 4
 
 
+def test_layer_decay_without_blocks_puts_the_head_one_above_the_embeddings():
+    model = nn.Module()
+    model.embeddings, model.head = nn.Embedding(5, 4), nn.Linear(4, 2)  # no blocks, layers, h nor stages
+    depths, count = layer_ids(model)
+    assert count == 0 and depths == {"embeddings.weight": 0, "head.weight": 1, "head.bias": 1}
+    groups = {n: g for g in parameter_groups(model, _config(layer_decay=0.5)) for n in g["names"]}
+    assert [groups[n]["lr_scale"] for n in depths] == [0.5, 1.0, 1.0]
+
+
+def test_stage_sizes_are_read_from_the_highest_block_whatever_the_order():
+    def stage(*indices):
+        blocks = nn.ModuleDict({str(i): nn.Linear(2, 2, bias=False) for i in indices})
+        return nn.ModuleDict({"blocks": blocks})
+
+    model = nn.Module()
+    model.stages = nn.ModuleList([stage(1, 0), stage(0)])  # stage 0's block 1 is registered before its block 0
+    depths, count = layer_ids(model)
+    assert count == 3
+    assert depths == {"stages.0.blocks.1.weight": 2, "stages.0.blocks.0.weight": 1, "stages.1.blocks.0.weight": 3}
+
+
 def test_schedule_values():
     assert lr_multiplier(0, 100, 10, "cosine", 0.0) == pytest.approx(0.1)
     assert lr_multiplier(9, 100, 10, "cosine", 0.0) == pytest.approx(1.0)
@@ -73,9 +94,9 @@ def test_sampler_splits_global_batches_across_processes_and_resumes():
     resumed = ResumableBatchSampler(40, 8, seed=3)
     resumed.load_state_dict(single.state_dict())
     assert resumed.next_step() == single.next_step()
-    with pytest.raises(ValueError, match="divide evenly over 3 processes"):
+    with pytest.raises(ValueError, match=r"^batch size 8 must divide evenly over 3 processes × 1 accumulation steps$"):
         ResumableBatchSampler(40, 8, seed=0, world=3)
-    with pytest.raises(ValueError, match="larger than the training split"):
+    with pytest.raises(ValueError, match=r"^batch size 8 is larger than the training split \(4 examples\)$"):
         ResumableBatchSampler(4, 8, seed=0)
 
 
@@ -107,7 +128,9 @@ def test_freeze_stages():
     apply_freeze(moe, "experts")
     assert not any(p.requires_grad for n, p in moe.named_parameters() if ".experts." in n)
     assert all(p.requires_grad for n, p in moe.named_parameters() if ".experts." not in n)
-    with pytest.raises(ValueError, match="has no router"):
+    with pytest.raises(
+        ValueError, match=r"^freeze=all_but_routers, but the model has no router: convert it to an MoE first$"
+    ):
         apply_freeze(build("llama"), "all_but_routers")
 
 
@@ -212,6 +235,34 @@ def test_cuda_rng_states_are_saved_and_restored_only_where_cuda_is_available(mon
     assert restored == [["gpu 0 state"]]
 
 
+def test_weights_made_non_finite_are_named_and_the_last_good_checkpoint_kept(tmp_path):
+    from upcycle.train.loop import TrainingDiverged, check_weights
+
+    model = nn.Linear(2, 2)
+    check_weights(model, 3, tmp_path)  # finite: nothing to say
+    with torch.no_grad():
+        model.weight[0, 0], model.bias[1] = float("nan"), float("inf")
+    message = (f"the weights became NaN or Inf at step 3 (weight, bias); nothing was saved for it and the last good "
+               f"checkpoint in {tmp_path} is kept (lower --lr, --set grad_clip=1.0, or check the data)")  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=f"^{re.escape(message)}$"):
+        check_weights(model, 3, tmp_path)
+
+
+def test_seed_step_reseeds_every_generator_from_the_seed_the_step_and_the_rank():
+    import numpy as np
+
+    from upcycle.train.loop import seed_step
+
+    value = (70_000 * 1_000_003 + 5) * 64 + 1  # over 2^32: numpy's seed takes it modulo 2^32
+    generator = seed_step(70_000, 5, 1)
+    assert torch.initial_seed() == value and generator.initial_seed() == value
+    draws = random.random(), float(np.random.rand()), float(torch.rand(()))
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+    assert draws == (random.random(), float(np.random.rand()), float(torch.rand(())))
+
+
 def test_train_config_refusals():
     with pytest.raises(ValueError, match="exactly one of steps and epochs"):
         load_train_config(data="digits")
@@ -266,7 +317,8 @@ def test_a_resumed_run_ends_with_the_weights_and_ema_of_an_uninterrupted_one(tmp
     straight = load_file(out / "model" / "model.safetensors")
     shutil.rmtree(out / "checkpoints" / "step-00000004")  # as if killed between the two checkpoints
     shutil.rmtree(out / "model")
-    with pytest.raises(FileExistsError, match="--resume"):
+    message = f"{out} already holds checkpoints; pass --resume to continue or choose another --out"
+    with pytest.raises(FileExistsError, match=f"^{re.escape(message)}$"):
         train(copy.deepcopy(dense), config, out, progress=False)
     train(copy.deepcopy(dense), config, out, resume=True, progress=False)
     resumed = load_file(out / "model" / "model.safetensors")
@@ -315,6 +367,47 @@ def test_metrics_log_rows_and_resume_keep_only_steps_up_to_the_resumed_one(tmp_p
     fresh = MetricsLog(tmp_path, enabled=True)  # a new run (no resume) starts an empty file
     fresh.close()
     assert fresh.rows() == []
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_metrics_log_writes_tensorboard_scalars_and_purges_the_steps_run_again(tmp_path):
+    from upcycle.train.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=True)
+    for step in range(1, 4):
+        log.log(step, "train", {"loss": float(step), "items_per_s": 8, "note": "text"})  # text is no scalar
+    log.log(3, "val", {"accuracy": 0.5})
+    log.close()
+    resumed = MetricsLog(tmp_path, enabled=True, resume_step=1)  # steps 2 and 3 run again
+    resumed.log(2, "train", {"loss": 20.0})
+    resumed.close()
+    assert tensorboard_scalars(tmp_path / "tb") == {
+        "train/loss": [(1, 1.0), (2, 20.0)],
+        "train/items_per_s": [(1, 8.0)],
+        "val/accuracy": [],  # logged at step 3, after the resumed step: purged
+    }
+
+
+def test_metrics_log_without_tensorboard_warns_with_the_install_command_and_writes_the_csv(tmp_path, monkeypatch):
+    from upcycle.train import metrics_log
+
+    monkeypatch.setattr(metrics_log, "available", lambda module: module != "tensorboard")
+    message = "TensorBoard logs are skipped, tensorboard is not installed: pip install 'upcycle[tensorboard]'"
+    calls = []
+    monkeypatch.setattr(warnings, "warn", lambda *args, **kwargs: calls.append((args, kwargs)))
+    log = metrics_log.MetricsLog(tmp_path, enabled=True)
+    assert calls == [((message,), {"stacklevel": 2})]  # attributed to the code that opened the log
+    log.log(1, "train", {"loss": 0.5})
+    log.close()
+    assert log.writer is None and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+    assert log.rows() == [{**dict.fromkeys(metrics_log.FIELDS, ""), "step": "1", "split": "train", "loss": "0.5"}]
 
 
 def test_metrics_log_of_another_process_writes_nothing(tmp_path):
@@ -367,7 +460,9 @@ def test_freeze_on_a_moe_at_the_root_and_nothing_to_train():
     assert {n for n, p in moe.named_parameters() if p.requires_grad} == {"router.gate.weight"}  # left as it was
     for param in moe.parameters():
         param.requires_grad_(False)
-    with pytest.raises(ValueError, match="left nothing to train"):
+    with pytest.raises(
+        ValueError, match=r"^no parameter requires gradients: the freeze setting left nothing to train$"
+    ):
         build_optimizer(moe, _config())
 
 
@@ -424,8 +519,37 @@ def test_sparsity_penalty_averages_each_ffn_activation(kind):
     model(torch.randn(1, 3, 32, 32))
     assert penalty.outputs == []  # hooks removed
     moe = upcycle.convert(build("vit"), "sparse_upcycling", num_experts=2, top_k=1, layers="all", progress=False)
-    with pytest.raises(ValueError, match="has none"):
+    with pytest.raises(
+        ValueError, match=r"^activation sparsity needs dense FFNs with an activation module; this model has none$"
+    ):
         SparsityPenalty(moe, adapter_of(moe), kind)
+
+
+def test_sparsity_penalty_counts_the_real_tokens_only():
+    from upcycle.adapters import find_adapter
+    from upcycle.layers import real_tokens
+    from upcycle.layers.losses import l1_sparsity
+    from upcycle.train.sparsity import SparsityPenalty, activation_modules
+
+    torch.manual_seed(0)
+    model = build("bert").eval()
+    adapter = find_adapter(model)
+    seen = []
+    for module in activation_modules(model, adapter).values():
+        module.register_forward_hook(lambda m, i, output: seen.append(output.relu()))  # relu: some exact zeros
+        module.register_forward_hook(lambda m, i, output: output.relu())  # what the penalty then sees
+    penalty = SparsityPenalty(model, adapter, "l1")
+    value, zeros = penalty.take()
+    assert float(value) == 0.0 and math.isnan(zeros)  # nothing ran: no share of zeros to report
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad(), real_tokens(mask):
+        model(input_ids=torch.randint(1, 50, (2, 5)), attention_mask=mask)
+    value, zeros = penalty.take()
+    real = [a.reshape(10, -1)[mask.reshape(-1).bool()] for a in seen]  # 8 real tokens of 10
+    assert len(real) == 3 and real[0].shape[0] == 8  # one per layer
+    assert float(value) == pytest.approx(float(torch.stack([l1_sparsity(a) for a in real]).mean()))
+    assert zeros == sum(int((a == 0).sum()) for a in real) / sum(a.numel() for a in real)
+    penalty.close()
 
 
 def test_gradient_accumulation_logs_the_mean_over_micro_batches(tmp_path, monkeypatch):

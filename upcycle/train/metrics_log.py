@@ -32,7 +32,8 @@ class MetricsLog:
         if available("tensorboard"):
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out / "tb"), purge_step=resume_step or None)
+            # TensorBoard hides events at purge_step and after; the resumed step's own are kept, as in the CSV
+            self.writer = SummaryWriter(str(out / "tb"), purge_step=resume_step + 1 if resume_step else None)
         else:  # an optional extra: the run goes on with metrics.csv and curves.png
             hint = install_hint("tensorboard")
             warnings.warn(f"TensorBoard logs are skipped, tensorboard is not installed: {hint}", stacklevel=2)
