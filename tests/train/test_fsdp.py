@@ -1,5 +1,6 @@
 """FSDP (``strategy: fsdp``) under torchrun with 2 CPU processes: the same loss curve and weights as 1 process at
-the same global batch, with gradient accumulation, and a checkpoint written by a 1-process run resumes sharded."""
+the same global batch, with gradient accumulation, and a checkpoint written by a 1-process run resumes sharded. In
+this process, over a process group of one: what wrap shards, gathered tensors and optimizer state, gradient sync."""
 
 import os
 import shutil
@@ -8,10 +9,16 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 import upcycle
 from upcycle.pretrain import build_dense
+from upcycle.record import record_of
+from upcycle.train import sharding
+from upcycle.train.distributed import Context
 from upcycle.train.sharding import repeated_blocks
 
 from .test_runs import cli, run, train_losses
@@ -47,8 +54,6 @@ def test_repeated_blocks_are_the_transformer_layers():
 
 
 def test_repeated_blocks_are_the_outermost_lists_of_one_class_with_parameters():
-    from torch import nn
-
     from tests.conversion.tiny_models import build
 
     class Block(nn.Module):
@@ -68,6 +73,89 @@ def test_repeated_blocks_are_the_outermost_lists_of_one_class_with_parameters():
     assert repeated_blocks(vit) == list(vit.blocks)
     convnext = build("convnext_linear")
     assert repeated_blocks(convnext) == list(convnext.stages)  # the stages, not the blocks inside them
+
+
+def test_whether_a_list_holds_blocks_is_read_from_its_first_module():
+    model = nn.Module()
+    model.taken = nn.ModuleList([nn.LayerNorm(4), nn.LayerNorm(4, elementwise_affine=False)])
+    model.skipped = nn.ModuleList([nn.LayerNorm(4, elementwise_affine=False), nn.LayerNorm(4)])
+    assert repeated_blocks(model) == list(model.taken)
+
+
+CPU = torch.device("cpu")
+MAIN, OTHER = Context(0, 2, 0, CPU), Context(1, 2, 1, CPU)  # the processes of a run of two (wrap shards for them)
+
+
+@pytest.fixture
+def one_process_group():
+    """A process group of this one process: FSDP and DDP shard, gather and reduce over it as over many (every shard
+    is whole), with no other process to start."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def tiny_lm():
+    torch.manual_seed(0)
+    return build_dense("lm_tiny", **{**SMALL_LM, "hidden_size": 16, "intermediate_size": 32})
+
+
+def test_fsdp_shards_every_layer_and_the_root_and_gathers_whole_tensors(one_process_group):
+    model = tiny_lm()
+    before, kind = {name: tensor.clone() for name, tensor in model.state_dict().items()}, type(model)
+    assert sharding.wrap(model, "fsdp", Context(0, 1, 0, CPU)) is model and not sharding.is_sharded(model)  # alone
+    assert sharding.wrap(model, "fsdp", MAIN) is model  # sharded in place
+    assert sharding.is_sharded(model) and all(sharding.is_sharded(layer) for layer in model.model.layers)
+    assert record_of(model) is not None  # recorded while whole, for the rebuild below
+    state = sharding.full_model_state(model)
+    assert state.keys() == before.keys()
+    for name, tensor in state.items():
+        assert type(tensor) is torch.Tensor and torch.equal(tensor, before[name]), name  # not DTensor shards
+    whole = sharding.gathered_model(model, MAIN)
+    assert whole is not model and not sharding.is_sharded(whole) and type(whole) is kind
+    assert all(torch.equal(tensor, before[name]) for name, tensor in whole.state_dict().items())
+    assert sharding.gathered_model(model, OTHER) is None  # it gathered too, but only the main process keeps a copy
+    plain = tiny_lm()
+    assert sharding.gathered_model(plain, MAIN) is plain and sharding.gathered_model(plain, OTHER) is None
+
+
+def test_fsdp_optimizer_state_keyed_by_name_loads_back_as_shards(one_process_group):
+    ids = torch.randint(0, 50, (2, 8))
+    trained, fresh = tiny_lm(), tiny_lm()
+    for model in (trained, fresh):
+        sharding.wrap(model, "fsdp", MAIN)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-2)
+    trained(input_ids=ids).logits.sum().backward()
+    optimizer.step()
+    state = sharding.full_optimizer_state(trained, optimizer)
+    moments = state["state"]["model.layers.0.mlp.up_proj.weight"]
+    assert type(moments["exp_avg"]) is torch.Tensor and moments["exp_avg"].shape == (32, 16)
+    restored = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    sharding.load_optimizer_state(fresh, restored, state)
+    assert all(isinstance(restored.state[p]["exp_avg"], DTensor) for p in fresh.parameters())  # the shards again
+    for name, values in sharding.full_optimizer_state(fresh, restored)["state"].items():
+        assert torch.equal(values["exp_avg_sq"], state["state"][name]["exp_avg_sq"]), name
+    fresh(input_ids=ids).logits.sum().backward()
+    restored.step()  # the next update runs on the restored shards
+
+
+def test_gradients_are_reduced_only_on_the_last_micro_step(one_process_group):
+    ids = torch.randint(0, 50, (2, 8))
+    model = tiny_lm()
+    sharding.wrap(model, "fsdp", MAIN)
+    with sharding.gradient_sync(model, False):
+        model(input_ids=ids).logits.sum().backward()
+    assert all(p.grad is None for p in model.parameters())  # kept unsharded and unreduced until the last micro-step
+    with sharding.gradient_sync(model, True):
+        model(input_ids=ids).logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())  # the sync was switched back on
+    replicated = tiny_lm()
+    network = sharding.wrap(replicated, "ddp", MAIN)
+    assert network.module is replicated and network.find_unused_parameters  # unselected experts get no gradient
+    with sharding.gradient_sync(network, False):
+        assert not network.require_backward_grad_sync
+    with sharding.gradient_sync(network, True):
+        assert network.require_backward_grad_sync
 
 
 @pytest.mark.slow
