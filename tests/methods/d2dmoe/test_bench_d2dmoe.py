@@ -44,6 +44,69 @@ def test_lowest_fraction_within_keeps_a_point_exactly_at_the_tolerance():
     assert lowest_fraction_within(rows((0.3, 0.7)), 0.7, "val", drop=0.0)["flops_fraction"] == 0.3
 
 
+class FakeSplit:
+    """A held-out split of batches of 4 with the given sizes; each batch's examples cost ``macs`` MACs each."""
+
+    batch_size = 4
+
+    def __init__(self, sizes_and_macs):
+        self.data, self.asked = sizes_and_macs, []
+
+    def batches(self, max_batches=None):
+        self.asked.append(max_batches)
+        return [{"x": torch.zeros(size, 3), "macs": macs} for size, macs in self.data[:max_batches]]
+
+
+def test_macs_per_example_averages_over_the_batches_holding_the_first_examples(monkeypatch):
+    from types import SimpleNamespace
+
+    counted = []
+
+    def count_macs(model, batch):
+        counted.append(model)
+        return SimpleNamespace(total=batch["macs"])  # per example, as count_macs reports it
+
+    monkeypatch.setattr(sweep, "count_macs", count_macs)
+    split = FakeSplit([(4, 10.0), (4, 20.0), (2, 40.0)])
+    model = torch.nn.Identity()
+    assert sweep.macs_per_example(model, split, 6) == 15.0  # two batches of 4 hold the first 6 examples
+    assert sweep.macs_per_example(model, split, 9) == (4 * 10 + 4 * 20 + 2 * 40) / 10  # weighted by batch size
+    assert sweep.macs_per_example(model, split, 1) == sweep.macs_per_example(model, split, 0) == 10.0  # one at least
+    assert split.asked == [2, 3, 1, 1] and all(seen is model for seen in counted)
+
+
+def test_sweep_applies_each_point_then_measures_every_split_and_the_cost(monkeypatch):
+    from types import SimpleNamespace
+
+    bars, costed = [], []
+
+    def bar(points, **options):
+        bars.append(options)
+        return points
+
+    def macs(model, held_out, examples):
+        costed.append((held_out, examples))
+        return 50.0 * model.k
+
+    class Split:
+        def __init__(self, base):
+            self.base = base
+
+        def metric(self, model):
+            return self.base + model.k
+
+    monkeypatch.setattr(sweep, "tqdm", bar)
+    monkeypatch.setattr(sweep, "macs_per_example", macs)
+    model, held_out = SimpleNamespace(k=0), {"val": Split(0.5), "test": Split(0.25)}
+    rows = sweep.sweep(model, 200.0, [1, 2], lambda m, point: setattr(m, "k", point), held_out)
+    assert rows == [{"point": 1, "val": 1.5, "test": 1.25, "flops_fraction": 0.25},
+                    {"point": 2, "val": 2.5, "test": 2.25, "flops_fraction": 0.5}]  # fmt: skip
+    assert costed == [(held_out["val"], 256)] * 2  # MACs on the first split, 256 examples by default
+    assert bars == [{"desc": "sweep", "unit": "point", "leave": False}]  # a transient bar
+    sweep.sweep(model, 200.0, [3], lambda m, point: setattr(m, "k", point), held_out, 8, desc="k sweep")
+    assert costed[-1] == (held_out["val"], 8) and bars[-1]["desc"] == "k sweep"
+
+
 # ---- wall-clock helpers on a tiny ViT ----------------------------------------------------------------------------
 def image_batch(size=4, seed=0):
     """Images for build("vit") (3 x 32 x 32, 5 classes) with their labels."""
