@@ -92,7 +92,8 @@ def one_process_group():
     is whole), with no other process to start."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    if dist.is_initialized():  # a test may have torn it down itself
+        dist.destroy_process_group()
 
 
 def tiny_lm():
@@ -156,6 +157,81 @@ def test_gradients_are_reduced_only_on_the_last_micro_step(one_process_group):
         assert not network.require_backward_grad_sync
     with sharding.gradient_sync(network, True):
         assert network.require_backward_grad_sync
+
+
+def test_sharded_weights_are_left_to_the_save_to_check(one_process_group, tmp_path):
+    from upcycle.train.loop import TrainingDiverged, check_weights
+
+    model, plain = tiny_lm(), tiny_lm()
+    for each in (model, plain):
+        with torch.no_grad():
+            each.lm_head.weight[0, 0] = float("nan")
+    sharding.wrap(model, "fsdp", MAIN)
+    check_weights(model, 1, tmp_path)  # each process holds another shard: one stopping alone would hang the others
+    with pytest.raises(TrainingDiverged):
+        check_weights(plain, 1, tmp_path)
+
+
+def test_setup_reads_torchrun_s_environment_and_creates_its_process_group(monkeypatch):
+    from upcycle.train import distributed
+
+    created, devices = [], []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: created.append(kwargs))
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.setup("auto") == Context(0, 1, 0, CPU) and created == []  # one process: no group
+    message = r"^device cuda was requested but no CUDA device is available$"
+    with pytest.raises(ValueError, match=message):
+        distributed.setup("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.setup("cpu") == Context(1, 2, 1, CPU) and created == [{"backend": "gloo"}] and devices == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = torch.device("cuda", 1)  # the process's own GPU, by its local rank
+    assert distributed.setup("auto") == Context(1, 2, 1, gpu) and created[1:] == [{"backend": "nccl"}]
+    assert devices == [gpu]
+    assert distributed.setup("cpu").device == CPU and created[2:] == [{"backend": "gloo"}]  # GPUs there, not used
+
+
+def test_setup_joins_a_process_group_already_there(one_process_group, monkeypatch):
+    from upcycle.train import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.setup("auto") == MAIN  # init_process_group would refuse a second default group
+
+
+def test_mean_across_averages_each_metric_over_the_processes(monkeypatch):
+    from upcycle.train import distributed
+
+    values, other = {"loss": 2.0, "accuracy": 0.5}, {"accuracy": 0.25, "loss": 4.0}
+
+    def all_reduce(tensor):  # the sum with the other process's values, which it sends in the same (sorted) order
+        tensor += torch.tensor([other[key] for key in sorted(other)], dtype=torch.float64)
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    assert distributed.mean_across(values, Context(0, 1, 0, CPU)) is values  # one process: nothing to average
+    assert distributed.mean_across(values, MAIN) == {"accuracy": 0.375, "loss": 3.0}
+
+
+def test_barrier_and_teardown_act_for_a_run_of_several_processes_only(one_process_group, monkeypatch):
+    from upcycle.train import distributed
+
+    barriers = []
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: barriers.append("waited"))
+    distributed.barrier(Context(0, 1, 0, CPU))
+    assert barriers == []
+    distributed.barrier(MAIN)
+    assert barriers == ["waited"]
+    distributed.teardown(Context(0, 1, 0, CPU))
+    assert dist.is_initialized()
+    distributed.teardown(MAIN)
+    assert not dist.is_initialized()
+    distributed.teardown(MAIN)  # already torn down: nothing left to destroy
 
 
 @pytest.mark.slow
