@@ -413,3 +413,17 @@ def test_run_d2dmoe_refuses_a_bad_recipe_or_another_recipe_s_stages_before_any_w
         pipeline.run_d2dmoe(dense, TINY_RECIPE, out, progress=False)
     assert sorted(path.name for path in out.iterdir()) == ["0-attention"]  # nothing built, nothing summarised
     assert [path.name for path in (out / "0-attention").iterdir()] == ["stage.json"]
+
+
+def test_a_loaded_language_model_swapped_to_relu_saves_as_a_relu_model(tmp_path):
+    """A loaded Hugging Face model carries a record of its SiLU config: the swap must refresh it before saving."""
+    import upcycle
+    from tests.models.helpers import tiny_lm
+
+    upcycle.save(tiny_lm(), tmp_path / "silu")
+    model = upcycle.load(tmp_path / "silu")
+    swap_to_relu(model)
+    upcycle.save(model, tmp_path / "relu")
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(upcycle.load(tmp_path / "relu")(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -334,6 +334,8 @@ def test_every_strategy_names_the_hidden_units_it_cannot_take(call):
     ],
 )
 def test_experts_that_cannot_differ_are_refused_with_the_reason(call, detail):
+    with pytest.raises(ValueError, match=r"^num_experts must be >= 1, got 0$"):
+        random_sampling(16, 0, 4, gen())
     with pytest.raises(ValueError) as refused:
         call()
     assert str(refused.value) == (
