@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import upcycle
@@ -332,6 +333,60 @@ class TiedLM(nn.Module):
         super().__init__()
         self.embed, self.head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
         self.head.weight = self.embed.weight  # tied, as an LM head often is
+
+
+def logged_run(model, config: dict, out, monkeypatch) -> tuple[dict, list[dict]]:
+    """``train`` under a clock that advances half a second a reading (each logging window lasts half a second, so
+    items_per_s is twice what the window trained on) and with curves named by metric, not drawn: (summary, rows)."""
+    import csv
+    import itertools
+    import types
+
+    from upcycle.train import loop, train
+    from upcycle.train.metrics_log import MetricsLog
+
+    clock = itertools.count()
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(clock) / 2))
+    monkeypatch.setattr(MetricsLog, "plot", lambda self, metric: self.path.with_name(f"{metric}.png"))
+    summary = train(model, config, out, progress=False)
+    with open(out / "metrics.csv") as handle:
+        return summary, list(csv.DictReader(handle))
+
+
+def test_a_run_logs_every_log_every_steps_validates_every_eval_every_steps_and_saves_the_model(tmp_path, monkeypatch):
+    from upcycle.sources import load_timm
+
+    dense = load_timm("vit_tiny_patch16_224", None, False, {"img_size": 8, "patch_size": 4, "in_chans": 1,
+                      "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 10})  # fmt: skip
+    config = {"data": "digits", "steps": 5, "batch_size": 8, "log_every": 2, "eval_every": 2, "eval_batches": 1,
+              "checkpoints": False, "lr": 1e-3, "warmup": 0, "schedule": "linear"}  # fmt: skip
+    out = tmp_path / "run"
+    summary, rows = logged_run(dense, config, out, monkeypatch)
+    # a train row every 2 steps and at the end; validation with them, and the final one at the end (not twice)
+    assert [(r["step"], r["split"]) for r in rows] == [("2", "train"), ("2", "val"), ("4", "train"), ("4", "val"),
+                                                       ("5", "train"), ("5", "val")]  # fmt: skip
+    train_rows, val_rows = rows[0::2], rows[1::2]
+    assert [r["lr"] for r in train_rows] == ["0.0006", "0.0002", "0"]  # the LR the next step will use
+    assert [r["items_per_s"] for r in train_rows] == ["32", "32", "16"]  # images: 8 a step
+    assert all(r["aux"] == "0" and 0 <= float(r["accuracy"]) <= 1 and float(r["loss"]) > 0 for r in train_rows)
+    assert all(r["lr"] == r["items_per_s"] == r["aux"] == "" and r["accuracy"] for r in val_rows)
+    assert summary == {"steps": 5, "val": summary["val"], "out": str(out), "curves": str(out / "accuracy.png")}
+    assert f"{summary['val']['accuracy']:.6g}" == val_rows[-1]["accuracy"]
+    assert yaml.safe_load((out / "train.yaml").read_text())["train"]["eval_every"] == 2  # the run's whole config
+    assert (out / "model" / "model.safetensors").is_file()
+    assert not (out / "checkpoints").exists()
+
+
+def test_a_language_model_run_counts_tokens_per_second_and_reports_perplexity(tmp_path, monkeypatch):
+    from upcycle.pretrain import build_dense
+
+    model = build_dense("lm_tiny", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1)  # fmt: skip
+    config = {"data": "shakespeare", "steps": 2, "batch_size": 2, "seq_len": 16, "log_every": 2, "eval_batches": 1,
+              "checkpoints": False}  # fmt: skip
+    summary, rows = logged_run(model, config, tmp_path, monkeypatch)
+    assert [(r["step"], r["split"], r["items_per_s"]) for r in rows] == [("2", "train", "128"), ("2", "val", "")]
+    assert summary["curves"] == str(tmp_path / "perplexity.png") and float(rows[0]["perplexity"]) > 1
 
 
 def test_checkpoint_state_of_an_unsharded_model_holds_tied_tensors_once(tmp_path):
