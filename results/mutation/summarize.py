@@ -11,6 +11,7 @@ import ast
 import difflib
 import io
 import json
+import math
 import re
 import sys
 import tokenize
@@ -147,9 +148,35 @@ def summary(counts: Counter) -> dict:
             "by_status": dict(sorted(counts.items()))}  # fmt: skip
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n."""
+    p, denominator = k / n, 1 + z * z / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / denominator, (centre + half) / denominator
+
+
+def estimate(statuses: dict[str, str], drawn: list[str], unreached: int) -> dict:
+    """The group's killed share when only a random sample (``drawn``) of its ``unreached`` mutants ran: the
+    mutants outside the sample count as they are, the sample's share stands for every unreached one (stratified)."""
+    dead = ("killed", "timeout")
+    sample = [statuses[name] for name in drawn if statuses.get(name, "not checked") != "not checked"]
+    rest = [status for name, status in statuses.items() if name not in set(drawn) and status != "not checked"]
+    if not sample:
+        return {}
+    k, total = sum(status in dead for status in sample), len(rest) + unreached
+    low, high = wilson(k, len(sample))
+    known = sum(status in dead for status in rest)
+    return {"sample_checked": len(sample), "sample_killed": k, "unreached": unreached,
+            "estimated_killed_share": round((known + k / len(sample) * unreached) / total, 4),
+            "interval_95": [round((known + low * unreached) / total, 4), round((known + high * unreached) / total, 4)]}  # fmt: skip
+
+
 def main(root: Path = Path("mutants"), out: Path = Path("results/mutation/mutation.json")) -> dict:
     equivalent_file = Path(__file__).with_name("equivalent.json")  # survivors shown equivalent, by hand, with why
     equivalent = json.loads(equivalent_file.read_text()) if equivalent_file.is_file() else {}
+    sample_file = Path(__file__).with_name("sample.json")  # a random sample of the mutants no run reached
+    sample = json.loads(sample_file.read_text()) if sample_file.is_file() else {"drawn": {}, "unreached": {}}
+    statuses = defaultdict(dict)  # group -> mutant -> status
     per_folder, per_file, not_killed = defaultdict(Counter), defaultdict(Counter), defaultdict(list)
     for meta in sorted(root.glob("upcycle/**/*.py.meta")):
         path = str(meta.relative_to(root)).removesuffix(".meta")
@@ -158,6 +185,7 @@ def main(root: Path = Path("mutants"), out: Path = Path("results/mutation/mutati
         sources = function_sources(root / path)
         for mutant, code in sorted(json.loads(meta.read_text())["exit_code_by_key"].items()):
             status = STATUS.get(code, "suspicious")
+            statuses[group_of(path)][mutant] = status
             per_folder[group_of(path)][status] += 1
             per_file[path][status] += 1
             if status in ("survived", "no tests", "suspicious", "segfault"):
@@ -172,7 +200,9 @@ def main(root: Path = Path("mutants"), out: Path = Path("results/mutation/mutati
             kinds[group_of(path)][entry["kind"]] += 1
     report = {
         "tool": "mutmut", "command": "make mutation",
-        "folders": {folder: {**summary(counts), "not_killed_by_kind": dict(sorted(kinds[folder].items()))}
+        "folders": {folder: {**summary(counts), "not_killed_by_kind": dict(sorted(kinds[folder].items())),
+                             **estimate(statuses[folder], sample["drawn"].get(folder, []),
+                                        sample["unreached"].get(folder, 0))}
                     for folder, counts in sorted(per_folder.items())},
         "files": {path: summary(counts) for path, counts in sorted(per_file.items())},
         "not_killed": dict(sorted(not_killed.items())),
@@ -181,7 +211,12 @@ def main(root: Path = Path("mutants"), out: Path = Path("results/mutation/mutati
     out.write_text(json.dumps(report, indent=1) + "\n")
     for folder, s in report["folders"].items():
         share = "-" if s["killed_share"] is None else f"{100 * s['killed_share']:.1f}%"
-        print(f"{folder:22s} killed {s['killed']:5d} / checked {s['checked']:5d} ({share}); total {s['total']}")
+        line = f"{folder:22s} killed {s['killed']:5d} / checked {s['checked']:5d} ({share}); total {s['total']}"
+        if "estimated_killed_share" in s:
+            low, high = s["interval_95"]
+            line += (f"; estimated {100 * s['estimated_killed_share']:.1f}% (95% {100 * low:.1f}-{100 * high:.1f}%) "
+                     f"from {s['sample_killed']}/{s['sample_checked']} of a sample of its {s['unreached']} unreached")
+        print(line)
     return report
 
 
