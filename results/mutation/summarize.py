@@ -166,9 +166,12 @@ def estimate(statuses: dict[str, str], drawn: list[str], unreached: int) -> dict
     k, total = sum(status in dead for status in sample), len(rest) + unreached
     low, high = wilson(k, len(sample))
     known = sum(status in dead for status in rest)
+
+    def share(rate: float) -> float:
+        return round((known + rate * unreached) / total, 4)
+
     return {"sample_checked": len(sample), "sample_killed": k, "unreached": unreached,
-            "estimated_killed_share": round((known + k / len(sample) * unreached) / total, 4),
-            "interval_95": [round((known + low * unreached) / total, 4), round((known + high * unreached) / total, 4)]}  # fmt: skip
+            "estimated_killed_share": share(k / len(sample)), "interval_95": [share(low), share(high)]}  # fmt: skip
 
 
 def main(root: Path = Path("mutants"), out: Path = Path("results/mutation/mutation.json")) -> dict:
@@ -214,8 +217,10 @@ def main(root: Path = Path("mutants"), out: Path = Path("results/mutation/mutati
         line = f"{folder:22s} killed {s['killed']:5d} / checked {s['checked']:5d} ({share}); total {s['total']}"
         if "estimated_killed_share" in s:
             low, high = s["interval_95"]
-            line += (f"; estimated {100 * s['estimated_killed_share']:.1f}% (95% {100 * low:.1f}-{100 * high:.1f}%) "
-                     f"from {s['sample_killed']}/{s['sample_checked']} of a sample of its {s['unreached']} unreached")
+            line += (
+                f"; estimated {100 * s['estimated_killed_share']:.1f}% (95% {100 * low:.1f}-{100 * high:.1f}%) "
+                f"from {s['sample_killed']}/{s['sample_checked']} of a sample of its {s['unreached']} unreached"
+            )
         print(line)
     return report
 
