@@ -296,6 +296,38 @@ def test_auxiliary_losses_are_minimised_not_maximised(tmp_path):
     assert balance[-1] < balance[0] - 0.05, balance
 
 
+def test_the_aux_objective_weighs_each_auxiliary_loss_and_logs_those_it_adds():
+    from upcycle.layers import collect_aux_losses
+    from upcycle.train.loop import _aux_objective
+
+    torch.manual_seed(0)
+    moe = upcycle.convert(build("vit"), "sparse_upcycling", num_experts=2, top_k=1, progress=False).train()
+    moe(torch.randn(2, 3, 32, 32))
+    aux = {name: float(value.detach()) for name, value in collect_aux_losses(moe).items()}
+    assert sorted(aux) == ["load_balancing", "z_loss"] and all(value > 0 for value in aux.values())
+    metrics = {"loss": 1.0}
+    total = _aux_objective(moe, _config(load_balancing=0.5, z_loss=0.25), metrics)
+    weighted = 0.5 * aux["load_balancing"] + 0.25 * aux["z_loss"]
+    assert float(total.detach()) == pytest.approx(weighted)
+    assert metrics == {"loss": 1.0, **aux, "aux": pytest.approx(weighted)}
+    metrics = {}
+    total = _aux_objective(moe, _config(load_balancing=0.0, z_loss=0.25), metrics)
+    assert float(total.detach()) == pytest.approx(0.25 * aux["z_loss"])  # a coefficient of 0 leaves its loss out
+    assert metrics == {"z_loss": aux["z_loss"], "aux": pytest.approx(0.25 * aux["z_loss"])}
+    metrics = {}
+    assert float(_aux_objective(build("vit"), _config(), metrics)) == 0.0 and metrics == {"aux": 0.0}  # no MoE
+
+
+def test_router_fit_refuses_a_model_without_routers_to_fit_naming_the_methods_that_have_them():
+    from upcycle.train.router_fit import RouterFit
+
+    moe = upcycle.convert(build("vit"), "sparse_upcycling", num_experts=2, top_k=1, progress=False)  # top-k routers
+    message = ("aux.router_fit > 0 fits routers to their experts' outputs, but this model has no such router; convert "
+               "with method d2dmoe or moefication, or set router_fit to 0")  # fmt: skip
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        RouterFit(moe)
+
+
 def test_a_resumed_run_ends_with_the_weights_and_ema_of_an_uninterrupted_one(tmp_path, monkeypatch):
     """In process and small (the SIGKILL test of test_runs is slow): a run stopped after its step-2 checkpoint and
     resumed ends like the straight run, EMA included (the final model holds the EMA weights)."""
