@@ -409,6 +409,27 @@ def test_a_run_logs_every_log_every_steps_validates_every_eval_every_steps_and_s
     assert not (out / "checkpoints").exists()
 
 
+def test_a_run_clips_gradients_at_grad_clip_and_logs_the_share_of_zero_activations(tmp_path, monkeypatch):
+    from upcycle.sources import load_timm
+
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda params, norm: clipped.append(norm) or clip(params, norm)
+    )
+    dense = load_timm("vit_tiny_patch16_224", None, False, {"img_size": 8, "patch_size": 4, "in_chans": 1,
+                      "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 10})  # fmt: skip
+    config = {"data": "digits", "steps": 2, "batch_size": 8, "log_every": 1, "eval_batches": 1, "checkpoints": False,
+              "grad_clip": 0.5, "aux": {"sparsity": 1.0, "sparsity_kind": "l1"}}  # fmt: skip
+    _, rows = logged_run(dense, config, tmp_path / "clipped", monkeypatch)
+    assert clipped == [0.5, 0.5]  # once a step
+    assert [r["split"] for r in rows] == ["train", "train", "val"]
+    assert all(0 <= float(r["sparsity"]) < 1 for r in rows[:2]) and rows[2]["sparsity"] == ""
+    _, rows = logged_run(dense, {**config, "grad_clip": None, "aux": {}}, tmp_path / "unclipped", monkeypatch)
+    assert clipped == [0.5, 0.5]  # off: not called
+    assert [r["sparsity"] for r in rows] == ["", "", ""]  # no penalty, no share measured
+
+
 def test_a_language_model_run_counts_tokens_per_second_and_reports_perplexity(tmp_path, monkeypatch):
     from upcycle.pretrain import build_dense
 
