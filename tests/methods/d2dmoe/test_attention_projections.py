@@ -3,6 +3,7 @@ them reproduce the projections, the adapter lists them as FFN sites in forward o
 experts reproduces the MLP-projection model, and such models save and load before and after conversion."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -136,3 +137,85 @@ def test_the_method_asks_the_adapter_which_families_have_replaceable_projections
         d2dmoe.replace_attention_projections(build("llama"))
     with pytest.raises(ValueError, match="no attention projections replaced by MLPs"):
         distill_attention_projections(build("llama"), build("llama"), "digits", steps=0)
+
+
+class RecordingBar:
+    """Stands in for tqdm in the distillation: keeps its arguments and postfixes, runs at most ``limit`` steps."""
+
+    def __init__(self, iterable, limit: int | None, **kwargs):
+        self.iterable, self.limit, self.kwargs, self.postfixes = iterable, limit, kwargs, []
+
+    def __iter__(self):
+        return iter(list(self.iterable)[: self.limit])
+
+    def set_postfix(self, **kwargs):
+        self.postfixes.append(kwargs)
+
+
+def recording_bars(monkeypatch, limit: int | None = None) -> list[RecordingBar]:
+    """The bars the distillation makes from now on (each running at most ``limit`` steps)."""
+    from upcycle.methods.d2dmoe import distill
+
+    bars = []
+
+    def make(iterable, **kwargs):
+        bars.append(RecordingBar(iterable, limit, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(distill, "tqdm", make)
+    return bars
+
+
+def exact_projections(scale: float = 1.0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(dense tiny ViT, a copy whose projection MLPs compute ``scale`` times the projections they replace)."""
+    dense = build("vit")
+    model = replace_attention_projections(copy.deepcopy(dense), hidden=2 * 48)
+    for block, teacher in zip(model.blocks, dense.blocks, strict=True):
+        w, b = teacher.attn.qkv.weight.chunk(3), teacher.attn.qkv.bias.chunk(3)
+        mlps = [*(getattr(block.attn.qkv, part) for part in "qkv"), block.attn.proj]
+        for mlp, weight, bias in zip(mlps, [*w, teacher.attn.proj.weight], [*b, teacher.attn.proj.bias], strict=True):
+            exact_mlp(mlp, weight, bias)
+            with torch.no_grad():
+                mlp.fc2.weight.mul_(scale)
+    return dense, model
+
+
+def test_distillation_shows_the_mean_loss_per_mlp_on_a_bar_of_steps(monkeypatch):
+    """MLPs that output twice their projection have MSE / mean(target²) = 1 each: the bar shows the mean over the
+    8 MLPs, 1, not their sum. The bar counts the steps, named, shown by default."""
+    bars = recording_bars(monkeypatch, limit=1)
+    dense, model = exact_projections(scale=2.0)
+    distill_attention_projections(model, dense, "digits", steps=3, batch_size=4, sparsity=0.0)
+    (bar,) = bars
+    assert list(bar.iterable) == [0, 1, 2]
+    assert bar.kwargs == {"desc": "distill attention projections", "unit": "step", "disable": False}
+    assert bar.postfixes == [{"loss": "1.0000"}]
+
+
+def test_distillation_defaults_to_500_steps_of_32_images(monkeypatch):
+    """Without steps the bar runs over 500 steps; without batch_size the errors are measured on the first 32
+    validation images, as with batch_size=32 (31 or 33 images give other errors)."""
+    bars = recording_bars(monkeypatch, limit=0)
+    dense, model = mlp_projections()
+    report = distill_attention_projections(model, dense, "digits", progress=False)
+    assert bars[0].iterable == range(500) and bars[0].kwargs["disable"] is True
+    for batch_size in (31, 32, 33):
+        explicit = distill_attention_projections(model, dense, "digits", batch_size=batch_size, progress=False)
+        assert (explicit == report) == (batch_size == 32), batch_size
+
+
+def test_distillation_refuses_bad_settings_in_full():
+    dense, model = mlp_projections()
+    for steps, batch_size, lr, sparsity in [
+        (-1, 1, 0.001, 0.0),
+        (0, 0, 0.001, 0.0),
+        (0, 1, 0.0, 0.0),
+        (0, 1, 0.001, -0.5),
+    ]:
+        settings = f"{steps}, {batch_size}, {lr}, {sparsity}"
+        message = f"need steps >= 0, batch_size >= 1, lr > 0, sparsity >= 0; got {settings}"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            distill_attention_projections(model, dense, "digits", steps, batch_size, lr, sparsity, progress=False)
+    # the smallest settings are accepted: no steps, one image, no sparsity term
+    report = distill_attention_projections(model, dense, "digits", 0, 1, 1e-3, 0.0, progress=False)
+    assert all(errors["after"] == errors["before"] for errors in report.values())
