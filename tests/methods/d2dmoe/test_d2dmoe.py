@@ -207,3 +207,11 @@ def test_seeded_router_is_the_named_router_with_its_options_drawn_from_the_gener
         for layer in (a.mlp[0], a.mlp[2]):
             bound = layer.in_features**-0.5
             assert 0.8 * bound < layer.weight.abs().max().item() <= bound
+
+
+def test_a_dynamic_k_router_built_without_tau_runs_every_expert():
+    """τ = 0 by default: every expert clears 0 · max, so an evaluating router runs all of them for every token."""
+    router = DynamicKRouter(8, 4, hidden=6).eval()
+    routing = router(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)))
+    assert router.tau == 0.0
+    assert routing.executed().shape == (5, 4) and routing.executed().all()
