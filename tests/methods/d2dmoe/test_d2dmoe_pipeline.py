@@ -87,6 +87,25 @@ def test_recipe_errors_say_what_to_change():
         load_recipe({**TINY_RECIPE, "top_ks": [5]})
 
 
+def test_recipe_reads_the_d2dmoe_section_of_a_yaml_file(tmp_path):
+    """A YAML holding several pipelines' recipes: the d2dmoe section is the recipe (the file itself is not)."""
+    path = tmp_path / "recipes.yaml"
+    path.write_text(json.dumps({"d2dmoe": TINY_RECIPE, "other": {"data": "elsewhere"}}))  # JSON is YAML
+    assert load_recipe(path) == load_recipe(TINY_RECIPE)
+    assert load_recipe(str(path)).num_experts == 4
+
+
+def test_router_stage_fits_only_the_routers_on_the_router_fit_loss_at_weight_one():
+    """Whatever the routers recipe says about the losses, the stage trains the frozen backbone's routers on the
+    router-fit loss alone, weighted 1; other aux settings pass through."""
+    aux = {"router_fit": 5.0, "z_loss": 1.0, "sparsity": 0.3, "sparsity_ramp": 0.25}
+    recipe = load_recipe({**TINY_RECIPE, "routers": {"steps": 4, "aux": aux}})
+    config = recipe.router_config()
+    assert (config.aux.router_fit, config.aux.sparsity, config.aux.load_balancing, config.aux.z_loss) == (1, 0, 0, 0)
+    assert config.aux.sparsity_ramp == 0.25
+    assert config.freeze == "all_but_routers" and (config.data, config.seed) == ("digits", 0)
+
+
 def test_stage_fingerprints_name_each_stage_and_the_recipe_fields_it_depends_on():
     recipe = load_recipe(TINY_RECIPE)
     prints = pipeline.stage_fingerprints(recipe)
