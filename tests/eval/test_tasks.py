@@ -246,6 +246,28 @@ def test_a_language_models_data_follows_the_run_seed():
     assert any(not torch.equal(data[i]["input_ids"], other[i]["input_ids"]) for i in range(30))
 
 
+def test_a_language_model_reads_the_users_labelled_texts_as_text_to_predict(tmp_path, monkeypatch):
+    """A user file whose rows carry a label column would be read as text classification; a language model reads its
+    texts packed into seq_len blocks of next tokens, the labels ignored."""
+    import datasets
+
+    from upcycle.data import load_dataset
+    from upcycle.data.packing import PackedTextDataset
+
+    monkeypatch.setenv("UPCYCLE_DATA", str(tmp_path / "upcycle-data"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    path = tmp_path / "labelled.jsonl"
+    path.write_text("".join(json.dumps({"text": f"passage number {i} " * 3, "label": i % 2}) + "\n" for i in range(40)))
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=259, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))  # fmt: skip
+    data = task_for(lm, data=str(path)).dataset("val")
+    direct = load_dataset(str(path), "val", task="causal-lm", tokenizer=ByteTokenizer(), seq_len=16)
+    assert isinstance(data, PackedTextDataset) and set(data[0]) == {"input_ids"}
+    assert len(data) == len(direct) > 0 and all(torch.equal(data[i]["input_ids"], direct[i]["input_ids"])
+                                                 for i in range(len(data)))  # fmt: skip
+
+
 def test_image_task_reads_the_models_input_and_augments_only_training(vit):
     from upcycle.data import load_dataset
     from upcycle.eval.tasks import ImageClassification
