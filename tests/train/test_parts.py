@@ -120,6 +120,18 @@ def test_sampler_draws_a_new_order_every_epoch_from_seed_and_epoch():
     assert [i for _ in range(2) for i in middle.next_step()[0]] == orders[1][4:]
 
 
+def test_sampler_orders_come_from_seed_and_epoch_and_batches_may_be_the_whole_split():
+    sampler = ResumableBatchSampler(12, 4, seed=5)
+    orders = epoch_orders(sampler, 2)
+    for epoch, order in enumerate(orders):  # one permutation per (seed, epoch), as a checkpoint records them
+        expected = torch.randperm(12, generator=torch.Generator().manual_seed(5 * 1_000_003 + epoch))
+        assert order == expected.tolist()
+    whole = ResumableBatchSampler(8, 8, seed=0)  # a batch as large as the split: one step an epoch
+    assert whole.steps_per_epoch == 1 and sorted(whole.next_step()[0]) == list(range(8))
+    with pytest.raises(ValueError, match=r"^batch size 6 must divide evenly over 2 processes × 2 accumulation steps$"):
+        ResumableBatchSampler(12, 6, seed=0, world=2, grad_accum=2)
+
+
 def test_freeze_stages():
     moe = upcycle.convert(build("llama"), "sparse_upcycling", num_experts=2, top_k=1, progress=False)
     apply_freeze(moe, "all_but_routers")
