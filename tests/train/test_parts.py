@@ -1,5 +1,6 @@
 """The training engine's parts: parameter groups, schedule, resumable sampler, freezing, EMA, checkpoints."""
 
+import json
 import math
 import pickle
 import random
@@ -695,3 +696,21 @@ def test_gradient_accumulation_logs_the_mean_over_micro_batches(tmp_path, monkey
     for key in ("loss", "accuracy"):
         assert float(rows[2][key]) == pytest.approx(float(rows[1][key]), abs=1e-5), key
     assert float(rows[1]["items_per_s"]) > 0 and float(rows[2]["items_per_s"]) > 0
+
+
+def test_a_checkpoint_is_written_in_a_readable_layout_and_replaces_one_of_the_same_step(tmp_path):
+    """safetensors files marked as PyTorch tensors (what other readers expect), an indented manifest, and a step
+    written again (a resumed run re-saving it) replacing the old one instead of failing."""
+    from safetensors import safe_open
+
+    state, ema = {"weight": torch.ones(2)}, {"weight": torch.full((2,), 3.0)}
+    path = save_checkpoint(tmp_path, 4, state, {"note": 1}, ema, keep=2)
+    for name in ("model.safetensors", "ema.safetensors"):
+        with safe_open(str(path / name), "pt") as file:
+            assert file.metadata() == {"format": "pt"}
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert (path / "manifest.json").read_text() == json.dumps(manifest, indent=2) + "\n"
+    again = save_checkpoint(tmp_path, 4, {"weight": torch.zeros(2)}, {"note": 2}, None, keep=2)
+    assert again == path and latest_checkpoint(tmp_path).trainer["note"] == 2
+    assert latest_checkpoint(tmp_path).ema is None and torch.equal(latest_checkpoint(tmp_path).model["weight"],
+                                                                   torch.zeros(2))  # fmt: skip

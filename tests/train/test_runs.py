@@ -140,3 +140,13 @@ def test_bad_input(tmp_path, capsys):
     other = dense_dir(tmp_path / "o", embed_dim=24)  # checkpoints in c belong to a wider model
     assert main(["train", str(other), *args[2:], "--resume"]) == 2
     assert "do not match" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("epochs", "steps"), [(1.5, 3), (0.1, 1)])
+def test_epochs_become_whole_steps_and_at_least_one(tmp_path, epochs, steps):
+    """64 training examples in batches of 32: two steps an epoch; a part of an epoch rounds up to a whole step."""
+    model = load_timm("vit_tiny_patch16_224", None, False, TINY_VIT)
+    config = {"data": "digits", "epochs": epochs, "batch_size": 32, "data_options": {"max_samples": 64}}
+    train(model, config, tmp_path, progress=False)
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert int(rows[-1].split(",")[0]) == steps
