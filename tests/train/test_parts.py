@@ -714,3 +714,12 @@ def test_a_checkpoint_is_written_in_a_readable_layout_and_replaces_one_of_the_sa
     assert again == path and latest_checkpoint(tmp_path).trainer["note"] == 2
     assert latest_checkpoint(tmp_path).ema is None and torch.equal(latest_checkpoint(tmp_path).model["weight"],
                                                                    torch.zeros(2))  # fmt: skip
+
+
+def test_every_vector_parameter_is_left_undecayed_and_plain_tensors_take_the_fused_adamw():
+    """Gains and offsets are vectors whatever their name; only matrices (and larger) are decayed."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.register_parameter("gain", torch.nn.Parameter(torch.ones(4)))  # a vector with no hint in its name
+    by_name = {name: group for group in parameter_groups(model, _config(weight_decay=0.05)) for name in group["names"]}
+    assert by_name["gain"]["weight_decay"] == 0.0 and by_name["0.weight"]["weight_decay"] == 0.05
+    assert build_optimizer(model, _config()).defaults["fused"] is True  # one kernel per step on plain tensors

@@ -162,3 +162,18 @@ def test_auto_weight_scaling_factor(renormalize, factor):
     torch.testing.assert_close(experts.w_down[1], dense.w_down[:, 8:] * factor)
     torch.testing.assert_close(experts.b_down[1], dense.b_down / 2 * factor)
     torch.testing.assert_close(experts.w_up[1], dense.w_up[8:])  # the other matrices are left alone
+
+
+def test_the_recipe_router_takes_its_noise_and_slots_and_draws_from_the_conversion_seed():
+    moe = upcycle.convert(build("llama"), "sparse_upcycling", num_experts=4, top_k=2, router_noise_std=0.25,
+                          progress=False)  # fmt: skip
+    assert moe_layers(moe)[0][1].router.noise_std == 0.25
+    soft = upcycle.convert(build("vit"), "sparse_upcycling", num_experts=4, top_k=2, router_type="soft",
+                           router_slots_per_expert=2, progress=False)  # fmt: skip
+    assert moe_layers(soft)[0][1].router.slot_queries.shape[0] == 4 * 2
+    dense, weights = build("llama"), []
+    for global_seed in (0, 1):  # the global RNG plays no part in the router's weights
+        torch.manual_seed(global_seed)
+        moe = upcycle.convert(dense, "sparse_upcycling", num_experts=4, top_k=2, router_init_std=0.5, progress=False)
+        weights.append(moe_layers(moe)[0][1].router.gate.weight.detach().clone())
+    assert torch.equal(*weights)
