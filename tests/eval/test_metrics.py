@@ -67,6 +67,34 @@ def test_accuracy_through_a_dataloader_and_bf16():
     assert accuracy(model, DataLoader(flipped, batch_size=3)) == 0.0
 
 
+def test_bf16_computes_in_bfloat16_whatever_autocast_would_choose():
+    """bf16 asks for bfloat16 itself, not autocast's default for the device (float16 on CUDA; here the CPU default
+    is set to float16 to show it); without bf16 the model runs in float32."""
+    dtypes = []
+    linear = nn.Linear(3, 3)
+
+    def forward(model, inputs):
+        logits = linear(inputs["x"][:, :, 0, 0])
+        dtypes.append(logits.dtype)
+        return logits
+
+    batches = image_batches([2])
+    previous = torch.get_autocast_dtype("cpu")
+    torch.set_autocast_dtype("cpu", torch.float16)
+    try:
+        accuracy(PassThroughClassifier(), batches, forward, bf16=True)
+        accuracy(PassThroughClassifier(), batches, forward)
+    finally:
+        torch.set_autocast_dtype("cpu", previous)
+    assert dtypes == [torch.bfloat16, torch.float32]
+
+
+def test_a_forward_that_is_neither_an_adapter_nor_callable_is_refused_by_its_type():
+    message = r"^expected an Adapter or a callable forward\(model, inputs\), got <class 'int'>$"
+    with pytest.raises(TypeError, match=message):
+        accuracy(PassThroughClassifier(), image_batches([2]), 42)
+
+
 def manual_perplexity(model, batches):
     nll, count = 0.0, 0
     for batch in batches:
