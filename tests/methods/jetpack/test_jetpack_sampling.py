@@ -459,3 +459,16 @@ def test_uniform_selection_warning_in_full_points_outside_the_library():
     assert str(record[0].message) == ("uniform selection: evenly spaced sets of 32 of 64 units (spacing 2.00) have "
                                       "only 2 distinct offsets for 4 experts, so experts share sets")  # fmt: skip
     assert not record[0].filename.endswith("sampling.py")  # it points at a caller's line, not the library's
+
+
+def test_shape_and_generator_refusals_in_full_and_integer_importance_counts():
+    with pytest.raises(ValueError, match=r"^importance must be a vector \[H\], got shape \(4, 4\)$"):
+        importance_sampling(torch.ones(4, 4), 2, 2, gen())
+    with pytest.raises(ValueError, match=r"^coactivation must be a square \[H, H\] matrix, got shape \(4, 5\)$"):
+        graph_partition_sampling(torch.ones(4, 5), 2, 2, gen())
+    with pytest.raises(ValueError, match=r"^cannot take 17 channels per expert out of 16; choose 1 <= size <= 16$"):
+        channel_selection(torch.ones(16), 17, 2)
+    with pytest.raises(ValueError, match=r"^channel selection mode 'sampled' draws at random: pass a torch.Generator$"):
+        channel_selection(torch.ones(16), 8, 2, "sampled")
+    counts = torch.arange(16)  # activation counts, as integers
+    assert importance_sampling(counts, 2, 4, gen()).equal(importance_sampling(counts.double(), 2, 4, gen()))
