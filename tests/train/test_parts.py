@@ -723,3 +723,12 @@ def test_every_vector_parameter_is_left_undecayed_and_plain_tensors_take_the_fus
     by_name = {name: group for group in parameter_groups(model, _config(weight_decay=0.05)) for name in group["names"]}
     assert by_name["gain"]["weight_decay"] == 0.0 and by_name["0.weight"]["weight_decay"] == 0.05
     assert build_optimizer(model, _config()).defaults["fused"] is True  # one kernel per step on plain tensors
+
+
+def test_metrics_log_writes_integers_whole_and_floats_to_six_digits(tmp_path):
+    from upcycle.train.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=True)
+    log.log(1, "train", {"items_per_s": 12345678, "loss": 12345678.0})
+    log.close()
+    assert (log.rows()[0]["items_per_s"], log.rows()[0]["loss"]) == ("12345678", "1.23457e+07")
