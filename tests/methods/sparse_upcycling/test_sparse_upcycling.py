@@ -177,3 +177,20 @@ def test_the_recipe_router_takes_its_noise_and_slots_and_draws_from_the_conversi
         moe = upcycle.convert(dense, "sparse_upcycling", num_experts=4, top_k=2, router_init_std=0.5, progress=False)
         weights.append(moe_layers(moe)[0][1].router.gate.weight.detach().clone())
     assert torch.equal(*weights)
+
+
+def test_a_router_option_for_its_width_or_expert_count_is_refused_naming_the_settable_ones():
+    """The width and the expert count come from the layer; the recipe sets the rest of the constructor's arguments."""
+    from upcycle.recycling.routers import router_arguments
+
+    assert router_arguments("topk")[0] == "top_k" and {"self", "d_model", "num_experts"}.isdisjoint(
+        router_arguments("topk"))  # fmt: skip
+    for option in ("d_model", "num_experts", "self"):
+        with pytest.raises(ValueError, match=rf"router 'topk' takes no option {option}; its options: top_k, "):
+            upcycle.convert(build("vit"), router_options={option: 8}, progress=False)
+
+
+def test_experts_take_the_dense_models_dtype():
+    moe = upcycle.convert(build("llama").to(torch.bfloat16), "sparse_upcycling", num_experts=4, top_k=2,
+                          progress=False)  # fmt: skip
+    assert {p.dtype for p in moe_layers(moe)[0][1].experts.parameters()} == {torch.bfloat16}
