@@ -226,3 +226,10 @@ def test_perplexity_scores_the_given_labels():
     )
     masked = perplexity(model, [{**kept, "labels": labels}])  # padding is ignored on top of the labels
     assert masked == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5) and len(nll) == 2
+
+
+def test_a_model_without_parameters_is_taken_to_be_on_the_cpu():
+    from upcycle.eval._common import model_device
+
+    assert model_device(torch.nn.ReLU()) == torch.device("cpu")
+    assert model_device(torch.nn.Linear(2, 2).to("meta")) == torch.device("meta")  # else where its weights are
