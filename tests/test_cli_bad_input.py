@@ -268,7 +268,8 @@ def test_no_leftovers_after_overwrite_and_dead_writers_cleaned(assets, tmp_path,
 
 
 SLOW_WRITER = """
-import importlib, sys, time
+import importlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, even when started from a background job
 shards = importlib.import_module("upcycle.export.shards")
 add = shards.ShardWriter.add
 def slow_add(self, name, tensor):  # the write takes long enough to be interrupted or contended
