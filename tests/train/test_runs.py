@@ -150,3 +150,13 @@ def test_epochs_become_whole_steps_and_at_least_one(tmp_path, epochs, steps):
     train(model, config, tmp_path, progress=False)
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert int(rows[-1].split(",")[0]) == steps
+
+
+def test_a_finished_run_resumed_for_more_steps_replaces_its_final_model(tmp_path):
+    config = {"data": "digits", "batch_size": 32, "checkpoint_every": 2, "data_options": {"max_samples": 64}}
+    train(load_timm("vit_tiny_patch16_224", None, False, TINY_VIT), {**config, "steps": 2}, tmp_path, progress=False)
+    model = load_timm("vit_tiny_patch16_224", None, False, TINY_VIT)
+    summary = train(model, {**config, "steps": 4}, tmp_path, resume=True, progress=False)
+    assert summary["steps"] == 4
+    saved = upcycle.load(tmp_path / "model")
+    torch.testing.assert_close(saved.state_dict(), model.state_dict())  # the longer run's weights, not the first's
