@@ -226,27 +226,32 @@ def test_uniform_selection_warns_only_when_experts_share_sets():
         uniform_selection(64, 4, 16)  # four distinct offsets for four experts: nothing to warn about
 
 
-def test_weighted_graph_partition_passes_bounded_integer_edge_weights(monkeypatch):
-    """Edge weights are the counts rescaled to integers 1..1000 (METIS sums them in 32 bits); the cut follows them."""
+@pytest.fixture
+def metis_calls(monkeypatch) -> list[tuple[int, dict]]:
+    """Each METIS call's part count and keyword arguments, the call itself going through."""
     import pymetis
 
-    seen = {}
-    part_graph = pymetis.part_graph
+    calls, part_graph = [], pymetis.part_graph
 
     def spy(parts, **kwargs):
-        seen["eweights"] = kwargs["eweights"]
+        calls.append((parts, kwargs))
         return part_graph(parts, **kwargs)
 
     monkeypatch.setattr(pymetis, "part_graph", spy)
+    return calls
+
+
+def test_weighted_graph_partition_passes_bounded_integer_edge_weights(metis_calls):
+    """Edge weights are the counts rescaled to integers 1..1000 (METIS sums them in 32 bits); the cut follows them."""
     counts = torch.ones(8, 8)  # a complete graph: unweighted, every balanced cut costs the same
     counts[:4, :4] = counts[4:, 4:] = 100.0  # heavy edges inside two cliques
     for seed in range(4):
         groups = graph_partition_sampling(counts, 2, 4, gen(seed), parts=2, weighted=True)
         assert sorted(sorted(row.tolist()) for row in groups) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    weights = torch.tensor(seen["eweights"])
+    weights = torch.tensor(metis_calls[-1][1]["eweights"])
     assert weights.numel() == 8 * 7 and weights.min() == 11 and weights.max() == 1000  # 1 + round(999 * w / max)
     graph_partition_sampling(counts, 2, 4, gen(), parts=2)
-    assert seen["eweights"] is None  # unweighted, like the released code
+    assert metis_calls[-1][1]["eweights"] is None  # unweighted, like the released code
 
 
 def test_graph_partition_draws_only_from_its_generator():
@@ -382,45 +387,30 @@ def test_the_zero_importance_fill_is_uniform_over_the_zero_units():
     assert set(channels) == {2, 3, 4, 5}
 
 
-def test_graph_partition_takes_parts_from_1_and_32_by_default(monkeypatch):
-    import pymetis
-
-    seen = []
-    part_graph = pymetis.part_graph
-    monkeypatch.setattr(
-        pymetis, "part_graph", lambda parts, **kwargs: seen.append(parts) or part_graph(parts, **kwargs)
-    )
+def test_graph_partition_takes_parts_from_1_and_32_by_default(metis_calls):
     counts, _ = planted_blocks()
     graph_partition_sampling(counts, 2, 8, gen())
-    assert seen == [32]  # the released code's 32 parts
+    assert [parts for parts, _ in metis_calls] == [32]  # the released code's 32 parts
     assert_well_formed(graph_partition_sampling(counts, 3, 8, gen(), parts=1), 64, 3, 8)  # one part: random subsets
-    assert seen == [32]  # a single part needs no METIS
+    assert len(metis_calls) == 1  # a single part needs no METIS
     with pytest.raises(ValueError, match=r"^parts must be >= 1, got 0$"):
         graph_partition_sampling(counts, 2, 8, gen(), parts=0)
 
 
-def test_metis_is_seeded_from_the_generator_and_skipped_on_a_graph_without_edges(monkeypatch):
-    import pymetis
-
-    seeds = []
-    part_graph = pymetis.part_graph
-
-    def spy(parts, **kwargs):
-        seeds.append(kwargs["options"].seed)
-        return part_graph(parts, **kwargs)
-
-    monkeypatch.setattr(pymetis, "part_graph", spy)
+def test_metis_is_seeded_from_the_generator_and_skipped_on_a_graph_without_edges(metis_calls):
     counts, _ = planted_blocks()
     for seed in range(3):
         graph_partition_sampling(counts, 2, 8, gen(seed), parts=8, threshold=20)
     # METIS's seed is the generator's first draw, a non-negative 32-bit signed integer
-    assert seeds == [int(torch.randint(2**31 - 1, (1,), generator=gen(seed))) for seed in range(3)]
+    assert [kwargs["options"].seed for _, kwargs in metis_calls] == [
+        int(torch.randint(2**31 - 1, (1,), generator=gen(seed))) for seed in range(3)
+    ]
     empty = torch.zeros(16, 16)
     torch.manual_seed(0)
     first = graph_partition_sampling(empty, 4, 4, gen(3), parts=4)
     torch.manual_seed(1)  # the random balanced partition comes from the generator too
     assert torch.equal(graph_partition_sampling(empty, 4, 4, gen(3), parts=4), first)
-    assert len(seeds) == 3  # no edges: no METIS call
+    assert len(metis_calls) == 3  # no edges: no METIS call
 
 
 def test_single_unit_parts_are_drawn_like_any_other(monkeypatch):
