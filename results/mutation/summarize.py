@@ -158,9 +158,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def estimate(statuses: dict[str, str], drawn: list[str], unreached: int) -> dict:
     """The group's killed share when only a random sample (``drawn``) of its ``unreached`` mutants ran: the
     mutants outside the sample count as they are, the sample's share stands for every unreached one (stratified)."""
-    dead = ("killed", "timeout")
+    dead, drawn = ("killed", "timeout"), set(drawn)
     sample = [statuses[name] for name in drawn if statuses.get(name, "not checked") != "not checked"]
-    rest = [status for name, status in statuses.items() if name not in set(drawn) and status != "not checked"]
+    rest = [status for name, status in statuses.items() if name not in drawn and status != "not checked"]
     if not sample:
         return {}
     k, total = sum(status in dead for status in sample), len(rest) + unreached
