@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..layers import MoE, moe_layers
 from ..record import ConversionRecord, attach_record, dtype_name, new_record, record_of
 from .dense_ffn import DenseFFN
@@ -74,6 +75,11 @@ class Adapter:
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError
+
+    def refusal(self, model: nn.Module) -> str | None:
+        """Why ``model``, which no adapter matches, cannot be converted, when this adapter's ecosystem can tell (it
+        has no FFN, or only FFNs that mix tokens); None leaves the generic message. ``find_adapter`` asks."""
+        return None
 
     def ffn_sites(self, model: nn.Module) -> list[FFNSite]:
         raise NotImplementedError
@@ -188,6 +194,10 @@ def find_adapter(model: nn.Module) -> Adapter:
     for adapter in _ADAPTERS:
         if adapter.matches(model):
             return adapter
+    for adapter in _ADAPTERS:
+        reason = adapter.refusal(model)
+        if reason is not None:
+            raise UserError(reason)
     families = "\n".join(f"  - {a.name}: {a.family}" for a in _ADAPTERS)
     raise ValueError(f"no adapter supports {type(model).__module__}.{type(model).__name__}; supported:\n{families}")
 
