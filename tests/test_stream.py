@@ -65,7 +65,9 @@ def _leftovers(out: Path) -> list[str]:
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_streaming_equals_in_memory_convert(source, dense, recipe, tmp_path):
     overrides = RECIPES[recipe]
-    streamed_dir = convert_streaming(source, tmp_path / "streamed", progress=False, max_shard_bytes=64_000, **overrides)
+    check = "noisy" not in recipe  # noisy copies do not claim equivalence
+    streamed_dir = convert_streaming(source, tmp_path / "streamed", progress=False, max_shard_bytes=64_000,
+                                     check=check, **overrides)  # fmt: skip
     assert (streamed_dir / "model.safetensors.index.json").is_file()  # small shards: several output files
     reference = upcycle.convert(dense, progress=False, **overrides)
     saved_dir = upcycle.save(reference, tmp_path / "saved")

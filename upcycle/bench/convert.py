@@ -84,7 +84,7 @@ def directory_bytes(directory: Path) -> int:
 _CHILD = """
 import json, sys, time
 import upcycle
-import upcycle.stream
+import upcycle.stream.native
 import transformers
 
 def status(key):  # kB; VmHWM is this process's own peak, from exec on
@@ -99,7 +99,7 @@ def mark_stream_peak(build):  # the model class is first needed after the last t
 source, out, recipe, shard = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 transformers.LlamaConfig  # the config machinery that reading config.json imports anyway (torchvision included)
 marks = {"baseline_kib": status("VmHWM")}
-upcycle.stream.meta_model = mark_stream_peak(upcycle.stream.meta_model)
+upcycle.stream.native.meta_model = mark_stream_peak(upcycle.stream.native.meta_model)
 start = time.perf_counter()
 upcycle.stream.convert_streaming(source, out, progress=False, max_shard_bytes=shard, **recipe)
 marks["seconds"] = time.perf_counter() - start
