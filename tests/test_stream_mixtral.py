@@ -188,3 +188,16 @@ def test_a_source_tensor_mixtral_has_no_place_for_is_refused(untied, tmp_path):
     with pytest.raises(ValueError, match=r"no place for: \['model\.extra\.weight'\]"):
         convert_streaming(broken, tmp_path / "out", format="mixtral", progress=False, **RECIPE)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_streams_into_mixtral_and_prints_the_check(untied, tmp_path, capsys):
+    from upcycle.cli import main
+
+    out = tmp_path / "out"
+    argv = ["convert", str(untied), "--stream", "--export", "mixtral", "--layout", "fused", "--experts", "4", "--out"]
+    assert main([*argv, str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out} (mixtral)" in printed and "checked against its dense FFN: worst model.layers." in printed
+    assert "model.layers.0.mlp.experts.gate_up_proj" in read_weights(out)
+    assert main(["convert", str(untied), "--stream", "--layout", "fused", "--out", str(tmp_path / "x")]) == 2
+    assert "--layout chooses the mixtral tensor layout" in capsys.readouterr().err

@@ -88,11 +88,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     result = convert_source(
         args.source, args.out, args.config, checkpoint=args.checkpoint, allow_pickle=args.allow_pickle,
         pretrained=args.pretrained, random_init=args.random_init, dtype=args.dtype, overwrite=args.overwrite,
-        stream=args.stream, **_recipe_overrides(args),
+        stream=args.stream, export=args.export, layout=args.layout, check=args.check, **_recipe_overrides(args),
     )  # fmt: skip
-    print(f"wrote {result['out']}")
+    print(f"wrote {result['out']}" + (f" ({args.export})" if args.export else ""))
     if result.get("max_abs_diff") is not None:
         print(f"max |moe - dense| = {result['max_abs_diff']:.3e} on random inputs")
+    if result.get("worst_relative") is not None:
+        print(f"every converted layer checked against its dense FFN: worst {result['worst_layer']}, max |moe - dense| "
+              f"/ max |dense| = {result['worst_relative']:.3e}")  # fmt: skip
     return 0
 
 
@@ -410,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream", action="store_true",
         help="stream tensors from safetensors shards (Llama-family directories larger than RAM)",
     )  # fmt: skip
+    convert.add_argument("--export", choices=EXPORT_FORMATS.names(),
+                         help="write this export format instead of upcycle's own (with --stream: mixtral)")  # fmt: skip
+    convert.add_argument("--layout", choices=["legacy", "fused"], help="mixtral tensor layout (with --export mixtral)")
+    convert.add_argument("--no-check", dest="check", action="store_false",
+                         help="--stream: do not check each layer against its dense FFN (noisy recipes)")  # fmt: skip
     _source_flags(convert)
     _dtype_flag(convert, "the converted model")
     _add_recipe_flags(convert)
