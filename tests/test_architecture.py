@@ -18,13 +18,14 @@ FAMILY = re.compile(
     r"(?i)(?<![a-z])(llama|mistral|qwen2?|gpt2|gpt_2|bert|vit|deit|cait|convnext|dinov2|eva(?:02)?|swin|gemma|phi3?|"
     r"olmo)(?![a-z])"
 )
-FORMAT_NAMES = re.compile(r"(?i)qwen2_moe|mixtral")  # export formats (named after the model that loads them)
+FORMAT_NAMES = re.compile(r"(?i)qwen[23]_moe|mixtral")  # export formats (named after the model that loads them)
 NAME_LIKE = re.compile(r"^[\w.:/-]*$")  # a literal used as a name, key or path (no spaces)
 ALLOWED = {  # path under upcycle/ (a folder ends in /) -> why it may name families
     "adapters/": "the home of family knowledge",
     "export/mixtral.py": "the writer of a named format",
     "export/qwen2_moe.py": "the writer of a named format",
-    "export/hf_moe_common.py": "what the Mixtral and Qwen2-MoE writers share",
+    "export/qwen3_moe.py": "the writer of a named format",
+    "export/hf_moe_common.py": "what the Mixtral and Qwen2/3-MoE writers share",
     "export/timm_export.py": "the writer of a named format",
     "export/bam.py": "the writer of a named format",
     "pretrain.py": "the presets it pre-trains, by timm architecture (a choice of models, not knowledge of one)",

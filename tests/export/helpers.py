@@ -1,4 +1,4 @@
-"""Tiny Llama-family models, conversion and round-trip checks shared by the Mixtral and Qwen2-MoE export tests."""
+"""Tiny Llama-family models, conversion and round-trip checks shared by the Hugging Face MoE and GGUF export tests."""
 
 import json
 import re
@@ -15,6 +15,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 import upcycle
@@ -28,6 +30,16 @@ SIZES = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=HIDDEN, num_
 
 def tiny_llama(**overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**{**SIZES, **overrides})).eval()
+
+
+def tiny_qwen3(**overrides) -> Qwen3ForCausalLM:
+    """Qwen3 with head_dim apart from hidden_size / heads and random (not unit) q/k norm weights, so both matter."""
+    model = Qwen3ForCausalLM(Qwen3Config(**{**SIZES, "head_dim": 16, **overrides})).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.normal_(1.0, 0.5)
+            layer.self_attn.k_norm.weight.normal_(1.0, 0.5)
+    return model
 
 
 def converted(dense: nn.Module | None = None, method: str = "sparse_upcycling", **overrides) -> nn.Module:
@@ -182,3 +194,27 @@ REFUSALS = {
     "activation": (lambda: converted(tiny_llama(hidden_act="gelu")), "activation is 'gelu'.*hidden_act='silu'"),
     "plain experts": (lambda: with_plain_experts(converted()), "plain silu FFNs.*SiLU-gated"),
 }
+
+
+# ---- a tokenizer next to the model ---------------------------------------------------------------------------------
+def save_tiny_tokenizer(directory) -> None:
+    """A byte-level BPE tokenizer trained in-session (34 tokens, ids below VOCAB), saved as transformers v5 saves it
+    (tokenizer.json + a tokenizer_config.json naming the class TokenizersBackend)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
+    tokenizer.train_from_iterator(["the cat sat on the mat", "a dog and a cat"] * 10, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")  # fmt: skip
+    fast.save_pretrained(directory)
+
+
+def with_tokenizer(model: nn.Module, directory) -> nn.Module:
+    """``model`` saved and loaded again with the tiny tokenizer in its folder, as a user's converted model is."""
+    upcycle.save(model, directory)
+    save_tiny_tokenizer(directory)
+    return upcycle.load(directory)

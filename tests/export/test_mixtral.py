@@ -72,12 +72,15 @@ def test_moe_layers_installed_without_a_wrapper_export(tmp_path):
 
 
 def test_tokenizer_files_travel_into_the_export(tmp_path):
+    """Copied as they are, but for the tokenizer class, which becomes the one transformers 4 and llama.cpp's converter
+    build from tokenizer.json (transformers v5 saves a class name they do not know)."""
     saved = upcycle.save(converted(), tmp_path / "saved")
     (saved / "tokenizer.json").write_text('{"version": "1.0"}')
-    (saved / "tokenizer_config.json").write_text("{}")
+    (saved / "tokenizer_config.json").write_text('{"tokenizer_class": "TokenizersBackend", "model_max_length": 7}')
     out = export_mixtral(upcycle.load(saved), tmp_path / "mixtral")
     assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}'
-    assert (out / "tokenizer_config.json").read_text() == "{}"
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config == {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 7}
 
 
 @pytest.mark.parametrize("top_k", [1, 3])
@@ -90,9 +93,10 @@ def test_top_k_is_exported(top_k, tmp_path):
 
 
 def test_layouts_name_tensors_as_documented(tmp_path):
+    """Fused by default (transformers v5 loads it without conversion); legacy for v4, vLLM and llama.cpp's converter."""
     model = converted()
-    legacy = tensor_names(export_mixtral(model, tmp_path / "legacy"))
-    fused = tensor_names(export_mixtral(model, tmp_path / "fused", layout="fused"))
+    legacy = tensor_names(export_mixtral(model, tmp_path / "legacy", layout="legacy"))
+    fused = tensor_names(export_mixtral(model, tmp_path / "fused"))
     assert "model.layers.2.block_sparse_moe.gate.weight" in legacy
     assert {f"model.layers.0.block_sparse_moe.experts.3.{w}.weight" for w in ("w1", "w2", "w3")} <= legacy
     assert {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.gate_up_proj"} <= fused
@@ -102,7 +106,8 @@ def test_layouts_name_tensors_as_documented(tmp_path):
 def test_tied_embeddings_and_head_dim(tmp_path):
     model = converted(tiny_llama(tie_word_embeddings=True, head_dim=16))
     out = export_mixtral(model, tmp_path / "mixtral")
-    assert "lm_head.weight" not in tensor_names(out)
+    assert "lm_head.weight" in tensor_names(out)  # llama.cpp's converter reads it as the output head
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     assert_round_trip(model, out, "MixtralForCausalLM")
 
 
@@ -147,8 +152,8 @@ def test_overwrite(tmp_path):
     out = export_mixtral(model, tmp_path / "mixtral")
     with pytest.raises(FileExistsError, match="overwrite"):
         export_mixtral(model, out)
-    export_mixtral(model, out, layout="fused", overwrite=True)
-    assert json.loads((out / "upcycle_export.json").read_text())["layout"] == "fused"
+    export_mixtral(model, out, layout="legacy", overwrite=True)
+    assert json.loads((out / "upcycle_export.json").read_text())["layout"] == "legacy"
 
 
 def test_unknown_layout(tmp_path):

@@ -21,7 +21,7 @@ class HFLlamaAdapter(HFAdapterMixin, Adapter):
     family = "Hugging Face Llama / Mistral / Qwen2 (layers[i].mlp: gate_proj, up_proj, down_proj)"
     task = "causal_lm"
     activation_attribute = "act_fn"
-    export_formats = ("mixtral", "qwen2_moe")
+    export_formats = ("mixtral", "qwen2_moe", "qwen3_moe")
     streaming_model_types = ("llama", "mistral", "qwen2")
     checkpoint_layout = CheckpointLayout(
         base="model.", layers="layers", ffn="mlp",
@@ -40,7 +40,7 @@ class HFLlamaAdapter(HFAdapterMixin, Adapter):
     }  # a layer's FFN and attention, as a merge mixes them
     attention_projections = ("q_proj", "k_proj", "v_proj", "o_proj")  # Q, K, V, O under the attention
     # the MoE formats reproduce these decoders' attention exactly; upcycle_lm only with sequential blocks
-    export_model_types = ("llama", "mistral", "qwen2", "upcycle_lm")
+    export_model_types = ("llama", "mistral", "qwen2", "qwen3", "upcycle_lm")
 
     def export_refusal(self, model: nn.Module, target: str) -> str | None:
         refusal = super().export_refusal(model, target)

@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import UserError, check_finite
-from . import bam, mixtral, qwen2_moe, timm_export  # noqa: F401  (each writer registers its format)
+from . import bam, mixtral, qwen2_moe, qwen3_moe, timm_export  # noqa: F401  (each writer registers its format)
 from .formats import EXPORT_FORMATS
 from .saving import NOT_SAVED, load, save
 

@@ -1,12 +1,17 @@
-"""What the Hugging Face MoE exporters (Mixtral, Qwen2-MoE) share: reading a converted Llama-family model, the
-checks every target needs, the backbone tensors and config fields, and the atomic checkpoint writer.
+"""What the Hugging Face MoE exporters (Mixtral, Qwen2-MoE, Qwen3-MoE) share: reading a converted Llama-family
+model, the checks every target needs, the backbone tensors and config fields, and the atomic checkpoint writer.
 
-The backbone is copied unchanged: Llama, Mistral, Qwen2, Mixtral and Qwen2-MoE name their embeddings, attention,
-RMSNorms and LM head identically (``model.embed_tokens.weight [V, d]``,
+The backbone is copied unchanged: Llama, Mistral, Qwen2, Qwen3 and their MoE twins name their embeddings,
+attention, RMSNorms and LM head identically (``model.embed_tokens.weight [V, d]``,
 ``model.layers.{i}.self_attn.{q,k,v,o}_proj.weight``, ``model.layers.{i}.{input,post_attention}_layernorm.weight
 [d]``, ``model.norm.weight [d]``, ``lm_head.weight [V, d]``) and compute them identically (pre-norm residual
-blocks, RoPE from ``rope_parameters``, grouped-query attention scaled by ``head_dim**-0.5``). Only ``mlp`` differs,
-and each exporter writes that part itself.
+blocks, RoPE from ``rope_parameters``, grouped-query attention scaled by ``head_dim**-0.5``). Qwen3 and Qwen3-MoE
+also normalise each query and key head (``self_attn.{q,k}_norm.weight [head_dim]``), which Mixtral and Qwen2-MoE
+cannot express. Only ``mlp`` differs, and each exporter writes that part itself.
+
+``lm_head.weight`` is written even when it is tied to the embeddings: llama.cpp's converter turns it into the
+``output`` tensor that its Qwen2-MoE loader requires, and transformers ties it again on load
+(``tie_word_embeddings`` keeps what the weights do). See ``loader_compat`` for the fields older loaders read.
 
 Every check runs before anything is written, so a refused export leaves no directory behind.
 """
@@ -27,6 +32,7 @@ from ..atomic import atomic_directory
 from ..layers import MoE, TopKRouter
 from ..layers.activations import from_hf
 from ..record import ConversionRecord, record_of
+from .loader_compat import add_loader_fields, portable_tokenizer_config
 from .saving import DEFAULT_SHARD_BYTES, check_exportable
 from .shards import ShardWriter
 from .tokenizer_files import copy_tokenizer_files
@@ -145,8 +151,9 @@ def single_value(target: str, what: str, per_layer: dict[int, Any]) -> Any:
     return distinct.pop()
 
 
-def check_backbone(source: Source, target: str, biased: tuple[str, ...]) -> None:
-    """Refuse a non-SiLU source and attention biases the target has no tensor for (``biased``: those it has)."""
+def check_backbone(source: Source, target: str, biased: tuple[str, ...], qk_norm: bool = False) -> None:
+    """Refuse a non-SiLU source, attention biases the target has no tensor for (``biased``: those it has) and
+    per-head q/k norms the target has not (``qk_norm``: whether it has them, and so needs them)."""
     if from_hf(source.config.hidden_act) != "silu":
         raise refuse(
             target,
@@ -161,6 +168,19 @@ def check_backbone(source: Source, target: str, biased: tuple[str, ...]) -> None
             target,
             f"the source attention projections {extra} have biases (e.g. Llama attention_bias=True), but in "
             f"{target}'s attention {allowed}",
+        )
+    has_qk_norm = hasattr(attention, "q_norm")
+    if has_qk_norm and not qk_norm:
+        raise refuse(
+            target,
+            f"the source attention normalises every query and key head (q_norm / k_norm, as Qwen3's does), which "
+            f"{target}'s attention has not; export a Qwen3 source with format 'qwen3_moe'",
+        )
+    if qk_norm and not has_qk_norm:
+        raise refuse(
+            target,
+            f"{target}'s attention normalises every query and key head (q_norm / k_norm), but the source's has no "
+            "such norms (only Qwen3 sources do); export with format 'mixtral' or 'qwen2_moe'",
         )
 
 
@@ -199,15 +219,16 @@ def backbone_config(source: Source) -> dict[str, Any]:
 
 
 def backbone_tensors(source: Source, zero_qkv_bias: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Everything but the MLPs, under the shared names; the LM head only when it is not tied to the embeddings.
+    """Everything but the MLPs, under the shared names; the LM head always, a copy where it is tied.
 
     ``zero_qkv_bias``: add zero q/k/v biases where the source has none (Qwen2-family attention has them).
     """
     tied = is_tied(source.model)
     for name, tensor in source.model.state_dict().items():
-        if ".mlp." in name or (tied and name == "lm_head.weight"):
+        if ".mlp." in name:
             continue
-        yield name, tensor
+        # safetensors refuses two names for one storage, so the tied head is written as its own copy
+        yield name, tensor.detach().clone() if tied and name == "lm_head.weight" else tensor
     if zero_qkv_bias:
         for i, layer in enumerate(source.layers):
             for projection in ATTENTION[:3]:
@@ -234,22 +255,53 @@ def export_note(source: Source, target: str, **extra: Any) -> dict:
 
 
 def write_checkpoint(directory: str | Path, config: Any, tensors: Tensors, source: Source, note: dict,
-                     overwrite: bool) -> Path:  # fmt: skip
-    """config.json (+ generation_config.json), safetensors shards and the export note, renamed into place at once."""
+                     overwrite: bool, aliases: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    """config.json (+ generation_config.json), safetensors shards and the export note, renamed into place at once.
+
+    ``aliases``: extra config.json fields for older loaders (``loader_compat.add_loader_fields``)."""
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as staging:
         with ShardWriter(staging, DEFAULT_SHARD_BYTES) as writer:
             for name, tensor in tensors:
                 writer.add(name, tensor)
         config.save_pretrained(staging)
+        add_loader_fields(staging, config, aliases)
         generation = getattr(source.model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(staging)  # same bos / eos / pad for generate()
         (staging / EXPORT_NOTE).write_text(json.dumps(note, indent=2, default=str) + "\n")
         copy_tokenizer_files(source.model, staging)
+        portable_tokenizer_config(staging)
     return directory
 
 
 def expert_slice(stacked: torch.Tensor, j: int) -> torch.Tensor:
     """Expert j's matrix as its own tensor: safetensors refuses tensors that share storage with another."""
     return stacked[j].detach().clone()
+
+
+def routed_tensors(index: int, moe: MoE) -> Iterator[tuple[str, torch.Tensor]]:
+    """Router and experts under the per-expert names of the published Qwen2-MoE / Qwen3-MoE checkpoints."""
+    prefix, experts = f"model.layers.{index}.mlp.", moe.experts
+    yield prefix + "gate.weight", moe.router.gate.weight  # [e, d]
+    for j in range(experts.num_experts):
+        yield f"{prefix}experts.{j}.gate_proj.weight", expert_slice(experts.w_gate, j)  # [h, d]
+        yield f"{prefix}experts.{j}.up_proj.weight", expert_slice(experts.w_up, j)  # [h, d]
+        yield f"{prefix}experts.{j}.down_proj.weight", expert_slice(experts.w_down, j)  # [d, h]
+
+
+def dense_width(source: Source, target: str) -> int:
+    """The dense MLP width of the unconverted layers (the source's, if every layer is an MoE)."""
+    for i in source.dense_layers:
+        mlp = source.layers[i].mlp
+        if any(getattr(mlp, p).bias is not None for p in ("gate_proj", "up_proj", "down_proj")):
+            raise refuse(target, f"the dense MLP of layer {i} has biases (mlp_bias=True); {target}'s MLPs have none")
+    widths = {i: source.layers[i].mlp.up_proj.out_features for i in source.dense_layers}
+    return single_value(target, "dense MLP width", widths) if widths else source.config.intermediate_size
+
+
+def dense_tensors(source: Source, index: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """A layer left dense: Llama's MLP has the same three projections as the Qwen MoE models' dense MLP."""
+    mlp = source.layers[index].mlp
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        yield f"model.layers.{index}.mlp.{name}.weight", getattr(mlp, name).weight

@@ -6,8 +6,14 @@ A Qwen2-MoE sparse block computes ``Σ_topk p_j · expert_j(x) + sigmoid(w_s · 
 ``p = softmax(W_g x)`` in fp32, the top-k renormalised only if ``norm_topk_prob``; experts and the shared expert
 are SwiGLU MLPs without biases. Layers listed in ``mlp_only_layers`` keep a dense SwiGLU MLP of width
 ``intermediate_size``. So, unlike Mixtral, it expresses partial conversion, unrenormalised top-k and a sigmoid-gated
-shared expert. Every block *has* a shared expert: where ours has none we write one that adds exactly zero (all its
-weights zero, so ``silu(0) ⊙ 0 = 0`` and ``down = 0``), of width 1 if no layer has a real one.
+shared expert. Every block *has* a shared expert: where ours has none we write one that adds exactly zero, of width 1
+if no layer has a real one: its three projections are zero (``down(silu(0) ⊙ 0) = 0``), and its gate
+``shared_expert_gate.weight [1, d]`` is all ones, not zero. transformers multiplies that zero by
+``sigmoid(Σ_j x_j)``, which is finite, so the sum is exact. llama.cpp's qwen2moe graph computes the sigmoid as
+``silu(g) / g``: a zero gate makes ``g = 0`` for every token, ``0 / 0 = NaN``, and ``NaN · 0`` poisons every
+logit; with the ones gate ``g = Σ_j x_j`` of the normalised hidden state, zero only where that sum is exactly zero
+(a hidden state of exact zeros, e.g. a zero embedding row attending only to itself). llama.cpp's loader requires
+the shared-expert tensors (and ``output.weight``), so leaving them out is no option.
 
 Tensor mapping for decoder layer i (per-expert names, the layout of the published Qwen2-MoE checkpoints, which
 transformers v5 stacks at load into ``mlp.experts.gate_up_proj [e, 2h, d]`` / ``mlp.experts.down_proj [e, d, h]``
@@ -47,11 +53,13 @@ from .hf_moe_common import (
     backbone_config,
     backbone_tensors,
     check_backbone,
-    expert_slice,
+    dense_tensors,
+    dense_width,
     export_note,
     read_source,
     refuse,
     routed_shape,
+    routed_tensors,
     single_value,
     write_checkpoint,
 )
@@ -84,7 +92,7 @@ def qwen2_moe_config(source: Source):
     window, layer_types = attention_windows(source.config)
     return Qwen2MoeConfig(
         **backbone_config(source),
-        intermediate_size=dense_width(source),
+        intermediate_size=dense_width(source, TARGET),
         moe_intermediate_size=shape.d_hidden,
         shared_expert_intermediate_size=shared_width(source),
         num_experts=shape.num_experts,
@@ -99,16 +107,6 @@ def qwen2_moe_config(source: Source):
         layer_types=layer_types,
         architectures=["Qwen2MoeForCausalLM"],
     )
-
-
-def dense_width(source: Source) -> int:
-    """The dense MLP width of the unconverted layers (the source's, if every layer is an MoE)."""
-    for i in source.dense_layers:
-        mlp = source.layers[i].mlp
-        if any(getattr(mlp, p).bias is not None for p in ("gate_proj", "up_proj", "down_proj")):
-            raise refuse(TARGET, f"the dense MLP of layer {i} has biases (mlp_bias=True); Qwen2-MoE's MLPs have none")
-    widths = {i: source.layers[i].mlp.up_proj.out_features for i in source.dense_layers}
-    return single_value(TARGET, "dense MLP width", widths) if widths else source.config.intermediate_size
 
 
 def shared_width(source: Source) -> int:
@@ -135,29 +133,18 @@ def shared_width(source: Source) -> int:
 
 
 def moe_tensors(index: int, moe: MoE, width: int) -> Iterator[tuple[str, torch.Tensor]]:
-    prefix, experts = f"model.layers.{index}.mlp.", moe.experts
-    yield prefix + "gate.weight", moe.router.gate.weight
-    for j in range(experts.num_experts):
-        yield f"{prefix}experts.{j}.gate_proj.weight", expert_slice(experts.w_gate, j)
-        yield f"{prefix}experts.{j}.up_proj.weight", expert_slice(experts.w_up, j)
-        yield f"{prefix}experts.{j}.down_proj.weight", expert_slice(experts.w_down, j)
-    yield from shared_tensors(prefix, moe, width)
+    yield from routed_tensors(index, moe)
+    yield from shared_tensors(f"model.layers.{index}.mlp.", moe, width)
 
 
 def shared_tensors(prefix: str, moe: MoE, width: int) -> Iterator[tuple[str, torch.Tensor]]:
     shared, dtype, d = moe.shared_expert, moe.experts.w_up.dtype, moe.d_model
-    if shared is None:  # all zeros: contributes sigmoid(0) · down(silu(0) ⊙ 0) = 0 exactly
+    if shared is None:  # contributes sigmoid(Σx) · down(silu(0) ⊙ 0) = 0 exactly; a ones gate keeps llama.cpp finite
         weights = {"gate_proj": (width, d), "up_proj": (width, d), "down_proj": (d, width)}
         for name, shape in weights.items():
             yield f"{prefix}shared_expert.{name}.weight", torch.zeros(shape, dtype=dtype)
-        yield prefix + "shared_expert_gate.weight", torch.zeros(1, d, dtype=dtype)
+        yield prefix + "shared_expert_gate.weight", torch.ones(1, d, dtype=dtype)
         return
     for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
         yield f"{prefix}shared_expert.{theirs}.weight", getattr(shared, ours).weight
     yield prefix + "shared_expert_gate.weight", moe.shared_expert_gate.weight
-
-
-def dense_tensors(source: Source, index: int) -> Iterator[tuple[str, torch.Tensor]]:
-    mlp = source.layers[index].mlp  # LlamaMLP: the same three projections as Qwen2MoeMLP
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        yield f"model.layers.{index}.mlp.{name}.weight", getattr(mlp, name).weight
