@@ -52,7 +52,8 @@ def test_config_that_does_not_match_the_weights(llama_dir, tmp_path, capsys):
 
 
 def test_unknown_architecture(tmp_path, capsys):
-    _assert_refused(capsys, tmp_path / "out", "timm:resnet18", "--random-init", match="no adapter supports")
+    _assert_refused(capsys, tmp_path / "out", "timm:resnet18", "--random-init", match="timm ResNet has no FFN")
+    _assert_refused(capsys, tmp_path / "out", "timm:test_maxvit", "--random-init", match="no adapter supports")
     _assert_refused(capsys, tmp_path / "out", "timm:no_such_net", match="timm has no architecture 'no_such_net'")
 
 

@@ -10,8 +10,7 @@ from torch import nn
 from ..layers import MoE
 from .base import Adapter, FFNSite, MoEFFN, register_adapter, set_submodule
 from .dense_ffn import DenseFFN
-from .timm_common import TimmAdapterMixin, mlp_kind
-from .timm_vit import read_timm_mlp
+from .timm_common import TimmAdapterMixin, mlp_kind, read_timm_mlp
 
 
 @register_adapter
@@ -36,7 +35,7 @@ class TimmConvNeXtAdapter(TimmAdapterMixin, Adapter):
         return sites
 
     def read_ffn(self, model: nn.Module, site: FFNSite) -> DenseFFN:
-        return read_timm_mlp(model.get_submodule(site.name))
+        return read_timm_mlp(model.get_submodule(site.name), site.name)
 
     def install(self, model: nn.Module, site: FFNSite, moe: MoE) -> None:
         channels_first = isinstance(model.get_submodule(site.name).fc1, nn.Conv2d)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .activations import from_module
-from .base import Adapter, FFNSite, register_adapter, tensor_or_none
+from .base import Adapter, FFNSite, register_adapter
 from .dense_ffn import DenseFFN
-from .timm_common import TimmAdapterMixin, hidden_norm_of, mlp_kind
+from .timm_common import TimmAdapterMixin, mlp_kind, read_timm_mlp
 from .timm_vit_projections import (
     PROJECTIONS,
     has_mlp_projections,
@@ -37,6 +36,7 @@ class TimmViTAdapter(TimmAdapterMixin, Adapter):
             and isinstance(blocks, nn.Sequential | nn.ModuleList)
             and len(blocks) > 0
             and all(mlp_kind(getattr(block, "mlp", None)) is not None for block in blocks)
+            and not hasattr(model, "cls_attn_blocks")  # XCiT: its class-attention MLPs are FFNs too (timm_xcit)
         )
 
     def ffn_sites(self, model: nn.Module) -> list[FFNSite]:
@@ -48,7 +48,7 @@ class TimmViTAdapter(TimmAdapterMixin, Adapter):
         return [FFNSite(index, name) for index, name in enumerate(names)]
 
     def read_ffn(self, model: nn.Module, site: FFNSite) -> DenseFFN:
-        return read_timm_mlp(model.get_submodule(site.name))
+        return read_timm_mlp(model.get_submodule(site.name), site.name)
 
     def describe(self, model: nn.Module) -> dict:
         description = super().describe(model)
@@ -69,38 +69,3 @@ class TimmViTAdapter(TimmAdapterMixin, Adapter):
 
     def attention_projection_pairs(self, model: nn.Module, teacher: nn.Module) -> list[tuple]:
         return projection_pairs(model, teacher)
-
-
-def read_timm_mlp(mlp: nn.Module) -> DenseFFN:
-    """timm Mlp (Linear or 1×1 Conv2d), SwiGLU (fc1_g gate, fc1_x up) or GluMlp (fc1 packs both halves)."""
-    kind = mlp_kind(mlp)
-    if kind is None:
-        raise ValueError(f"{type(mlp).__name__} is not a supported timm MLP (Mlp, SwiGLU, GluMlp)")
-    activation = from_module(mlp.act)
-    norm = hidden_norm_of(mlp.norm)
-    w_down, b_down = _weight(mlp.fc2), tensor_or_none(mlp.fc2, "bias")
-    if kind == "mlp":
-        return DenseFFN(_weight(mlp.fc1), w_down, activation, tensor_or_none(mlp.fc1, "bias"), b_down=b_down,
-                        hidden_norm=norm)  # fmt: skip
-    if kind == "swiglu":
-        return DenseFFN(
-            _weight(mlp.fc1_x), w_down, activation, tensor_or_none(mlp.fc1_x, "bias"),
-            _weight(mlp.fc1_g), tensor_or_none(mlp.fc1_g, "bias"), b_down, norm,
-        )  # fmt: skip
-    # GluMlp: fc1 output chunks (x1, x2); gate_last: x1 * act(x2), else act(x1) * x2
-    w1, b1 = _weight(mlp.fc1), tensor_or_none(mlp.fc1, "bias")
-    first, second = w1.chunk(2, dim=0)
-    b_first, b_second = (None, None) if b1 is None else b1.chunk(2)
-    if mlp.gate_last:
-        return DenseFFN(first, w_down, activation, b_first, second, b_second, b_down, norm)
-    return DenseFFN(second, w_down, activation, b_second, first, b_first, b_down, norm)
-
-
-def _weight(layer: nn.Module) -> torch.Tensor:
-    """Linear ``[out, in]``; a 1×1 Conv2d ``[out, in, 1, 1]`` viewed as ``[out, in]``."""
-    weight = layer.weight.detach()
-    if weight.ndim == 4:
-        if weight.shape[2:] != (1, 1):
-            raise ValueError(f"only 1×1 convolutions are FFN layers, got kernel {tuple(weight.shape[2:])}")
-        weight = weight[:, :, 0, 0]
-    return weight

@@ -5,6 +5,9 @@ The directory holds ``model.safetensors`` and a timm-style ``config.json`` whose
 registry (``upcycle.register_with_timm()``; ``import upcycle`` does it if timm is already imported, exporting does
 it too), timm's own ``local-dir:`` loader builds the MoE skeleton from the record and loads the weights; no hub,
 no pickle.
+
+No silent drops: the export refuses, naming them, any tensor of the dense source (rebuilt from the record) that is
+neither in the converted model nor under a replaced FFN site, whose content the experts carry.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from pathlib import Path
 
 from torch import nn
 
+from ..adapters import get_adapter
 from ..adapters.base import ensure_record
 from ..atomic import atomic_directory
+from ..errors import UserError
 from ..record import ConversionRecord
 from .formats import EXPORT_FORMATS
 from .saving import build_skeleton, check_exportable, check_rebuild, load_weights, unique_state
@@ -30,6 +35,7 @@ def export_timm(model: nn.Module, directory: str | Path, overwrite: bool = False
     check_exportable(model, "timm")
     record = ensure_record(model)  # a dense timm model exports too (no MoE layer)
     check_rebuild(model)
+    check_covers_source(model, record)
     source_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     pretrained_cfg = {key: source_cfg[key] for key in _TIMM_CFG_KEYS if key in source_cfg}
     config = {
@@ -46,6 +52,24 @@ def export_timm(model: nn.Module, directory: str | Path, overwrite: bool = False
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     register_with_timm()  # timm.create_model("local-dir:DIR") works at once in this process
     return Path(directory)
+
+
+def check_covers_source(model: nn.Module, record: ConversionRecord) -> None:
+    """Refuse to export a model that lost tensors of its dense source outside the replaced FFN sites.
+
+    ``check_rebuild`` compares the model with its skeleton, which the same adapter installs the same way, so a tensor
+    that an install dropped beside its FFN (or a module removed by hand) passes it and is then missing for good.
+    """
+    dense = get_adapter(record.adapter).rebuild(record.source).state_dict()
+    present = set(model.state_dict())
+    replaced = tuple(f"{site}." for site in record.layers)
+    lost = [name for name in dense if name not in present and not name.startswith(replaced)]
+    if lost:
+        more = f" and {len(lost) - 10} more" if len(lost) > 10 else ""
+        raise UserError(
+            f"cannot export as 'timm': the converted model lacks {len(lost)} tensor(s) of its dense source that no "
+            f"replaced FFN accounts for: {', '.join(lost[:10])}{more}; nothing was written"
+        )
 
 
 def upcycle_moe(pretrained: bool = False, pretrained_cfg=None, upcycle_record: dict | None = None, **kwargs):

@@ -14,6 +14,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu2": lambda x: F.relu(x).square(),  # squared ReLU (Primer; Nemotron)
     "silu": F.silu,  # SwiGLU's gate activation
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "hard_swish": F.hardswish,  # MobileNetV3's x·relu6(x + 3)/6, LeViT's FFN activation
     "identity": lambda x: x,
 }
 

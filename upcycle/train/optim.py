@@ -2,7 +2,10 @@
 
 Groups: no weight decay on 1-D tensors (norms, biases, temperatures, shared biases) nor on embeddings-free scalars;
 routers get ``lr × router_lr_scale``; with ``layer_decay`` (BEiT / ViT fine-tuning, arXiv 2106.08254) block i of L
-gets ``lr × decay^(L - i)``, embeddings ``decay^(L + 1)``, the head and final norm the full LR.
+gets ``lr × decay^(L - i)``, embeddings ``decay^(L + 1)``, the head and final norm the full LR. In hierarchical models
+the blocks are counted across stages (``stages.s.blocks.j``, Swin's ``layers.s.blocks.j``), and a stage's
+downsampling (patch merging) sits at the depth of the block before it, as in Swin's own fine-tuning (SimMIM,
+arXiv 2111.09886).
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-# "blocks.3.", "layers.3.", "h.3.", "layer.3." (BERT), "stages.1.blocks.2." (ConvNeXt, counted across stages)
+# "blocks.3.", "layers.3.", "h.3.", "layer.3." (BERT); "stages.1.blocks.2." and "layers.1.blocks.2." (hierarchical
+# models: the stage's blocks are counted across stages), and "stages.1.downsample." / "layers.1.downsample."
 _BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers|h|layer)\.(\d+)\.")
-_STAGE = re.compile(r"(?:^|\.)stages\.(\d+)\.blocks\.(\d+)\.")
+_STAGE = re.compile(r"(?:^|\.)(?:stages|layers)\.(\d+)\.blocks\.(\d+)\.")
+_DOWNSAMPLE = re.compile(r"(?:^|\.)(?:stages|layers)\.(\d+)\.downsample\.")
 _EMBEDDING_HINTS = ("patch_embed", "pos_embed", "cls_token", "reg_token", "embed_tokens", "embeddings", "wte", "wpe",
                     "stem")  # fmt: skip
 _NO_DECAY_HINTS = ("norm", "bias", "temperature", "scale", "cls_token", "pos_embed", "reg_token")
@@ -38,9 +43,12 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     depths: dict[str, int] = {}
     for name, _ in model.named_parameters():
         stage = _STAGE.search(name)
+        downsample = _DOWNSAMPLE.search(name) if stage_sizes else None
         block = _BLOCK.search(name)
         if stage:
             depths[name] = 1 + stage_offset[int(stage.group(1))] + int(stage.group(2))
+        elif downsample:  # between the previous stage's last block and this stage's first
+            depths[name] = sum(size for s, size in stage_sizes.items() if s < int(downsample.group(1)))
         elif block:
             depths[name] = 1 + int(block.group(1))
         elif any(hint in name for hint in _EMBEDDING_HINTS):
