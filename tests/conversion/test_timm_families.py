@@ -175,12 +175,13 @@ def test_an_ffn_tensor_without_a_mapping_stops_the_conversion_naming_it():
 
 
 def test_timm_export_refuses_a_model_that_lost_source_tensors_outside_its_ffns(tmp_path, monkeypatch):
-    """An install that replaces the whole block (and the skeleton built with it) passes the rebuild check; the
-    comparison with the dense source names what went missing, and nothing is written."""
+    """A model whose whole block was replaced by its MoE, rebuilt by an install that does the same, passes the rebuild
+    check; the comparison with the dense source names what went missing, and nothing is written."""
+    moe = upcycle.convert(build("swin"), "sparse_upcycling", num_experts=2, top_k=1, layers=[0], progress=False)
+    set_submodule(moe, "layers.0.blocks.0", moe.get_submodule("layers.0.blocks.0.mlp"))
     adapter = get_adapter("timm_swin")
     monkeypatch.setattr(type(adapter), "install", lambda self, model, site, moe: set_submodule(
         model, site.name.rpartition(".")[0], MoEFFN(moe)))  # fmt: skip
-    moe = upcycle.convert(build("swin"), "sparse_upcycling", num_experts=2, top_k=1, layers=[0], progress=False)
     with pytest.raises(UserError, match=r"lacks \d+ tensor\(s\) of its dense source .*layers\.0\.blocks\.0\.norm1"):
         upcycle.export(moe, tmp_path / "timm", format="timm")
     assert not (tmp_path / "timm").exists()

@@ -51,6 +51,12 @@ class TimmEfficientFormerAdapter(TimmAdapterMixin, Adapter):
             return read_timm_mlp(mlp, site.name)
         return read_conv_mlp_with_norm(mlp, site.name)
 
+    def folded_tensors(self, model: nn.Module, site: FFNSite) -> list[str]:
+        """A 1×1-conv MLP's tensors all become new folded weights (the BatchNorms' step counters dropped on purpose);
+        a plain ``Mlp`` is read as views."""
+        mlp = model.get_submodule(site.name)
+        return [] if mlp_kind(mlp) is not None else [f"{site.name}.{name}" for name in mlp.state_dict()]
+
     def install(self, model: nn.Module, site: FFNSite, moe: MoE) -> None:
         channels_first = isinstance(model.get_submodule(site.name).fc1, nn.Conv2d)
         set_submodule(model, site.name, MoEFFN(moe, channels_first=channels_first))

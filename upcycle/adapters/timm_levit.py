@@ -42,6 +42,11 @@ class TimmLeViTAdapter(TimmAdapterMixin, Adapter):
         w_down, b_down = fold_batchnorm(linear_weight(mlp.ln2.linear), None, mlp.ln2.bn, f"{site.name}.ln2.bn")
         return DenseFFN(w_up, w_down, from_module(mlp.act), b_up, b_down=b_down)
 
+    def folded_tensors(self, model: nn.Module, site: FFNSite) -> list[str]:
+        """All of the site's tensors: both layers and their BatchNorms become new folded weights; the BatchNorms'
+        step counters are dropped on purpose."""
+        return [f"{site.name}.{name}" for name in model.get_submodule(site.name).state_dict()]
+
     def install(self, model: nn.Module, site: FFNSite, moe: MoE) -> None:
         channels_first = isinstance(model.get_submodule(site.name).ln1.linear, nn.Conv2d)
         set_submodule(model, site.name, MoEFFN(moe, channels_first=channels_first))
