@@ -195,3 +195,15 @@ def test_config_that_disagrees_with_the_weights(broken, tmp_path, change, messag
     with pytest.raises(ValueError, match=message):
         convert_streaming(broken, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_files_travel_as_upcycle_save_carries_them(broken, tmp_path):
+    from upcycle.sources import load_source
+
+    (broken / "tokenizer.json").write_text('{"version": "1.0"}')
+    (broken / "tokenizer_config.json").write_text("{}")
+    streamed = convert_streaming(broken, tmp_path / "streamed", progress=False, num_experts=2, top_k=1)
+    saved = upcycle.save(upcycle.convert(load_source(str(broken)), num_experts=2, top_k=1, progress=False),
+                         tmp_path / "saved")  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (streamed / name).read_text() == (saved / name).read_text()

@@ -131,9 +131,9 @@ def test_the_check_reports_every_layer(untied, tmp_path):
 
 
 def test_a_corrupted_method_output_fails_the_upcycle_format_check(untied, monkeypatch, tmp_path):
-    import upcycle.stream.native
+    import upcycle.stream.producer
 
-    original = upcycle.stream.native.convert_ffn
+    original = upcycle.stream.producer.convert_ffn
 
     def corrupted(dense, site, cfg, generator):
         moe = original(dense, site, cfg, generator)
@@ -141,7 +141,7 @@ def test_a_corrupted_method_output_fails_the_upcycle_format_check(untied, monkey
             moe.experts.w_up.data[2].mul_(0.5)
         return moe
 
-    monkeypatch.setattr(upcycle.stream.native, "convert_ffn", corrupted)
+    monkeypatch.setattr(upcycle.stream.producer, "convert_ffn", corrupted)
     with pytest.raises(ValueError, match=r"layers\.2\.mlp: expert 2 does not reproduce"):
         convert_streaming(untied, tmp_path / "out", progress=False, **RECIPE)
     assert not (tmp_path / "out").exists()

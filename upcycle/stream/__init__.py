@@ -32,7 +32,8 @@ from ..config import ConvertConfig, load_convert_config
 from .check import DEFAULT_RTOL, EquivalenceCheck
 from .checkpoint import STREAM_SHARD_BYTES, Checkpoint
 from .native import write_native
-from .plan import prepare
+from .plan import Plan, prepare
+from .producer import Producer, Upcycling
 
 FORMATS = ("upcycle", "mixtral")
 
@@ -91,11 +92,7 @@ def stream(
     **overrides,
 ) -> Streamed:
     """:func:`convert_streaming`, returning the check's worst layer too."""
-    if format not in FORMATS:
-        raise ValueError(f"streaming writes format {' or '.join(FORMATS)}, not {format!r}; convert in memory and "
-                         "export for the others")  # fmt: skip
-    if layout is not None and format != "mixtral":
-        raise ValueError(f"layout chooses the mixtral tensor layout; drop it for format {format!r}")
+    check_format(format, layout)
     cfg = load_convert_config(config, **overrides)
     out_dir = Path(out_dir)
     plan = prepare(source_dir, out_dir, cfg, overwrite)
@@ -104,14 +101,38 @@ def stream(
         bar = tqdm(total=plan.total, desc=f"stream {cfg.method} -> {format}", unit="tensor", disable=not progress,
                    leave=False)  # fmt: skip
         with bar:
-            if format == "mixtral":
-                from .mixtral import write_mixtral
-
-                write_mixtral(plan, staging, layout, max_shard_bytes, bar, checker, progress)
-            else:
-                write_native(plan, staging, max_shard_bytes, bar, checker)
+            write(Upcycling(plan), staging, format, layout, max_shard_bytes, bar, checker, progress)
     worst_layer, worst = checker.worst if checker is not None else (None, None)
     return Streamed(out_dir, format, worst_layer, worst)
 
 
-__all__ = ["FORMATS", "STREAM_SHARD_BYTES", "Checkpoint", "Streamed", "convert_streaming", "stream"]
+def check_format(format: str, layout: str | None) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"streaming writes format {' or '.join(FORMATS)}, not {format!r}; convert in memory and "
+                         "export for the others")  # fmt: skip
+    if layout is not None and format != "mixtral":
+        raise ValueError(f"layout chooses the mixtral tensor layout; drop it for format {format!r}")
+
+
+def write(producer: Producer, staging: Path, format: str, layout: str | None, max_shard_bytes: int, bar: tqdm,
+          check: EquivalenceCheck | None, progress: bool) -> None:  # fmt: skip
+    """Write ``producer``'s model into ``staging`` in ``format``."""
+    if format == "mixtral":
+        from .mixtral import write_mixtral
+
+        write_mixtral(producer, staging, layout, max_shard_bytes, bar, check, progress)
+    else:
+        write_native(producer, staging, max_shard_bytes, bar, check)
+
+
+__all__ = [
+    "FORMATS",
+    "STREAM_SHARD_BYTES",
+    "Checkpoint",
+    "Plan",
+    "Producer",
+    "Streamed",
+    "convert_streaming",
+    "stream",
+    "write",
+]

@@ -15,12 +15,15 @@ Computed in float32 whatever the stored dtype. Above ``rtol`` the conversion sto
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..adapters.dense_ffn import DenseFFN
+from ..layers import MoE
 
 CHECK_TOKENS = 32
 DEFAULT_RTOL = 1e-4  # float32 copies give ~1e-7; a wrong expert gives ~1
@@ -28,6 +31,16 @@ TINY = torch.finfo(torch.float32).tiny  # floor of the scale: an all-zero dense 
 
 Block = Callable[[torch.Tensor], torch.Tensor]  # [t, d] -> [t, d]
 PerExpert = Callable[[torch.Tensor], torch.Tensor]  # [t, d] -> [e, t, d]: every expert on every token
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Random tokens and what a converted layer must make of them, kept while the dense FFNs are in hand, so
+    checking the written layer later needs no second read of the source."""
+
+    x: torch.Tensor  # [t, d]
+    block: torch.Tensor | None  # [t, d]: the MoE block's output; None for a mixture of different FFNs (a merge)
+    experts: torch.Tensor | None  # [e, t, d]: each expert's alone; None when the experts are parts of the FFN
 
 
 class EquivalenceCheck:
@@ -39,14 +52,28 @@ class EquivalenceCheck:
         self.per_layer: dict[str, float] = {}
 
     @torch.no_grad()
-    def layer(self, name: str, dense: DenseFFN, block: Block, experts: PerExpert | None = None) -> float:
-        """Compare layer ``name`` with ``dense``; ``experts``: each expert alone (only for copies of the FFN)."""
+    def probe(self, dense: DenseFFN, num_experts: int, copies: bool) -> Probe:
+        """An upcycled layer's probe: the block and, for ``copies`` (experts as wide as the FFN), every expert alone
+        must compute the dense FFN."""
         dense = float32(dense)
         x = torch.randn(CHECK_TOKENS, dense.d_model, generator=self.generator)  # [t, d]
         reference = dense.forward(x)  # [t, d]
-        differences = {"the MoE block": relative(block(x), reference)}
-        if experts is not None:
-            for j, out in enumerate(experts(x)):  # [t, d] each
+        return Probe(x, reference, reference.expand(num_experts, *reference.shape) if copies else None)
+
+    @torch.no_grad()
+    def probe_mixture(self, ffns: list[DenseFFN]) -> Probe:
+        """A merged layer's probe (BTX, BAM): expert j must compute input model j's FFN."""
+        x = torch.randn(CHECK_TOKENS, ffns[0].d_model, generator=self.generator)  # [t, d]
+        return Probe(x, None, torch.stack([float32(ffn).forward(x) for ffn in ffns]))  # [e, t, d]
+
+    @torch.no_grad()
+    def compare(self, name: str, probe: Probe, block: Block, experts: PerExpert) -> float:
+        """Layer ``name``'s block and experts against ``probe``; raises above ``rtol``."""
+        differences = {}
+        if probe.block is not None:
+            differences["the MoE block"] = relative(block(probe.x), probe.block)
+        if probe.experts is not None:
+            for j, (out, reference) in enumerate(zip(experts(probe.x), probe.experts, strict=True)):  # [t, d] each
                 differences[f"expert {j}"] = relative(out, reference)
         part = max(differences, key=lambda key: (math.isnan(differences[key]), differences[key]))
         self.per_layer[name] = differences[part]
@@ -66,6 +93,17 @@ class EquivalenceCheck:
             return None, 0.0
         name = max(self.per_layer, key=self.per_layer.__getitem__)
         return name, self.per_layer[name]
+
+
+def check_moe(check: EquivalenceCheck, name: str, moe: MoE, probe: Probe) -> None:
+    """An upcycle MoE layer against its probe (float32 whatever its dtype)."""
+    moe = moe if moe.experts.w_up.dtype == torch.float32 else copy.deepcopy(moe).float()
+    experts = moe.experts
+
+    def each_expert(x: torch.Tensor) -> torch.Tensor:  # [t, d] -> [e, t, d]
+        return experts.forward_stacked(x.expand(experts.num_experts, *x.shape))
+
+    check.compare(name, probe, moe, each_expert)
 
 
 def relative(out: torch.Tensor, reference: torch.Tensor) -> float:

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import RUNTIME_FIELDS
 from ..errors import check_finite
 from ..export.hf_moe_common import backbone_tensors, export_note, read_source, write_checkpoint
 from ..export.mixtral import TARGET, export_mixtral, mixtral_config, moe_tensors
@@ -32,25 +31,25 @@ from ..export.saving import build_skeleton
 from ..export.shards import INDEX, SINGLE
 from ..layers import describe_moe
 from ..record import new_record
-from .check import EquivalenceCheck
+from .check import EquivalenceCheck, Probe
 from .checkpoint import Checkpoint, ReservingShardWriter
 from .native import CORRUPT, tied_groups
-from .plan import Plan, convert_ffn, ffn_bytes, meta_model, read_dense_ffn
+from .plan import Plan, meta_model
+from .producer import Producer
 
 FILES = ".files"  # the exporter's own writer puts config, note and tokenizer files here, then they move up
 
 
-def write_mixtral(plan: Plan, staging: Path, layout: str | None, max_shard_bytes: int, bar: tqdm,
+def write_mixtral(producer: Producer, staging: Path, layout: str | None, max_shard_bytes: int, bar: tqdm,
                   check: EquivalenceCheck | None, progress: bool) -> None:  # fmt: skip
     layout = layout or inspect.signature(export_mixtral).parameters["layout"].default  # the exporter's default
-    spec = probe_layer(plan)
-    exported = read_source(skeleton(plan, spec), TARGET, "mixtral")  # refuses what Mixtral cannot express
+    exported = read_source(skeleton(producer), TARGET, "mixtral")  # refuses what Mixtral cannot express
     config = mixtral_config(exported)
-    outputs_of = backbone_sources(plan, exported.model, [name for name, _ in backbone_tensors(exported)])
+    outputs_of = backbone_sources(producer.plan, exported.model, [name for name, _ in backbone_tensors(exported)])
     with ReservingShardWriter(staging, max_shard_bytes) as writer:
-        layer_names = stream_layers(plan, writer, bar, layout, spec, outputs_of)
+        layer_names, probes = stream_layers(producer, writer, bar, layout, outputs_of, check)
     if check is not None:
-        check_written_layers(plan, staging, config, layer_names, check, progress)
+        check_written_layers(producer.plan, staging, config, layer_names, probes, check, progress)
     note = export_note(exported, "mixtral", layout=layout)
     write_checkpoint(staging / FILES, config, [], exported, note, overwrite=False)
     for path in (staging / FILES).iterdir():
@@ -59,23 +58,18 @@ def write_mixtral(plan: Plan, staging: Path, layout: str | None, max_shard_bytes
     shutil.rmtree(staging / FILES)
 
 
-def probe_layer(plan: Plan) -> dict:
-    """The MoE layer description every converted FFN gets (one method, FFNs of one shape): from the first one,
-    converted with a generator of its own so the streamed layers draw exactly what ``convert`` draws."""
-    site = plan.sites[0]
-    dense = read_dense_ffn(plan.checkpoint, site, plan.activation, plan.layout)
-    return describe_moe(convert_ffn(dense, site, plan.cfg, torch.Generator().manual_seed(plan.cfg.seed)))
-
-
-def skeleton(plan: Plan, spec: dict) -> nn.Module:
-    """The converted model ``upcycle.load`` would rebuild from the conversion's record, its tensors allocated on the
-    CPU but never written, so they occupy no memory (the exporter tells tied tensors by their storage)."""
+def skeleton(producer: Producer) -> nn.Module:
+    """The converted model ``upcycle.load`` would rebuild from the record of the model in memory, its tensors
+    allocated on the CPU but never written, so they occupy no memory (the exporter tells tied tensors by their
+    storage). Every layer is described as the first one converts (one method, FFNs of one shape)."""
+    plan = producer.plan
     dense = meta_model(plan.adapter.rebuild, plan.source)
     first = next(name for name, _ in dense.named_parameters())
     dtype = plan.checkpoint.tensors[first].dtype if first in plan.checkpoint.tensors else torch.float32
+    spec = producer.layer_spec()
     layers = {site.name: {"index": site.index, **spec} for site in plan.sites}
     record = new_record(plan.adapter.name, plan.source, str(dtype).removeprefix("torch."), layers,
-                        convert=plan.cfg.model_dump(exclude=RUNTIME_FIELDS), origin=plan.origin)  # fmt: skip
+                        origin=plan.origin, **producer.recipe)  # fmt: skip
     model = meta_model(build_skeleton, record).to_empty(device="cpu")
     model.tie_weights()  # to_empty gives every parameter its own storage; tie what the config ties, as loading does
     return model
@@ -103,23 +97,23 @@ def backbone_sources(plan: Plan, model: nn.Module, names: list[str]) -> dict[str
     return outputs_of
 
 
-def stream_layers(plan: Plan, writer: ReservingShardWriter, bar: tqdm, layout: str, spec: dict,
-                  outputs_of: dict[str, list[str]]) -> dict[int, list[str]]:  # fmt: skip
-    """Write every tensor under its Mixtral name; returns each converted layer's output names by layer index."""
-    checkpoint, cfg = plan.checkpoint, plan.cfg
-    generator = torch.Generator().manual_seed(cfg.seed)  # one generator, layers in order: what convert draws
+def stream_layers(producer: Producer, writer: ReservingShardWriter, bar: tqdm, layout: str,
+                  outputs_of: dict[str, list[str]], check: EquivalenceCheck | None) -> tuple[dict, dict]:  # fmt: skip
+    """Write every tensor under its Mixtral name; returns each converted layer's output names and (with ``check``)
+    its probe, by layer index."""
+    plan = producer.plan
+    spec = producer.layer_spec()
     layer_names: dict[int, list[str]] = {}
+    probes: dict[int, Probe] = {}
     layer_bytes = 0  # the previous MoE layer's size: the next one's, in a homogeneous stack
     for step, count in plan.steps:
         if isinstance(step, str):
-            tensor = checkpoint.read([step])[step]
+            tensor = producer.backbone(step)
             # safetensors refuses two names on one storage: a second name (a tied head) gets its own copy
             outputs = [(name, tensor if k == 0 else tensor.clone()) for k, name in enumerate(outputs_of[step])]
         else:
-            writer.reserve(layer_bytes or cfg.num_experts * ffn_bytes(checkpoint, step))
-            dense = read_dense_ffn(checkpoint, step, plan.activation, plan.layout)
-            moe = convert_ffn(dense, step, cfg, generator)
-            del dense
+            writer.reserve(layer_bytes or producer.layer_bytes(step))
+            moe, probes[step.index] = producer.layer(step, check)
             if describe_moe(moe) != spec:
                 raise ValueError(f"{step.name} converts to a different MoE layer than {plan.sites[0].name}; a Mixtral "
                                  "config holds one shape for all layers")  # fmt: skip
@@ -127,33 +121,35 @@ def stream_layers(plan: Plan, writer: ReservingShardWriter, bar: tqdm, layout: s
             layer_names[step.index] = [name for name, _ in outputs]
             layer_bytes = sum(tensor.numel() * tensor.element_size() for _, tensor in outputs)
             del moe
-        check_finite(outputs, f"the source {checkpoint.directory}", CORRUPT)
+        check_finite(outputs, f"the source {plan.checkpoint.directory}", CORRUPT)
         for name, tensor in outputs:
             writer.add(name, tensor)
         del outputs  # the writer holds the only reference: a flushed shard frees its tensors
         bar.update(count)
-    return layer_names
+    return layer_names, probes
 
 
 def check_written_layers(plan: Plan, staging: Path, config, layer_names: dict[int, list[str]],
-                         check: EquivalenceCheck, progress: bool) -> None:  # fmt: skip
-    """Each written MoE layer, loaded into transformers' Mixtral block, against the source's dense FFN."""
+                         probes: dict[int, Probe], check: EquivalenceCheck,
+                         progress: bool) -> None:  # fmt: skip
+    """Each written MoE layer, loaded into transformers' Mixtral block, against its dense FFN's probe."""
     written = Checkpoint(staging)
     config = copy.deepcopy(config)  # the exported config stays as the exporter made it
     config._experts_implementation = "eager"  # transformers' reference loop: what the weights compute, no kernel
+    e = config.num_local_experts
     for site in tqdm(plan.sites, desc="check", unit="layer", disable=not progress, leave=False):
-        dense = read_dense_ffn(plan.checkpoint, site, plan.activation, plan.layout)
         block = mixtral_block(config, written.read(layer_names[site.index]), site.name)
 
         def each_expert(x: torch.Tensor, block=block) -> torch.Tensor:  # [t, d] -> [e, t, d]
-            choice, weight = torch.zeros(x.shape[0], 1, dtype=torch.long), torch.ones(x.shape[0], 1)  # [t, 1]
-            return torch.stack([block.experts(x, choice + j, weight) for j in range(config.num_local_experts)])
+            t = x.shape[0]
+            choice = torch.arange(e).repeat_interleave(t)[:, None]  # [e*t, 1]: expert j gets the j-th copy of x
+            out = block.experts(x.repeat(e, 1), choice, torch.ones(e * t, 1))  # [e*t, d]
+            return out.reshape(e, t, -1)
 
         def whole(x: torch.Tensor, block=block) -> torch.Tensor:  # [t, d] -> [t, d]
             return block(x[None])[0]  # the block takes [b, n, d]
 
-        copies = config.intermediate_size == dense.d_hidden  # narrower experts are parts of the FFN
-        check.layer(site.name, dense, whole, each_expert if copies else None)
+        check.compare(site.name, probes[site.index], whole, each_expert)
 
 
 def mixtral_block(config, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:

@@ -1,63 +1,63 @@
-"""Streaming into upcycle's own format: what ``upcycle.save(upcycle.convert(model, config))`` writes, bitwise (only
-shard boundaries differ), without the model in memory.
+"""Streaming into upcycle's own format: what ``upcycle.save`` writes for the model in memory (``upcycle.convert`` of
+the source, or ``upcycle.merge`` of several), bitwise (only shard boundaries differ), without that model in memory.
 
-Tensors outside a converted FFN are copied through; each converted FFN is read whole, turned into an MoE layer by
-the registered method, checked against the dense FFN (:mod:`.check`) and written as ``<site>.moe.<name>``. Layers are
-converted in increasing index order with one ``torch.Generator`` seeded with ``config.seed``, as ``convert`` does.
+Tensors outside a converted FFN come from the producer (:mod:`.producer`) and are written under their own names;
+each converted FFN's MoE layer is checked against its probe (:mod:`.check`) and written as ``<site>.moe.<name>``.
 Then the record (``config.json``, ``recipe.yaml``) is written, after checking that ``upcycle.load`` rebuilds exactly
 the tensors written: the skeleton it builds, on the ``meta`` device.
 """
 
 from __future__ import annotations
 
-import copy
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import RUNTIME_FIELDS
 from ..errors import check_finite
 from ..export.saving import build_skeleton, write_record
-from ..layers import MoE, describe_moe
+from ..export.tokenizer_files import TOKENIZER_FILES
+from ..layers import describe_moe
 from ..record import ConversionRecord, new_record
-from .check import EquivalenceCheck
+from .check import EquivalenceCheck, check_moe
 from .checkpoint import ReservingShardWriter
-from .plan import Plan, convert_ffn, ffn_bytes, meta_model, read_dense_ffn
+from .plan import meta_model
+from .producer import Producer
 
 Written = dict[str, tuple[tuple[int, ...], torch.dtype]]  # output tensor name -> (shape, dtype)
 CORRUPT = "the checkpoint is corrupt; nothing was written"
 
 
-def write_native(plan: Plan, staging: Path, max_shard_bytes: int, bar: tqdm, check: EquivalenceCheck | None) -> None:
+def write_native(producer: Producer, staging: Path, max_shard_bytes: int, bar: tqdm,
+                 check: EquivalenceCheck | None) -> None:  # fmt: skip
+    plan = producer.plan
     with ReservingShardWriter(staging, max_shard_bytes) as writer:
-        layers, written = stream_tensors(plan, writer, bar, check)
+        layers, written = stream_tensors(producer, writer, bar, check)
     # the model class is imported only now, past the memory peak: its import alone adds ~150 MB of RSS
     dense = meta_model(plan.adapter.rebuild, plan.source)
-    record = new_record(plan.adapter.name, plan.source, record_dtype(dense, written), layers,
-                        convert=plan.cfg.model_dump(exclude=RUNTIME_FIELDS), origin=plan.origin)  # fmt: skip
+    record = new_record(plan.adapter.name, plan.source, record_dtype(dense, written), layers, origin=plan.origin,
+                        **producer.recipe)  # fmt: skip
     check_written(record, written)
     write_record(staging, record)
+    copy_tokenizer_files(plan.source_dir, staging)
 
 
-def stream_tensors(plan: Plan, writer: ReservingShardWriter, bar: tqdm,
+def stream_tensors(producer: Producer, writer: ReservingShardWriter, bar: tqdm,
                    check: EquivalenceCheck | None) -> tuple[dict, Written]:  # fmt: skip
     """Write every step's output tensors; returns the MoE layers' record entries and what was written."""
-    checkpoint, cfg = plan.checkpoint, plan.cfg
-    generator = torch.Generator().manual_seed(cfg.seed)
+    checkpoint = producer.plan.checkpoint
     layers, written = {}, {}
     layer_bytes = 0  # the previous MoE layer's size: the next one's, in a homogeneous stack
-    for step, count in plan.steps:
+    for step, count in producer.plan.steps:
         if isinstance(step, str):
-            outputs = checkpoint.read([step])
+            outputs = {step: producer.backbone(step)}
         else:
-            writer.reserve(layer_bytes or cfg.num_experts * ffn_bytes(checkpoint, step))
-            dense = read_dense_ffn(checkpoint, step, plan.activation, plan.layout)
-            moe = convert_ffn(dense, step, cfg, generator)
+            writer.reserve(layer_bytes or producer.layer_bytes(step))
+            moe, probe = producer.layer(step, check)
             if check is not None:
-                check_moe(check, step.name, dense, moe)
-            del dense  # freed before its experts join the pending shard
+                check_moe(check, step.name, moe, probe)
             layers[step.name] = {"index": step.index, **describe_moe(moe)}
             outputs = {f"{step.name}.moe.{name}": tensor for name, tensor in moe.state_dict().items()}
             layer_bytes = sum(tensor.numel() * tensor.element_size() for tensor in outputs.values())
@@ -72,16 +72,12 @@ def stream_tensors(plan: Plan, writer: ReservingShardWriter, bar: tqdm,
     return layers, written
 
 
-def check_moe(check: EquivalenceCheck, name: str, dense, moe: MoE) -> None:
-    """The MoE layer in hand against its dense FFN: what is written is its state dict, bitwise."""
-    moe = moe if moe.experts.w_up.dtype == torch.float32 else copy.deepcopy(moe).float()
-    experts = moe.experts
-    copies = experts.d_hidden == dense.d_hidden and moe.shared_expert is None and experts.shared_bias is None
-
-    def each_expert(x: torch.Tensor) -> torch.Tensor:  # [t, d] -> [e, t, d]
-        return experts.forward_stacked(x.expand(experts.num_experts, *x.shape))
-
-    check.layer(name, dense, moe, each_expert if copies else None)
+def copy_tokenizer_files(source_dir: Path, staging: Path) -> None:
+    """The source's tokenizer files next to the weights, as ``upcycle.save`` copies them from where the model was
+    read."""
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy2(source_dir / name, staging / name)
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:
