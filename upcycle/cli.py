@@ -120,7 +120,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .atomic import check_not_overlapping
-    from .export import export, load
+    from .export import chosen_format, export, load
 
     check_not_overlapping(args.out, args.directory, args.overwrite)
     options = {"layout": args.layout} if args.layout else {}
@@ -128,7 +128,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.dtype != "auto":
         model.to(DTYPES[args.dtype])
     path = export(model, args.out, format=args.format, overwrite=args.overwrite, **options)
-    print(f"wrote {path} ({args.format})")
+    print(f"wrote {path} ({chosen_format(path) or args.format})")
     return 0
 
 
@@ -440,8 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a converted model where transformers / timm load it")
     export.add_argument("directory", help="a directory written by upcycle convert / upcycle.save")
-    export.add_argument("--format", required=True, choices=EXPORT_FORMATS.names(),
-                        help="bam: upcycle's BAM model class (upcycle bam / upcycle.merge output)")  # fmt: skip
+    export.add_argument("--format", required=True, choices=["auto", *EXPORT_FORMATS.names()],
+                        help="auto: the exact MoE twin of the family, else hf_generic (transformers remote code); "
+                             "bam: upcycle's BAM model class (upcycle bam / upcycle.merge output)")  # fmt: skip
     export.add_argument("--out", required=True, help="output directory (written atomically)")
     export.add_argument("--layout", choices=["legacy", "fused"], help="mixtral tensor layout (default legacy)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -51,26 +51,50 @@ def convert(
         contexts = [{"context": c} for c in method.prepare(target, adapter, [sites[i] for i in chosen], cfg)]
     generator = torch.Generator().manual_seed(cfg.seed)
     dtype = next(target.parameters()).dtype  # the dtype the record notes and upcycle.load rebuilds the model in
-    layers = {}
+    storage_before = {name: storage_of(t) for name, t in target.state_dict().items()}
+    read, layers = set(), {}
     for index, context in tqdm(zip(chosen, contexts, strict=True), total=len(chosen), desc=f"{cfg.method}",
                                unit="layer", disable=not progress, leave=False):  # fmt: skip
         site = sites[index]
         dense = adapter.read_ffn(target, site)
+        read |= {storage_of(t) for t in dense.tensors().values()} | {
+            storage_before[name] for name in adapter.folded_tensors(target, site)
+        }
         try:
             moe = method.fn(dense, cfg, generator, **context)
         except ValueError as error:
             raise ValueError(f"{site.name}: {error}") from None
         moe.experts.backend = cfg.backend
         moe.to(dtype)  # new weights (routers) are drawn in float32: a bfloat16 model would fail on its own MoE layers
-        moe.train(target.training)  # follow the host's mode: a dynamic-k router runs every expert in training mode
         adapter.install(target, site, moe)
+        # the installed wrapper follows the host's mode: its output dropout must not fire in an eval-mode model, and
+        # a dynamic-k router runs every expert in training mode
+        target.get_submodule(site.name).train(target.training)
         layers[site.name] = {"index": site.index, **describe_moe(moe)}
+    check_nothing_dropped(storage_before, read, target)
     convert_recipe = cfg.model_dump(exclude=RUNTIME_FIELDS)
     attach_record(target, new_record(adapter.name, source, dtype_name(target), layers, convert=convert_recipe,
                                      origin=dense_record))  # fmt: skip
     check_finite(target.state_dict().items(), "the converted model",
                  f"check the {cfg.method} options (a scale or std too large?)")  # fmt: skip
     return target
+
+
+def storage_of(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def check_nothing_dropped(storage_before: dict[str, int], read: set[int], model: nn.Module) -> None:
+    """No silent drops: every tensor the conversion removed from the model was read into an MoE layer (a view of it,
+    or folded by the adapter). A family whose FFN holds more than its adapter maps stops here, naming the tensors,
+    instead of converting into a model that computes something else."""
+    remaining = set(model.state_dict())
+    dropped = [name for name, storage in storage_before.items() if name not in remaining and storage not in read]
+    if dropped:
+        raise ValueError(
+            f"the conversion would drop {len(dropped)} source tensor(s) that no MoE layer holds: "
+            f"{', '.join(dropped[:8])}; the adapter does not map this family's FFN completely (please report it)"
+        )
 
 
 def convert_source(

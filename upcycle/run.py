@@ -169,23 +169,19 @@ def export_stages(out: Path, pattern: str, format: str) -> dict[str, str | None]
 
 
 def export_model(model: nn.Module, directory: Path, format: str) -> str | None:
-    """``upcycle.export`` with ``auto``: the first of the formats the model's adapter names that stores it (e.g.
-    mixtral, else qwen2_moe with its raw top-k probabilities and dense layers); None, with the reasons printed, when
-    none does (a BTX of parallel blocks: ``upcycle.load`` reads its saved folder)."""
-    from .adapters import adapter_of
+    """``upcycle.export``; with ``auto`` (the family's exact twin that stores the model, else the generic class),
+    None with the reasons printed when no format does (a BTX of parallel blocks: ``upcycle.load`` reads its saved
+    folder)."""
+    from .errors import UserError
     from .export import export
 
-    if format != "auto":
+    try:
         return str(export(model, directory, format=format, overwrite=True))
-    adapter = adapter_of(model)
-    reasons = [] if adapter.export_formats else [f"no format stores {adapter.name!r} models"]
-    for candidate in adapter.export_formats:  # the family's exact formats, preferred first
-        try:
-            return str(export(model, directory, format=candidate, overwrite=True))
-        except ValueError as error:
-            reasons.append(str(error))
-    print(f"{directory.name}: not exported ({'; '.join(reasons)})")
-    return None
+    except UserError as error:
+        if format != "auto":
+            raise
+        print(f"{directory.name}: not exported ({error})")
+        return None
 
 
 def convert_and_train(model: nn.Module, recipe: dict, run: RunSection, out: Path, progress: bool) -> dict:

@@ -66,6 +66,7 @@ class Adapter:
     family: ClassVar[str]  # human-readable list of what it covers
     task: ClassVar[str]  # "image_classification", "causal_lm" or "encoder"
     export_formats: ClassVar[tuple[str, ...]] = ()  # formats that store its converted models exactly, preferred first
+    generic_format: ClassVar[str | None] = None  # the format that stores any model of the family, tried last
     streaming_model_types: ClassVar[tuple[str, ...]] = ()  # config.json model_type values upcycle.stream converts
     checkpoint_layout: ClassVar[CheckpointLayout | None] = None  # their tensor layout (with streaming_model_types)
     merge_model_types: ClassVar[tuple[str, ...]] = ()  # model types upcycle.merge (BTX, BAM) mixes
@@ -89,6 +90,12 @@ class Adapter:
 
     def install(self, model: nn.Module, site: FFNSite, moe: MoE) -> None:
         set_submodule(model, site.name, MoEFFN(moe))
+
+    def folded_tensors(self, model: nn.Module, site: FFNSite) -> list[str]:
+        """Names of the tensors at ``site`` that ``read_ffn`` folds into new tensors (a BatchNorm into a linear
+        layer) rather than returning views of: ``upcycle.convert`` counts them as mapped. Every other tensor that a
+        conversion removes must be a view in the :class:`DenseFFN` (no silent drops)."""
+        return []
 
     def converted_modules(self, model: nn.Module) -> list[str]:
         """Names of the modules a conversion replaced, in forward order: what ``upcycle.verify`` compares, layer by
@@ -134,9 +141,10 @@ class Adapter:
 
     def export_refusal(self, model: nn.Module, target: str) -> str | None:
         """Why ``model`` cannot be exported as ``target``, or None when ``target`` stores it exactly."""
-        if target in self.export_formats:
+        if target in self.export_formats or target == self.generic_format:
             return None
-        formats = " or ".join(repr(f) for f in self.export_formats) or "no format (upcycle.save / load keep them)"
+        known = [*self.export_formats, *([self.generic_format] if self.generic_format else [])]
+        formats = " or ".join(repr(f) for f in known) or "no format (upcycle.save / load keep them)"
         return f"models of the {self.name!r} adapter export as {formats}"
 
     def with_classifier(self, model: nn.Module, num_labels: int) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Hugging Face BERT (and MiniLM / sentence-transformers encoders built on it): the FFN is split across
+"""Hugging Face BERT-style encoders (BERT, MiniLM / sentence-transformers, RoBERTa, XLM-RoBERTa, ELECTRA and others
+with BERT's layer): the FFN is split across
 ``layer[i].intermediate.dense`` (+ act) and ``layer[i].output.dense``; ``BertOutput`` then applies dropout and
 ``LayerNorm(h + residual)``. The MoE replaces ``intermediate`` (returning d-dim outputs) and ``output.dense``
 becomes the identity, so dropout and the post-norm are kept.
@@ -9,21 +10,30 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import MoE
-from ..layers.activations import from_hf
 from .base import Adapter, FFNSite, MoEFFN, register_adapter, set_submodule
 from .dense_ffn import DenseFFN
-from .hf_common import HFAdapterMixin, base_prefix, is_hf_model
+from .hf_common import HFAdapterMixin, base_prefix, hf_activation, is_hf_model
 
 
 @register_adapter
 class HFBertAdapter(HFAdapterMixin, Adapter):
     name = "hf_bert"
-    family = "Hugging Face BERT / MiniLM encoders (encoder.layer[i].intermediate + output.dense)"
+    family = (
+        "Hugging Face BERT / MiniLM / RoBERTa / XLM-RoBERTa / ELECTRA encoders "
+        "(encoder.layer[i].intermediate + output)"
+    )
     task = "encoder"
     activation_attribute = "intermediate_act_fn"
 
     def matches(self, model: nn.Module) -> bool:
-        return is_hf_model(model) and getattr(model.config, "model_type", None) == "bert"
+        """BERT's layer: ``intermediate.dense`` + act, then ``output.dense`` and a post-norm ``output.LayerNorm``."""
+        encoder = getattr(self.base(model), "encoder", None) if is_hf_model(model) else None
+        layers = getattr(encoder, "layer", None)
+        return bool(layers) and all(
+            hasattr(getattr(layer, "intermediate", None), "dense")
+            and all(hasattr(getattr(layer, "output", None), a) for a in ("dense", "LayerNorm"))
+            for layer in layers
+        )
 
     def ffn_sites(self, model: nn.Module) -> list[FFNSite]:
         prefix = base_prefix(model)
@@ -32,11 +42,9 @@ class HFBertAdapter(HFAdapterMixin, Adapter):
 
     def read_ffn(self, model: nn.Module, site: FFNSite) -> DenseFFN:
         layer = model.get_submodule(site.name.rpartition(".")[0])
-        if not isinstance(model.config.hidden_act, str):
-            raise ValueError("BERT configs with a callable hidden_act are not supported; use a named activation")
         up, down = layer.intermediate.dense, layer.output.dense
         return DenseFFN(
-            w_up=up.weight.detach(), w_down=down.weight.detach(), activation=from_hf(model.config.hidden_act),
+            w_up=up.weight.detach(), w_down=down.weight.detach(), activation=hf_activation(model.config),
             b_up=up.bias.detach(), b_down=down.bias.detach(),
         )  # fmt: skip
 

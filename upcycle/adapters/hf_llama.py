@@ -1,6 +1,7 @@
-"""Hugging Face Llama / Mistral / Qwen2 (and any model with their gated MLP): ``layers[i].mlp`` with
-``gate_proj``, ``up_proj``, ``down_proj`` (Linear, ``[out, in]``) and ``act_fn`` from ``config.hidden_act``:
-``down(act(gate(x)) * up(x))``.
+"""Hugging Face decoders with Llama's gated MLP: ``layers[i].mlp`` with ``gate_proj``, ``up_proj``, ``down_proj``
+(Linear, ``[out, in]``) and ``act_fn``: ``down(act(gate(x)) * up(x))``. Llama, Mistral, Qwen2/3, Gemma 1/2/3,
+OLMo2, Granite, SmolLM3, StableLM, Cohere2 and any other model with that structure; the rest of each block
+(norms with (1+w), embedding scaling, soft-capping, post-norms, q/k norms, sliding windows) stays the family's own.
 """
 
 from __future__ import annotations
@@ -9,18 +10,20 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..layers.activations import from_hf
-from .base import Adapter, CheckpointLayout, FFNSite, register_adapter, tensor_or_none
-from .dense_ffn import DenseFFN
-from .hf_common import HFAdapterMixin, base_prefix, is_hf_model
+from .base import CheckpointLayout, register_adapter
+from .hf_common import HFMLPAdapter
 
 
 @register_adapter
-class HFLlamaAdapter(HFAdapterMixin, Adapter):
+class HFLlamaAdapter(HFMLPAdapter):
     name = "hf_llama"
-    family = "Hugging Face Llama / Mistral / Qwen2 (layers[i].mlp: gate_proj, up_proj, down_proj)"
+    family = (
+        "Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 1-3 / OLMo2 / Granite / SmolLM3 / StableLM / Cohere2 "
+        "(layers[i].mlp: gate_proj, up_proj, down_proj)"
+    )
     task = "causal_lm"
     activation_attribute = "act_fn"
+    layers_path, ffn_name, up, gate, down = "layers", "mlp", "up_proj", "gate_proj", "down_proj"
     export_formats = ("mixtral", "qwen2_moe", "qwen3_moe")
     streaming_model_types = ("llama", "mistral", "qwen2")
     checkpoint_layout = CheckpointLayout(
@@ -44,7 +47,7 @@ class HFLlamaAdapter(HFAdapterMixin, Adapter):
 
     def export_refusal(self, model: nn.Module, target: str) -> str | None:
         refusal = super().export_refusal(model, target)
-        if refusal is not None:
+        if refusal is not None or target == self.generic_format:  # the generic class keeps the family's blocks
             return refusal
         model_type = getattr(model.config, "model_type", None)
         if model_type not in self.export_model_types or not hasattr(model, "lm_head"):
@@ -58,25 +61,3 @@ class HFLlamaAdapter(HFAdapterMixin, Adapter):
                 "blocks are sequential; merge a sequential seed, or export a BAM mixture with format 'bam'"
             )
         return None
-
-    def matches(self, model: nn.Module) -> bool:
-        if not is_hf_model(model):
-            return False
-        layers = getattr(self.base(model), "layers", None)
-        return bool(layers) and all(
-            all(hasattr(getattr(layer, "mlp", None), a) for a in ("gate_proj", "up_proj", "down_proj"))
-            for layer in layers
-        )
-
-    def ffn_sites(self, model: nn.Module) -> list[FFNSite]:
-        prefix = base_prefix(model)
-        return [FFNSite(i, f"{prefix}layers.{i}.mlp") for i in range(len(self.base(model).layers))]
-
-    def read_ffn(self, model: nn.Module, site: FFNSite) -> DenseFFN:
-        mlp = model.get_submodule(site.name)
-        return DenseFFN(
-            w_up=mlp.up_proj.weight.detach(), w_down=mlp.down_proj.weight.detach(),
-            activation=from_hf(model.config.hidden_act), b_up=tensor_or_none(mlp.up_proj, "bias"),
-            w_gate=mlp.gate_proj.weight.detach(), b_gate=tensor_or_none(mlp.gate_proj, "bias"),
-            b_down=tensor_or_none(mlp.down_proj, "bias"),
-        )  # fmt: skip
