@@ -34,7 +34,7 @@ from ..record import new_record
 from .check import EquivalenceCheck, Probe
 from .checkpoint import Checkpoint, ReservingShardWriter
 from .native import CORRUPT, tied_groups
-from .plan import Plan, meta_model
+from .plan import Plan, first_dtype, meta_model
 from .producer import Producer
 
 FILES = ".files"  # the exporter's own writer puts config, note and tokenizer files here, then they move up
@@ -43,11 +43,12 @@ FILES = ".files"  # the exporter's own writer puts config, note and tokenizer fi
 def write_mixtral(producer: Producer, staging: Path, layout: str | None, max_shard_bytes: int, bar: tqdm,
                   check: EquivalenceCheck | None, progress: bool) -> None:  # fmt: skip
     layout = layout or inspect.signature(export_mixtral).parameters["layout"].default  # the exporter's default
-    exported = read_source(skeleton(producer), TARGET, "mixtral")  # refuses what Mixtral cannot express
+    spec = producer.layer_spec()
+    exported = read_source(skeleton(producer, spec), TARGET, "mixtral")  # refuses what Mixtral cannot express
     config = mixtral_config(exported)
     outputs_of = backbone_sources(producer.plan, exported.model, [name for name, _ in backbone_tensors(exported)])
     with ReservingShardWriter(staging, max_shard_bytes) as writer:
-        layer_names, probes = stream_layers(producer, writer, bar, layout, outputs_of, check)
+        layer_names, probes = stream_layers(producer, writer, bar, layout, spec, outputs_of, check)
     if check is not None:
         check_written_layers(producer.plan, staging, config, layer_names, probes, check, progress)
     note = export_note(exported, "mixtral", layout=layout)
@@ -58,15 +59,12 @@ def write_mixtral(producer: Producer, staging: Path, layout: str | None, max_sha
     shutil.rmtree(staging / FILES)
 
 
-def skeleton(producer: Producer) -> nn.Module:
+def skeleton(producer: Producer, spec: dict) -> nn.Module:
     """The converted model ``upcycle.load`` would rebuild from the record of the model in memory, its tensors
     allocated on the CPU but never written, so they occupy no memory (the exporter tells tied tensors by their
     storage). Every layer is described as the first one converts (one method, FFNs of one shape)."""
     plan = producer.plan
-    dense = meta_model(plan.adapter.rebuild, plan.source)
-    first = next(name for name, _ in dense.named_parameters())
-    dtype = plan.checkpoint.tensors[first].dtype if first in plan.checkpoint.tensors else torch.float32
-    spec = producer.layer_spec()
+    dtype = first_dtype(plan)
     layers = {site.name: {"index": site.index, **spec} for site in plan.sites}
     record = new_record(plan.adapter.name, plan.source, str(dtype).removeprefix("torch."), layers,
                         origin=plan.origin, **producer.recipe)  # fmt: skip
@@ -97,12 +95,11 @@ def backbone_sources(plan: Plan, model: nn.Module, names: list[str]) -> dict[str
     return outputs_of
 
 
-def stream_layers(producer: Producer, writer: ReservingShardWriter, bar: tqdm, layout: str,
+def stream_layers(producer: Producer, writer: ReservingShardWriter, bar: tqdm, layout: str, spec: dict,
                   outputs_of: dict[str, list[str]], check: EquivalenceCheck | None) -> tuple[dict, dict]:  # fmt: skip
     """Write every tensor under its Mixtral name; returns each converted layer's output names and (with ``check``)
     its probe, by layer index."""
     plan = producer.plan
-    spec = producer.layer_spec()
     layer_names: dict[int, list[str]] = {}
     probes: dict[int, Probe] = {}
     layer_bytes = 0  # the previous MoE layer's size: the next one's, in a homogeneous stack

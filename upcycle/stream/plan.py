@@ -102,6 +102,15 @@ def meta_model(build, *args) -> nn.Module:
         return build(*args)
 
 
+def first_dtype(plan: Plan) -> torch.dtype:
+    """The dtype of the dense model's first parameter (the token embeddings), which ``convert`` and ``merge`` record
+    and ``upcycle.load`` rebuilds the model in."""
+    dense = meta_model(plan.adapter.rebuild, plan.source)
+    first = next(name for name, _ in dense.named_parameters())
+    info = plan.checkpoint.tensors.get(first)
+    return info.dtype if info is not None and info.dtype is not None else torch.float32
+
+
 def streaming_adapter(model_type: str | None, config_path: Path) -> Adapter:
     """The adapter whose family streams checkpoints of ``model_type``."""
     adapter = next((a for a in all_adapters() if model_type in a.streaming_model_types), None)

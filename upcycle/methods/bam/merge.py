@@ -30,6 +30,7 @@ from torch import nn
 
 from ...adapters import Adapter, find_adapter
 from ...adapters.base import all_adapters
+from ...adapters.dense_ffn import DenseFFN
 from ...adapters.hf_common import rope_parameters
 from ...config import RUNTIME_FIELDS, StrictModel, explain
 from ...errors import UserError, yaml_mapping
@@ -132,7 +133,7 @@ def check_inputs(models: Sequence[nn.Module], cfg: MergeConfig) -> None:
                 raise ValueError(f"model {i} has {field}={b!r} but the seed has {a!r}; branches must share the config")
 
 
-def _mean(states: Sequence[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
+def average(states: Sequence[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
     """The tensor ``name`` averaged over the inputs' state dicts (in fp32, returned in the inputs' dtype)."""
     tensors = [state[name] for state in states]
     return torch.stack([t.float() for t in tensors]).mean(0).to(tensors[0].dtype)
@@ -145,18 +146,35 @@ def _averaged_names(model: nn.Module, experts: tuple[str, ...]) -> list[str]:
 
 def _ffn_experts(models: Sequence[nn.Module], adapter: Adapter, site) -> Experts:
     """Block ``site``'s FFNs, one per input, stacked as the experts of one MoE layer (expert j = model j's FFN)."""
-    dense = [adapter.read_ffn(model, site) for model in models]
-    experts = experts_for(dense[0], len(models), dense[0].d_hidden)
+    return stack_experts([adapter.read_ffn(model, site) for model in models])
+
+
+def stack_experts(dense: Sequence[DenseFFN]) -> Experts:
+    """The inputs' FFNs of one block as the experts of one MoE layer: expert j = input j's FFN."""
+    experts = experts_for(dense[0], len(dense), dense[0].d_hidden)
     for j, ffn in enumerate(dense):
         fill_expert(experts, j, ffn, slice(None))
     return experts
 
 
+def btx_layer(dense: Sequence[DenseFFN], cfg: MergeConfig) -> MoE:
+    """One BTX MoE layer: the inputs' FFNs as experts behind a new top-k router, drawn from the global generator
+    (``merge`` seeds it with ``cfg.seed``; layers draw in block order)."""
+    experts = stack_experts(dense)
+    router = TopKRouter(experts.d_model, len(dense), top_k=cfg.top_k, renormalize=cfg.renormalize,
+                        init_std=cfg.router_init_std)  # fmt: skip
+    return MoE(router.to(experts.w_up.dtype), experts)
+
+
+def merge_recipe(cfg: MergeConfig) -> dict:
+    """The record's ``merge`` entry: the resolved options and the method's paper."""
+    return {**cfg.model_dump(exclude=RUNTIME_FIELDS), "paper": MERGE_METHODS.entry(cfg.method).paper}
+
+
 def _attach_record(merged: nn.Module, adapter: Adapter, cfg: MergeConfig, layers: dict, seed: nn.Module) -> None:
     """The mixture's record; ``adapter``: the seed's for BTX (the seed's class with MoE layers), the BAM model's.
     Where the seed came from carries over (its tokenizer files)."""
-    recipe = {**cfg.model_dump(exclude=RUNTIME_FIELDS), "paper": MERGE_METHODS.entry(cfg.method).paper}
-    record = new_record(adapter.name, adapter.describe(merged), dtype_name(merged), layers, merge=recipe,
+    record = new_record(adapter.name, adapter.describe(merged), dtype_name(merged), layers, merge=merge_recipe(cfg),
                         origin=record_of(seed))  # fmt: skip
     attach_record(merged, record)
 
@@ -169,13 +187,10 @@ def _merge_btx(models: Sequence[nn.Module], cfg: MergeConfig) -> nn.Module:
     merged = copy.deepcopy(models[0])
     state, states = merged.state_dict(), [model.state_dict() for model in models]
     for name in _averaged_names(merged, (f".{adapter.block_modules['ffn']}.",)):
-        state[name].copy_(_mean(states, name))
+        state[name].copy_(average(states, name))
     layers = {}
     for site in adapter.ffn_sites(merged):
-        experts = _ffn_experts(models, adapter, site)
-        router = TopKRouter(experts.d_model, len(models), top_k=cfg.top_k, renormalize=cfg.renormalize,
-                            init_std=cfg.router_init_std)  # fmt: skip
-        moe = MoE(router.to(experts.w_up.dtype), experts).train(merged.training)
+        moe = btx_layer([adapter.read_ffn(model, site) for model in models], cfg).train(merged.training)
         adapter.install(merged, site, moe)
         layers[site.name] = {"index": site.index, **describe_moe(moe)}
     _attach_record(merged, adapter, cfg, layers, models[0])
@@ -205,6 +220,18 @@ def bam_config(source, num_experts: int, cfg: MergeConfig):
     )  # fmt: skip
 
 
+def router_draws(cfg: MergeConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """BAM's router weights, N(0, router_init_std), from a generator of their own seeded with ``cfg.seed``, drawn in
+    module order: the same values whether the model is built whole in memory (after the random init of every other
+    weight) or streamed layer by layer (``upcycle.methods.bam.streaming``)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def draw(like: torch.Tensor) -> torch.Tensor:  # a router weight of ``like``'s shape and dtype
+        return torch.empty(like.shape, dtype=like.dtype).normal_(0.0, cfg.router_init_std, generator=generator)
+
+    return draw
+
+
 @MERGE_METHODS.register("bam", "FFN and soft-routed attention experts (expert or shared KV), the rest averaged",
                         "https://arxiv.org/abs/2408.08274")  # fmt: skip
 @torch.no_grad()
@@ -214,14 +241,15 @@ def _merge_bam(models: Sequence[nn.Module], cfg: MergeConfig) -> nn.Module:
     seed = models[0]
     dtype = next(seed.parameters()).dtype
     bam = UpcycleBAMForCausalLM(bam_config(seed.config, len(models), cfg)).to(dtype).train(seed.training)
+    draw = router_draws(cfg)
     for module in bam.modules():  # the routers are the only weights that stay at a random init
         if isinstance(module, TopKRouter | SoftAttentionRouter):
-            nn.init.normal_(module.gate.weight, std=cfg.router_init_std)
+            module.gate.weight.copy_(draw(module.gate.weight))
     state, states = bam.state_dict(), [model.state_dict() for model in models]
     adapter = find_adapter(seed)
     ffn, attention_name = adapter.block_modules["ffn"], adapter.block_modules["attention"]
     for name in _averaged_names(seed, (f".{ffn}.", f".{attention_name}.")):
-        state[name].copy_(_mean(states, name))
+        state[name].copy_(average(states, name))
     for site in adapter.ffn_sites(seed):
         prefix = site.name.removesuffix(ffn)  # the layer's prefix, e.g. "model.layers.{i}."
         block = bam.get_submodule(prefix.rstrip("."))  # upcycle's BAM model: mlp (MoE) and self_attn (MoA)
