@@ -122,6 +122,24 @@ def test_granular_upcycling_and_a_whole_neuron_split_equal_dense(case, recipe):
     assert result.passed(), result.summary()
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_relu_stage_swaps_the_ffn_activations_only_and_survives_save_and_load(case, tmp_path):
+    """D2DMoE's first stage puts ReLU in every FFN; the saved model must rebuild that way whatever ``act_layer``
+    the timm constructor takes, and keep every other activation (LeViT's attention, Mixer's token MLP)."""
+    model = build(case)
+    before = {name: type(module) for name, module in model.named_modules()}
+    sites = [site.name for site in find_adapter(model).ffn_sites(model)]
+    assert find_adapter(model).swap_activations_to_relu(model) == len(sites)
+    upcycle.save(model, tmp_path / "relu")
+    loaded = upcycle.load(tmp_path / "relu")
+    changed = {name for name, module in loaded.named_modules() if type(module) is not before[name]}
+    assert changed == {f"{site}.act" for site in sites}
+    assert all(isinstance(loaded.get_submodule(name), nn.ReLU) for name in changed)
+    x = images(case)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=0)
+
+
 def test_mixer_converts_the_channel_mlp_and_keeps_the_token_mixing_mlp_dense():
     dense = build("mixer")
     moe = upcycle.convert(dense, "sparse_upcycling", num_experts=2, top_k=1, progress=False)

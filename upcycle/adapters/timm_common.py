@@ -192,8 +192,11 @@ class TimmAdapterMixin:
         return tuple(config.get("input_size", (3, 224, 224))[1:])
 
     def record_activation(self, model: nn.Module, activation: str) -> None:
+        """Rebuild with ``activation`` in every FFN: noted as ``ffn_activation`` and set on each FFN site after
+        ``timm.create_model``, not passed as its ``act_layer``, which Swin and Hiera do not take, MLP-Mixer, XCiT and
+        EfficientFormer take only as a class, and LeViT applies to its attention too."""
         description = self.describe(model)
-        description["kwargs"] = {**description["kwargs"], "act_layer": activation}  # the creation arguments
+        description["ffn_activation"] = activation
         record = record_of(model) or attach_record(model, ConversionRecord())
         record.source = description
 
@@ -230,5 +233,15 @@ class TimmAdapterMixin:
         import timm
 
         model = timm.create_model(description["arch"], pretrained=False, **description.get("kwargs", {}))
+        activation = description.get("ffn_activation")
+        if activation is not None:
+            if activation not in _ACTIVATION_MODULES:
+                raise ValueError(f"cannot rebuild timm FFNs with activation {activation!r}; "
+                                 f"known: {sorted(_ACTIVATION_MODULES)}")  # fmt: skip
+            for site in self.ffn_sites(model):
+                setattr(model.get_submodule(site.name), self.activation_attribute, _ACTIVATION_MODULES[activation]())
         attach_record(model, ConversionRecord(source=copy.deepcopy(description)))  # exactly how it was created
         return model
+
+
+_ACTIVATION_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}  # record_activation's names -> modules
