@@ -25,6 +25,8 @@ ALLOWED = {  # path under upcycle/ (a folder ends in /) -> why it may name famil
     "export/mixtral.py": "the writer of a named format",
     "export/qwen2_moe.py": "the writer of a named format",
     "export/qwen3_moe.py": "the writer of a named format",
+    "export/gguf.py": "the writer of a named format (llama.cpp's architectures)",
+    "export/gguf_vocab.py": "the writer of a named format (its tokenizer part)",
     "export/hf_moe_common.py": "what the Mixtral and Qwen2/3-MoE writers share",
     "export/timm_export.py": "the writer of a named format",
     "export/bam.py": "the writer of a named format",

@@ -189,7 +189,7 @@ REFUSALS = {
         lambda: converted(tiny_llama(attention_bias=True)),
         "attention_bias=True.*no projection has a bias",
     ),
-    "adapter": (gpt2, "'hf_gpt2' adapter export as no format"),
+    "adapter": (gpt2, "'hf_gpt2' adapter export as 'hf_generic'"),
     "not converted": (tiny_llama, "no conversion record.*upcycle.convert"),
     "activation": (lambda: converted(tiny_llama(hidden_act="gelu")), "activation is 'gelu'.*hidden_act='silu'"),
     "plain experts": (lambda: with_plain_experts(converted()), "plain silu FFNs.*SiLU-gated"),
