@@ -217,6 +217,17 @@ def test_adapters_are_found_for_their_families_only():
     assert adapter_of(build("levit_conv")).name == "timm_levit"
 
 
+@pytest.mark.parametrize("case", ["xcit", "hiera"])
+def test_a_model_built_by_timm_directly_converts_and_verifies(case):
+    """No record of its creation arguments: the adapter reads what it needs off the model (both crashed there)."""
+    import timm
+
+    arch, kwargs, *_ = CASES[case]
+    dense = timm.create_model(arch, pretrained=False, num_classes=5, **kwargs).eval()
+    result = upcycle.verify(upcycle.convert(dense, "sparse_upcycling", num_experts=2, top_k=1, progress=False), dense)
+    assert result.passed(), result.summary()
+
+
 def test_swin_layer_decay_counts_blocks_across_stages():
     """Swin's blocks are ``layers.s.blocks.j``: block j of stage s sits at 1 + (blocks before stage s) + j, a
     stage's patch merging at the depth of the block before it (SimMIM's Swin fine-tuning, arXiv 2111.09886)."""

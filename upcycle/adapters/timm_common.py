@@ -146,7 +146,11 @@ def infer_timm_kwargs(model: nn.Module) -> dict:
     """
     kwargs: dict = {"num_classes": model.num_classes}
     patch_embed = getattr(model, "patch_embed", None)
-    if hasattr(patch_embed, "proj") and hasattr(patch_embed, "img_size") and hasattr(model, "blocks"):
+    if (
+        isinstance(getattr(patch_embed, "proj", None), nn.Conv2d)
+        and hasattr(patch_embed, "img_size")
+        and hasattr(model, "blocks")
+    ):  # a ViT-style patch embedding (XCiT's is a conv stack, Swin's has no blocks list: only their record tells)
         kwargs["img_size"] = list(patch_embed.img_size)
         kwargs["patch_size"] = list(_pair(patch_embed.patch_size))
         kwargs["in_chans"] = patch_embed.proj.in_channels
