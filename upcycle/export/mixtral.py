@@ -20,12 +20,13 @@ Tensor mapping for decoder layer i (our stacked experts are ``[e, out, in]``, th
     experts.w_down[j]    [d, h]       model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight  [d, h]
     experts.w_up[j]      [h, d]       model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight  [h, d]
 
-The fused layout is what transformers v5 holds in memory, so it loads without conversion (a small model in 0.2 s
-where the legacy one took 9.6 s). v5 converts legacy checkpoints at load (``conversion_mapping.py``, "mixtral"):
-it renames ``.block_sparse_moe.`` to ``.mlp.``, stacks ``w1`` and ``w3`` over experts and concatenates them along
-dim 1 (gate rows first; ``MixtralExperts`` splits them with ``chunk(2, dim=-1)``), and stacks ``w2``. The legacy
-layout is the one transformers v4, vLLM and llama.cpp's ``convert_hf_to_gguf.py`` read: its ``LlamaModel`` stacks
-``block_sparse_moe.experts.{j}.w1/w2/w3`` into ``ffn_{gate,down,up}_exps`` and has no rule for ``gate_up_proj``.
+The fused layout is what transformers v5 holds in memory, so it loads without conversion (measured on an upcycled
+SmolLM2-135M: 0.2 s, against 9.6 s for the legacy layout). v5 converts legacy checkpoints at load
+(``conversion_mapping.py``, "mixtral"): it renames ``.block_sparse_moe.`` to ``.mlp.``, stacks ``w1`` and ``w3``
+over experts and concatenates them along dim 1 (gate rows first; ``MixtralExperts`` splits them with
+``chunk(2, dim=-1)``), and stacks ``w2``. The legacy layout is the one transformers v4, vLLM and llama.cpp's
+``convert_hf_to_gguf.py`` read: its ``LlamaModel`` stacks ``block_sparse_moe.experts.{j}.w1/w2/w3`` into
+``ffn_{gate,down,up}_exps`` and has no rule for ``gate_up_proj``.
 So export with ``layout="legacy"`` for those tools, or write GGUF directly (``format="gguf"``).
 """
 
