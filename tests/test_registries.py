@@ -105,7 +105,7 @@ def test_a_run_recipe_names_any_registered_export_format():
 
     for name in [*EXPORT_FORMATS.names(), "auto"]:
         assert RunSection(source="timm:vit_tiny_patch16_224", export=name).export == name
-    with pytest.raises(ValueError, match="unknown export format 'onnx'; choose one of bam, .*mixtral, .*timm"):
+    with pytest.raises(ValueError, match=r"unknown export format 'onnx'; choose one of bam, .*mixtral, .*timm"):
         RunSection(source="timm:vit_tiny_patch16_224", export="onnx")
 
 

@@ -17,6 +17,7 @@ from . import __version__
 from .bench import BENCHMARKS
 from .errors import UserError, parse_yaml, positive_finite
 from .export import EXPORT_FORMATS
+from .export.gguf import ARCHES as GGUF_ARCHES
 from .layers import list_backends, list_routers
 from .recycling import list_methods
 from .registry import Registry
@@ -123,7 +124,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import chosen_format, export, load
 
     check_not_overlapping(args.out, args.directory, args.overwrite)
-    options = {"layout": args.layout} if args.layout else {}
+    options = {key: value for key in ("layout", "arch") if (value := getattr(args, key))}
     model = load(args.directory)
     if args.dtype != "auto":
         model.to(DTYPES[args.dtype])
@@ -444,7 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: the exact MoE twin of the family, else hf_generic (transformers remote code); "
                              "bam: upcycle's BAM model class (upcycle bam / upcycle.merge output)")  # fmt: skip
     export.add_argument("--out", required=True, help="output directory (written atomically)")
-    export.add_argument("--layout", choices=["legacy", "fused"], help="mixtral tensor layout (default legacy)")
+    export.add_argument("--layout", choices=["legacy", "fused"],
+                        help="mixtral tensor layout (default fused; legacy for transformers 4, vLLM and llama.cpp's "
+                             "convert_hf_to_gguf.py)")  # fmt: skip
+    export.add_argument("--arch", choices=GGUF_ARCHES,
+                        help="gguf: llama.cpp architecture (default: from the source family)")  # fmt: skip
     export.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _dtype_flag(export, "the exported weights")
     export.set_defaults(func=_cmd_export)

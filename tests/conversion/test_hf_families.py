@@ -14,6 +14,7 @@ import transformers
 
 import upcycle
 from upcycle.adapters import adapter_of
+from upcycle.errors import UserError
 from upcycle.export import chosen_format, export
 from upcycle.layers import FFN
 
@@ -206,3 +207,9 @@ def test_the_families_doc_is_generated_from_the_adapters():
 if __name__ == "__main__":
     FAMILIES_DOC.write_text(render_families())
     print(f"wrote {FAMILIES_DOC}")
+
+
+def test_a_gguf_architecture_for_another_format_is_refused(tmp_path):
+    with pytest.raises(UserError, match="--arch chooses the GGUF architecture; drop it for --format mixtral"):
+        export(upcycled(build_hf("llama")), tmp_path / "out", format="mixtral", arch="llama")
+    assert not (tmp_path / "out").exists()

@@ -18,10 +18,7 @@ from .hf_common import HFAdapterMixin, base_prefix, hf_activation, is_hf_model
 @register_adapter
 class HFBertAdapter(HFAdapterMixin, Adapter):
     name = "hf_bert"
-    family = (
-        "Hugging Face BERT / MiniLM / RoBERTa / XLM-RoBERTa / ELECTRA encoders "
-        "(encoder.layer[i].intermediate + output)"
-    )
+    family = "Hugging Face BERT / MiniLM / RoBERTa / XLM-R / ELECTRA encoders (encoder.layer[i].intermediate + output)"
     task = "encoder"
     activation_attribute = "intermediate_act_fn"
 

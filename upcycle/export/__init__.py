@@ -30,6 +30,8 @@ def export(model: nn.Module, directory: str | Path, format: str, overwrite: bool
         raise UserError(f"unknown export format {format!r}; choose one of {choices}")
     if options.get("layout") is not None and format != "mixtral":
         raise UserError(f"--layout chooses the mixtral tensor layout; drop it for --format {format}")
+    if options.get("arch") is not None and format != "gguf":
+        raise UserError(f"--arch chooses the GGUF architecture; drop it for --format {format}")
     check_finite(model.state_dict().items(), "the model to export", NOT_SAVED)
     writer = EXPORT_FORMATS.get(format)
     return writer(model, directory, overwrite=overwrite, **{k: v for k, v in options.items() if v is not None})
