@@ -18,6 +18,12 @@ above that baseline: ``stream_rss_gb``) and at exit (``peak_rss_gb``, which incl
 imported for the final check). Not ``ru_maxrss``: Linux carries the parent's RSS at fork into the child's
 ``ru_maxrss`` (and ``RUSAGE_CHILDREN`` is the maximum over all children), so this process's memory would count.
 ``--quick``: a ~50 MB synthetic checkpoint with 8 MiB output shards, no SmolLM2.
+
+The side-by-side rows (:mod:`.convert_jobs`): SmolLM2-135M -> 4 experts -> Mixtral streamed with its tokenizer files
+and the layer check, BTX / BAM merges of the seed and 3 branches streamed, and the in-memory paths they replace, each
+timed as one whole command against the goal (<= 20 s and <= 1.5 GB; merges within twice that). ``--quick`` runs
+the streamed ones on the quick synthetic checkpoint instead. The numbers also go into ``README.md`` of the output
+folder, between its ``<!-- convert -->`` markers, where it has them.
 """
 
 from __future__ import annotations
@@ -37,9 +43,10 @@ from ..assets import smollm2_dir
 from ..export.shards import ShardWriter
 from ..provenance import write_results
 from ..stream import STREAM_SHARD_BYTES
+from .convert_jobs import GOAL_PEAK_RSS_GB, GOAL_SECONDS, MERGE_FACTOR, job_rows
+from .convert_report import PEAK_RSS_TARGET_GB, plot, write_readme_section
 
 GB = 1e9
-PEAK_RSS_TARGET_GB = 1.0
 SYNTHETIC = {  # Llama-shaped, ~2.2 GB in fp32: 38 × 51 MB of layers + 2 × 131 MB of untied embeddings
     "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 38, "num_attention_heads": 16,
     "num_key_value_heads": 16, "vocab_size": 32000, "tie_word_embeddings": False,
@@ -177,42 +184,19 @@ def summarize(rows: list[dict]) -> dict:
         "smollm2_peak_rss_gb": None if smollm2 is None else smollm2["peak_rss_gb"],
         "peak_rss_target": f"<= {PEAK_RSS_TARGET_GB}",
         "peak_rss_met": synthetic["peak_rss_gb"] <= PEAK_RSS_TARGET_GB,
+        **summarize_jobs(rows),
     }
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    labels = [f"{r['case']}\n{r['num_experts']} experts, top-{r['top_k']}" for r in rows]
-    x = range(len(rows))
-    width = 0.26
-    ax.bar([i - width for i in x], [r["source_gb"] for r in rows], width, color="tab:gray", label="source checkpoint")
-    ax.bar(list(x), [r["output_gb"] for r in rows], width, color="tab:blue", label="output (MoE)")
-    # peak RSS = the interpreter with torch and transformers' config machinery + what the conversion adds
-    right = [i + width for i in x]
-    base = [r["baseline_rss_gb"] for r in rows]
-    ax.bar(right, base, width, color="navajowhite", label="peak RSS: after imports")
-    added = [r["peak_rss_gb"] - r["baseline_rss_gb"] for r in rows]
-    bars = ax.bar(right, added, width, bottom=base, color="tab:orange", label="peak RSS: added by the conversion")
-    for bar, row in zip(bars, rows, strict=True):
-        label = f"{row['peak_rss_gb']:.2f} GB\n{row['seconds']:.0f} s"
-        ax.text(bar.get_x() + width / 2, row["peak_rss_gb"] + 0.05, label, ha="center", va="bottom", fontsize=7,
-                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # fmt: skip
-    target = f"{PEAK_RSS_TARGET_GB} GB target"
-    ax.axhline(PEAK_RSS_TARGET_GB, color="tab:red", linestyle="--", linewidth=1, label=target)
-    ax.set_xticks(list(x), labels, fontsize=8)
-    ax.set_ylabel("GB")
-    ax.set_title("Streaming conversion: peak memory vs checkpoint size (CPU, fp32)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+def summarize_jobs(rows: list[dict]) -> dict:
+    """Seconds and peak RSS of every side-by-side row, and whether the streamed ones meet their goals."""
+    jobs = {r["case"]: r for r in rows if "what" in r}
+    summary = {f"{case}_seconds": r["seconds"] for case, r in jobs.items()}
+    summary |= {f"{case}_peak_rss_gb": r["peak_rss_gb"] for case, r in jobs.items()}
+    summary["job_goal"] = f"<= {GOAL_SECONDS:g} s, <= {GOAL_PEAK_RSS_GB:g} GB"
+    summary["merge_goal"] = f"<= {MERGE_FACTOR * GOAL_SECONDS:g} s, <= {MERGE_FACTOR * GOAL_PEAK_RSS_GB:g} GB"
+    summary["goals_met"] = {case: r["goal_met"] for case, r in jobs.items() if "goal_met" in r}
+    return summary
 
 
 def run(out: str | os.PathLike = "results", quick: bool = False) -> dict:
@@ -224,13 +208,18 @@ def run(out: str | os.PathLike = "results", quick: bool = False) -> dict:
         write_synthetic(source, QUICK_SYNTHETIC if quick else SYNTHETIC)
         rows.append(bench_case("synthetic", source, SYNTHETIC_RECIPE, work, shard, full_load=quick))
         shutil.rmtree(source)
-        if not quick:
+        if quick:  # the side-by-side rows on the quick checkpoint, streamed only
+            write_synthetic(source, QUICK_SYNTHETIC)
+            rows += job_rows(source, work, in_memory=False)
+        else:
             start = time.perf_counter()
             smollm2 = smollm2_dir()
             cache_seconds = time.perf_counter() - start
             row = bench_case("smollm2", smollm2, SMOLLM2_RECIPE, work, shard, full_load=True)
             rows.append({**row, "cache_seconds": round(cache_seconds, 2), "checkpoint": str(smollm2)})
+            rows += job_rows(smollm2, work)
     summary = summarize(rows)
+    load_average = [round(x, 2) for x in os.getloadavg()]
     out = Path(out)
     path = write_results(
         out,
@@ -238,9 +227,10 @@ def run(out: str | os.PathLike = "results", quick: bool = False) -> dict:
         summary,
         rows,
         quick=quick,
-        load_average=[round(x, 2) for x in os.getloadavg()],  # seconds stretch on a busy machine; RSS does not
+        load_average=load_average,  # seconds stretch on a busy machine; RSS does not
         synthetic=QUICK_SYNTHETIC if quick else SYNTHETIC,
         reproduce="make install && .venv/bin/upcycle bench convert" + (" --quick" if quick else ""),
     )
-    plot(rows, out / "convert.png")
+    plot(rows, out / "convert.png", job_source="the quick checkpoint" if quick else "SmolLM2-135M")
+    write_readme_section(out / "README.md", rows, load_average)
     return {"summary": summary, "json": str(path), "png": str(out / "convert.png")}

@@ -8,7 +8,8 @@ on its own, on random tokens ``x [t, d]``, relative to the dense output's size (
 * the MoE block under its own router: max |moe(x) - ffn(x)| / max |ffn(x)|;
 * each expert alone, when the experts are as wide as the FFN (copies): a router that starts uniform sends every
   token to the first k experts, so a broken copy among the others would pass the block check and surface only in
-  training. Narrower experts (granular shards, neuron splits) are parts of the FFN, checked through the router only.
+  training. Narrower experts (granular shards, neuron splits) are parts of the FFN, checked through the router only;
+* for a merge (BTX, BAM): expert j against input model j's FFN (the block mixes different FFNs: nothing to match).
 
 Computed in float32 whatever the stored dtype. Above ``rtol`` the conversion stops and nothing is written.
 """
