@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..adapters import find_adapter
+from ..adapters import adapter_of
 from ..layers import FFN, DualPathExperts, Experts, MoE, moe_layers
 from ..layers.routing import Routing
 from ..record import record_of
@@ -217,14 +217,14 @@ def _regions(model: nn.Module, moe_names: list[str], ffn_sites: set[str]) -> lis
 def _ffn_sites(model: nn.Module) -> set[str]:
     """Every module the adapter says computes part of a dense FFN (a split FFN spans several)."""
     try:
-        return find_adapter(model).ffn_modules(model)
+        return adapter_of(model).ffn_modules(model)  # a converted model: the adapter on its record
     except ValueError:  # no adapter for this model (or an FFN it refuses): fall back on class names
         return set()
 
 
 def _default_forward_for(model: nn.Module) -> Forward:
     try:
-        return find_adapter(model).outputs
+        return adapter_of(model).outputs
     except ValueError:
         return default_forward
 
