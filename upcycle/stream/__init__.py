@@ -101,7 +101,7 @@ def stream(
         bar = tqdm(total=plan.total, desc=f"stream {cfg.method} -> {format}", unit="tensor", disable=not progress,
                    leave=False)  # fmt: skip
         with bar:
-            write(Upcycling(plan), staging, format, layout, max_shard_bytes, bar, checker, progress)
+            write(Upcycling(plan), staging, format, layout, max_shard_bytes, bar, checker)
     worst_layer, worst = checker.worst if checker is not None else (None, None)
     return Streamed(out_dir, format, worst_layer, worst)
 
@@ -115,12 +115,12 @@ def check_format(format: str, layout: str | None) -> None:
 
 
 def write(producer: Producer, staging: Path, format: str, layout: str | None, max_shard_bytes: int, bar: tqdm,
-          check: EquivalenceCheck | None, progress: bool) -> None:  # fmt: skip
+          check: EquivalenceCheck | None) -> None:  # fmt: skip
     """Write ``producer``'s model into ``staging`` in ``format``."""
     if format == "mixtral":
         from .mixtral import write_mixtral
 
-        write_mixtral(producer, staging, layout, max_shard_bytes, bar, check, progress)
+        write_mixtral(producer, staging, layout, max_shard_bytes, bar, check)
     else:
         write_native(producer, staging, max_shard_bytes, bar, check)
 

@@ -9,8 +9,9 @@ the backbone tensors, each read from the source checkpoint as it is written. Eve
 exporter's ``moe_tensors`` as the method produces it. The record's per-layer description comes from converting the
 first FFN once up front, so everything is refused before anything is written; each streamed layer must match it.
 
-Afterwards every written layer is read back into transformers' own ``MixtralSparseMoeBlock`` and checked against the
-dense FFN (:mod:`.check`), so the check covers the written file, not only the layer in hand.
+Each layer's Mixtral tensors, as they are about to be written, are loaded into transformers' own
+``MixtralSparseMoeBlock`` and checked against the dense FFN (:mod:`.check`), so the check covers the exporter's names
+and layout too, not only the layer in hand.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..export.shards import INDEX, SINGLE
 from ..layers import describe_moe
 from ..record import new_record
 from .check import EquivalenceCheck, Probe
-from .checkpoint import Checkpoint, ReservingShardWriter
+from .checkpoint import ReservingShardWriter
 from .native import CORRUPT, tied_groups
 from .plan import Plan, first_dtype, meta_model
 from .producer import Producer
@@ -41,16 +42,16 @@ FILES = ".files"  # the exporter's own writer puts config, note and tokenizer fi
 
 
 def write_mixtral(producer: Producer, staging: Path, layout: str | None, max_shard_bytes: int, bar: tqdm,
-                  check: EquivalenceCheck | None, progress: bool) -> None:  # fmt: skip
+                  check: EquivalenceCheck | None) -> None:  # fmt: skip
     layout = layout or inspect.signature(export_mixtral).parameters["layout"].default  # the exporter's default
     spec = producer.layer_spec()
     exported = read_source(skeleton(producer, spec), TARGET, "mixtral")  # refuses what Mixtral cannot express
     config = mixtral_config(exported)
     outputs_of = backbone_sources(producer.plan, exported.model, [name for name, _ in backbone_tensors(exported)])
+    block_config = copy.deepcopy(config)  # the exported config stays as the exporter made it
+    block_config._experts_implementation = "eager"  # transformers' reference loop: what the weights compute
     with ReservingShardWriter(staging, max_shard_bytes) as writer:
-        layer_names, probes = stream_layers(producer, writer, bar, layout, spec, outputs_of, check)
-    if check is not None:
-        check_written_layers(producer.plan, staging, config, layer_names, probes, check, progress)
+        stream_layers(producer, writer, bar, layout, spec, outputs_of, check and LayerCheck(check, block_config))
     note = export_note(exported, "mixtral", layout=layout)
     write_checkpoint(staging / FILES, config, [], exported, note, overwrite=False)
     for path in (staging / FILES).iterdir():
@@ -96,12 +97,9 @@ def backbone_sources(plan: Plan, model: nn.Module, names: list[str]) -> dict[str
 
 
 def stream_layers(producer: Producer, writer: ReservingShardWriter, bar: tqdm, layout: str, spec: dict,
-                  outputs_of: dict[str, list[str]], check: EquivalenceCheck | None) -> tuple[dict, dict]:  # fmt: skip
-    """Write every tensor under its Mixtral name; returns each converted layer's output names and (with ``check``)
-    its probe, by layer index."""
+                  outputs_of: dict[str, list[str]], check: LayerCheck | None) -> None:  # fmt: skip
+    """Write every tensor under its Mixtral name, each MoE layer checked first as it will be written."""
     plan = producer.plan
-    layer_names: dict[int, list[str]] = {}
-    probes: dict[int, Probe] = {}
     layer_bytes = 0  # the previous MoE layer's size: the next one's, in a homogeneous stack
     for step, count in plan.steps:
         if isinstance(step, str):
@@ -110,47 +108,46 @@ def stream_layers(producer: Producer, writer: ReservingShardWriter, bar: tqdm, l
             outputs = [(name, tensor if k == 0 else tensor.clone()) for k, name in enumerate(outputs_of[step])]
         else:
             writer.reserve(layer_bytes or producer.layer_bytes(step))
-            moe, probes[step.index] = producer.layer(step, check)
+            moe, probe = producer.layer(step, check and check.check)
             if describe_moe(moe) != spec:
                 raise ValueError(f"{step.name} converts to a different MoE layer than {plan.sites[0].name}; a Mixtral "
                                  "config holds one shape for all layers")  # fmt: skip
             outputs = list(moe_tensors(step.index, moe, layout))
-            layer_names[step.index] = [name for name, _ in outputs]
-            layer_bytes = sum(tensor.numel() * tensor.element_size() for _, tensor in outputs)
             del moe
+            if check is not None:
+                check(step.name, dict(outputs), probe)
+            layer_bytes = sum(tensor.numel() * tensor.element_size() for _, tensor in outputs)
         check_finite(outputs, f"the source {plan.checkpoint.directory}", CORRUPT)
         for name, tensor in outputs:
             writer.add(name, tensor)
         del outputs  # the writer holds the only reference: a flushed shard frees its tensors
         bar.update(count)
-    return layer_names, probes
 
 
-def check_written_layers(plan: Plan, staging: Path, config, layer_names: dict[int, list[str]],
-                         probes: dict[int, Probe], check: EquivalenceCheck,
-                         progress: bool) -> None:  # fmt: skip
-    """Each written MoE layer, loaded into transformers' Mixtral block, against its dense FFN's probe."""
-    written = Checkpoint(staging)
-    config = copy.deepcopy(config)  # the exported config stays as the exporter made it
-    config._experts_implementation = "eager"  # transformers' reference loop: what the weights compute, no kernel
-    e = config.num_local_experts
-    for site in tqdm(plan.sites, desc="check", unit="layer", disable=not progress, leave=False):
-        block = mixtral_block(config, written.read(layer_names[site.index]), site.name)
+class LayerCheck:
+    """One Mixtral layer's tensors, exactly as they are about to be written, loaded into transformers' own
+    ``MixtralSparseMoeBlock`` and compared with the dense FFN's probe: the check covers the exporter's names and
+    layout, not only the layer in hand, without reading the output back from disk."""
 
-        def each_expert(x: torch.Tensor, block=block) -> torch.Tensor:  # [t, d] -> [e, t, d]
+    def __init__(self, check: EquivalenceCheck, config):
+        self.check, self.config = check, config
+
+    def __call__(self, name: str, tensors: dict[str, torch.Tensor], probe: Probe) -> None:
+        block, e = mixtral_block(self.config, tensors, name), self.config.num_local_experts
+
+        def each_expert(x: torch.Tensor) -> torch.Tensor:  # [t, d] -> [e, t, d]
             t = x.shape[0]
             choice = torch.arange(e).repeat_interleave(t)[:, None]  # [e*t, 1]: expert j gets the j-th copy of x
-            out = block.experts(x.repeat(e, 1), choice, torch.ones(e * t, 1))  # [e*t, d]
-            return out.reshape(e, t, -1)
+            return block.experts(x.repeat(e, 1), choice, torch.ones(e * t, 1)).reshape(e, t, -1)  # [e*t, d] first
 
-        def whole(x: torch.Tensor, block=block) -> torch.Tensor:  # [t, d] -> [t, d]
+        def whole(x: torch.Tensor) -> torch.Tensor:  # [t, d] -> [t, d]
             return block(x[None])[0]  # the block takes [b, n, d]
 
-        check.compare(site.name, probes[site.index], whole, each_expert)
+        self.check.compare(name, probe, whole, each_expert)
 
 
 def mixtral_block(config, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """transformers' ``MixtralSparseMoeBlock`` (float32) holding one written layer, in either layout."""
+    """transformers' ``MixtralSparseMoeBlock`` (float32) holding one layer's Mixtral tensors, in either layout."""
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     router = next(name for name in tensors if name.endswith(".gate.weight") and ".experts." not in name)
@@ -162,7 +159,7 @@ def mixtral_block(config, tensors: dict[str, torch.Tensor], where: str) -> nn.Mo
     try:
         block.load_state_dict(local)
     except RuntimeError as error:
-        raise ValueError(f"the written {where} does not load into transformers' Mixtral block: {error}") from None
+        raise ValueError(f"the exported {where} does not load into transformers' Mixtral block: {error}") from None
     return block.eval()
 
 
@@ -173,7 +170,7 @@ def fused_from_legacy(local: dict[str, torch.Tensor], num_experts: int, where: s
         stacked = {w: torch.stack([local.pop(f"experts.{j}.{w}.weight") for j in range(num_experts)])
                    for w in ("w1", "w2", "w3")}  # fmt: skip
     except KeyError as error:
-        raise ValueError(f"the written {where} lacks expert tensor {error}") from None
+        raise ValueError(f"the exported {where} lacks expert tensor {error}") from None
     gate_up = torch.cat([stacked["w1"], stacked["w3"]], dim=1)  # [e, 2h, d]
     return {
         **local,

@@ -83,7 +83,7 @@ def merge_streaming(
             if cfg.method == "btx":
                 with torch.random.fork_rng():
                     torch.manual_seed(cfg.seed)  # the routers' draws, as merge seeds them
-                    write(Mixing(plans, cfg), staging, format, layout, max_shard_bytes, bar, checker, progress)
+                    write(Mixing(plans, cfg), staging, format, layout, max_shard_bytes, bar, checker)
             else:
                 write_bam(plans, cfg, staging, max_shard_bytes, bar, checker)
     worst_layer, worst = checker.worst if checker is not None else (None, None)
