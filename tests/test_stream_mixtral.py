@@ -201,3 +201,21 @@ def test_cli_streams_into_mixtral_and_prints_the_check(untied, tmp_path, capsys)
     assert "model.layers.0.mlp.experts.gate_up_proj" in read_weights(out)
     assert main(["convert", str(untied), "--stream", "--layout", "fused", "--out", str(tmp_path / "x")]) == 2
     assert "--layout chooses the mixtral tensor layout" in capsys.readouterr().err
+
+
+def test_a_non_finite_source_tensor_is_never_written(untied, tmp_path):
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in untied.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    weight_map = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = broken / weight_map["model.norm.weight"]
+    tensors = load_file(shard)
+    tensors["model.norm.weight"][3] = float("inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"NaN or Inf in model\.norm\.weight"):
+        convert_streaming(broken, out, format="mixtral", progress=False, check=False, **RECIPE)
+    assert not out.exists() and not _leftovers(out)
