@@ -207,3 +207,23 @@ def test_tokenizer_files_travel_as_upcycle_save_carries_them(broken, tmp_path):
                          tmp_path / "saved")  # fmt: skip
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (streamed / name).read_text() == (saved / name).read_text()
+
+
+def test_streaming_runs_on_one_thread_and_restores_the_setting(plain_source, tmp_path, monkeypatch):
+    import upcycle.stream.native
+
+    seen = []
+    original = upcycle.stream.native.write_record
+
+    def recording(*args):
+        seen.append(torch.get_num_threads())
+        original(*args)
+
+    monkeypatch.setattr(upcycle.stream.native, "write_record", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        convert_streaming(plain_source, tmp_path / "out", progress=False, num_experts=2, top_k=1)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -22,9 +22,12 @@ machinery (~0.4 GB); the model class (~0.15 GB more) is imported only once the w
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory
@@ -97,13 +100,26 @@ def stream(
     out_dir = Path(out_dir)
     plan = prepare(source_dir, out_dir, cfg, overwrite)
     checker = EquivalenceCheck(rtol) if check else None
-    with atomic_directory(out_dir, overwrite=overwrite) as staging:
+    with one_thread(), atomic_directory(out_dir, overwrite=overwrite) as staging:
         bar = tqdm(total=plan.total, desc=f"stream {cfg.method} -> {format}", unit="tensor", disable=not progress,
                    leave=False)  # fmt: skip
         with bar:
             write(Upcycling(plan), staging, format, layout, max_shard_bytes, bar, checker)
     worst_layer, worst = checker.worst if checker is not None else (None, None)
     return Streamed(out_dir, format, worst_layer, worst)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch with one intra-op thread for the duration. Streaming copies memory and writes files: a second thread
+    does not speed up copies the memory bus bounds, and on 2 cores with any other load OpenMP's waiting threads
+    slowed the SmolLM2 job (convert + export) from 12 s to 27-37 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def check_format(format: str, layout: str | None) -> None:

@@ -28,7 +28,7 @@ from ...layers import MoE, describe_moe
 from ...layers.routers import SoftAttentionRouter
 from ...layers.routers.topk import TopKRouter
 from ...record import dtype_name, new_record
-from ...stream import STREAM_SHARD_BYTES, Plan, Producer, Streamed, write
+from ...stream import STREAM_SHARD_BYTES, Plan, Producer, Streamed, one_thread, write
 from ...stream.check import DEFAULT_RTOL, EquivalenceCheck, Probe
 from ...stream.checkpoint import ReservingShardWriter
 from ...stream.native import CORRUPT, check_written, copy_tokenizer_files
@@ -76,7 +76,7 @@ def merge_streaming(
     out_dir = Path(out_dir)
     plans = input_plans(sources, out_dir, cfg, overwrite)
     checker = EquivalenceCheck(rtol) if check else None
-    with atomic_directory(out_dir, overwrite=overwrite) as staging:
+    with one_thread(), atomic_directory(out_dir, overwrite=overwrite) as staging:
         total = plans[0].total
         with tqdm(total=total, desc=f"stream {cfg.method} of {len(plans)}", unit="tensor", disable=not progress,
                   leave=False) as bar:  # fmt: skip
