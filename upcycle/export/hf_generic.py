@@ -8,10 +8,11 @@ plus the MoE layers' structure (``model_type: upcycle_moe``), and the two standa
 :mod:`upcycle.export.remote`, named by the config's ``auto_map``. Loading builds the dense family's own class and
 puts the same MoE layers in the same places (see ``modeling_upcycle_moe.py``), so the logits are upcycle's.
 
-What the generic class computes is token-choice top-k routing (renormalised, raw or unit weights) over gated or
-plain experts with their biases, hidden norm and shared bias, and a shared expert with its optional sigmoid gate.
-Anything else (dynamic-k, expert-choice or slot routers, a capacity limit, attention projections replaced by MLPs)
-is refused with the reason before anything is written; ``upcycle.save`` keeps every model exactly.
+What the generic class computes: token-choice top-k routing (renormalised, raw or unit weights), D2DMoE's dynamic-k
+and MoEfication's routers (inference), over gated or plain experts with their biases, hidden norm and shared bias,
+and a shared expert with its optional sigmoid gate. Anything else (slot or expert-choice routers, a capacity limit,
+attention projections replaced by MLPs) is refused with the reason before anything is written; ``upcycle.save``
+keeps every model exactly.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .shards import ShardWriter
 from .tokenizer_files import copy_tokenizer_files
 
 FORMAT = "hf_generic"
+GENERIC_ROUTERS = ("topk", "dynamic_k", "moefication")  # what modeling_upcycle_moe.ROUTERS computes
 REMOTE_FILES = ("configuration_upcycle_moe.py", "modeling_upcycle_moe.py")
 MODEL_CLASS = "modeling_upcycle_moe.UpcycleMoEModel"
 # transformers' Auto classes and the mapping that says which class each builds for a model type
@@ -97,12 +99,12 @@ def moe_layer(model: nn.Module, name: str) -> dict:
     if not isinstance(module, MoEFFN) or module.channels_first:
         raise refuse(f"{name} is a {type(module).__name__}, not an MoE over channels-last tokens")
     router, experts = module.moe.router, module.moe.experts
-    if not isinstance(router, TopKRouter):
+    if router.registry_name not in GENERIC_ROUTERS:
         raise refuse(
-            f"{name}: its router is {type(router).__name__}; the generic class routes token-choice top-k only "
-            "(keep dynamic-k, expert-choice and slot routers with upcycle.save)"
+            f"{name}: its router is {router.registry_name!r}; the generic class routes with "
+            f"{', '.join(GENERIC_ROUTERS)} (keep slot and expert-choice routers with upcycle.save)"
         )
-    if router.capacity_factor is not None:
+    if isinstance(router, TopKRouter) and router.capacity_factor is not None:
         raise refuse(f"{name}: its router drops tokens above a capacity; convert with router_capacity_factor=None")
     if not isinstance(experts, Experts):
         raise refuse(f"{name}: its experts are {type(experts).__name__}; the generic class holds plain experts")

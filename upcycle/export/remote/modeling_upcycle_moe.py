@@ -5,9 +5,14 @@ the dense family's own class (``config.dense_class``, e.g. ``Gemma2ForCausalLM``
 upcycle put one, so everything else (attention, norms, embedding scaling, soft-capping, the KV cache, ``generate``)
 is the family's own code. The weights keep upcycle's names.
 
-An MoE layer (token-choice top-k; Shazeer et al., arXiv 1701.06538; sparse upcycling, arXiv 2212.05055):
+An MoE layer picks experts for each token with one of three routers:
 
-    p = softmax(W_g x) in fp32; the top-k experts by p; weights p (renormalised to sum 1, or all 1)
+    topk        token-choice top-k (Shazeer et al., arXiv 1701.06538; sparse upcycling, arXiv 2212.05055):
+                p = softmax(W_g x) in fp32; the top-k experts by p; weights p (renormalised to sum 1, or all 1)
+    dynamic_k   D2DMoE (arXiv 2310.04361, §3.3): r = |MLP(x)| predicts each expert's output norm; expert i runs
+                iff r_i >= tau · max_j r_j, weight 1
+    moefication MoEfication (arXiv 2110.01786, §3.2): the top-k experts by MLP(x), weight 1
+
     y = Σ_chosen w_i · expert_i(x) (+ shared_bias) (+ sigmoid(w_s · x) · shared(x))
     expert_i(x) = W_down[i] · LN?(act(W_gate[i] x + b) ⊙ (W_up[i] x + b)) + b_down[i]    (gated; plain: act(W_up x))
 
@@ -39,19 +44,46 @@ ACTIVATIONS = {
 
 class TopKRouter(nn.Module):
     def __init__(self, d_model: int, num_experts: int, top_k: int, renormalize: bool, unit_weights: bool, bias: bool,
-                 **_training_only):  # fmt: skip
+                 **_unused):  # fmt: skip
         super().__init__()
         self.top_k, self.renormalize, self.unit_weights = top_k, renormalize, unit_weights
         self.gate = nn.Linear(d_model, num_experts, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x [t, d]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # x [t, d]
         probs = torch.softmax(self.gate(x).float(), dim=-1)  # [t, e]
         weights, indices = probs.topk(self.top_k, dim=-1)  # [t, k]
         if self.unit_weights:
             weights = torch.ones_like(weights)
         elif self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
-        return indices, weights
+        return indices, weights, None
+
+
+class MLPRouter(nn.Module):
+    """D2DMoE's dynamic-k router or MoEfication's top-k one: an MLP ``d -> hidden -> e`` (ReLU, no biases) scores
+    the experts; the chosen ones are summed with weight 1. Inference only (in training these routers run every
+    expert while they are fitted to the frozen backbone, which happens in upcycle)."""
+
+    def __init__(self, name: str, d_model: int, num_experts: int, hidden: int, tau: float = 0.0, top_k: int = 1,
+                 **_unused):  # fmt: skip
+        super().__init__()
+        self.name, self.tau, self.top_k = name, tau, top_k
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, num_experts, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # x [t, d]
+        scores = self.mlp(x).float()  # [t, e]
+        if self.name == "moefication":
+            indices = scores.topk(self.top_k, dim=-1).indices  # [t, k]
+            return indices, scores.new_ones(indices.shape), None
+        norms = scores.abs()  # predicted ‖expert_i(x)‖
+        t, e = norms.shape
+        indices = torch.arange(e, device=x.device).expand(t, e)  # [t, e]: every expert named, the mask says which run
+        return indices, norms.new_ones(t, e), norms >= self.tau * norms.amax(-1, keepdim=True)
+
+
+ROUTERS = {"topk": TopKRouter, "dynamic_k": MLPRouter, "moefication": MLPRouter}
 
 
 class Experts(nn.Module):
@@ -86,10 +118,15 @@ class Experts(nn.Module):
             hidden = F.layer_norm(hidden, hidden.shape[-1:], *norm)
         return F.linear(hidden, self.w_down[i], part(self.b_down))
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None):
+        """``indices``, ``weights`` ``[t, k]``: each token's experts and their weights; ``mask`` ``[t, k]``: which of
+        those run (None: all)."""
+        chosen = indices if mask is None else indices.masked_fill(~mask, -1)  # -1: named but not run
         y = torch.zeros_like(x)  # [t, d]
-        for i in indices.unique().tolist():  # each expert on the tokens that chose it
-            token, choice = torch.where(indices == i)
+        for i in chosen.unique().tolist():  # each expert on the tokens that chose it
+            if i < 0:
+                continue
+            token, choice = torch.where(chosen == i)
             out = self.expert(i, x[token])
             y = y.index_add(0, token, out * weights[token, choice].unsqueeze(-1).to(out.dtype))
         return y if self.shared_bias is None else y + self.shared_bias
@@ -112,8 +149,8 @@ class SharedExpert(nn.Module):
 class MoE(nn.Module):
     def __init__(self, spec: dict):
         super().__init__()
-        router = {k: v for k, v in spec["router"].items() if k != "name"}
-        self.router, self.experts = TopKRouter(**router), Experts(**spec["experts"])
+        router = spec["router"]
+        self.router, self.experts = ROUTERS[router["name"]](**router), Experts(**spec["experts"])
         shared = spec.get("shared_expert")
         self.shared_expert = SharedExpert(**shared) if shared else None
         d = self.experts.w_up.shape[-1]
