@@ -18,13 +18,17 @@ FAMILY = re.compile(
     r"(?i)(?<![a-z])(llama|mistral|qwen2?|gpt2|gpt_2|bert|vit|deit|cait|convnext|dinov2|eva(?:02)?|swin|gemma|phi3?|"
     r"olmo)(?![a-z])"
 )
-FORMAT_NAMES = re.compile(r"(?i)qwen[23]_moe|mixtral")  # export formats (named after the model that loads them)
+# export formats (named after the model that loads them)
+FORMAT_NAMES = re.compile(r"(?i)qwen[23]_moe|mixtral|flex_?olmo")
 NAME_LIKE = re.compile(r"^[\w.:/-]*$")  # a literal used as a name, key or path (no spaces)
 ALLOWED = {  # path under upcycle/ (a folder ends in /) -> why it may name families
     "adapters/": "the home of family knowledge",
     "export/mixtral.py": "the writer of a named format",
     "export/qwen2_moe.py": "the writer of a named format",
     "export/qwen3_moe.py": "the writer of a named format",
+    "export/flex_olmo.py": "the writer of a named format",
+    "export/granitemoe.py": "the writer of a named format",
+    "export/cohere2_moe.py": "the writer of a named format",
     "export/gguf.py": "the writer of a named format (llama.cpp's architectures)",
     "export/gguf_vocab.py": "the writer of a named format (its tokenizer part)",
     "export/hf_moe_common.py": "what the Mixtral and Qwen2/3-MoE writers share",

@@ -24,7 +24,9 @@ class HFLlamaAdapter(HFMLPAdapter):
     task = "causal_lm"
     activation_attribute = "act_fn"
     layers_path, ffn_name, up, gate, down = "layers", "mlp", "up_proj", "gate_proj", "down_proj"
-    export_formats = ("mixtral", "qwen2_moe", "qwen3_moe")
+    export_formats = (
+        "mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo", "granitemoe", "granitemoeshared", "cohere2_moe",
+    )  # fmt: skip
     streaming_model_types = ("llama", "mistral", "qwen2")
     checkpoint_layout = CheckpointLayout(
         base="model.", layers="layers", ffn="mlp",
@@ -44,16 +46,22 @@ class HFLlamaAdapter(HFMLPAdapter):
     attention_projections = ("q_proj", "k_proj", "v_proj", "o_proj")  # Q, K, V, O under the attention
     # the MoE formats reproduce these decoders' attention exactly; upcycle_lm only with sequential blocks
     export_model_types = ("llama", "mistral", "qwen2", "qwen3", "upcycle_lm")
+    # twins that keep one family's own blocks (post-norms, multipliers, parallel blocks) take that family only
+    twin_model_types: ClassVar[dict[str, tuple[str, ...]]] = {
+        "flex_olmo": ("olmo2",), "granitemoe": ("granite",), "granitemoeshared": ("granite",),
+        "cohere2_moe": ("cohere2",),
+    }  # fmt: skip
 
     def export_refusal(self, model: nn.Module, target: str) -> str | None:
         refusal = super().export_refusal(model, target)
         if refusal is not None or target == self.generic_format:  # the generic class keeps the family's blocks
             return refusal
         model_type = getattr(model.config, "model_type", None)
-        if model_type not in self.export_model_types or not hasattr(model, "lm_head"):
+        model_types = self.twin_model_types.get(target, self.export_model_types)
+        if model_type not in model_types or not hasattr(model, "lm_head"):
             return (
-                f"the source is {type(model).__name__} (model_type {model_type!r}); exports need a *ForCausalLM of "
-                f"one of {self.export_model_types}, whose attention the target reproduces exactly"
+                f"the source is {type(model).__name__} (model_type {model_type!r}); {target!r} needs a *ForCausalLM "
+                f"of one of {model_types}, whose blocks it reproduces exactly"
             )
         if getattr(model.config, "parallel_attention", False):
             return (

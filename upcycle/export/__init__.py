@@ -9,7 +9,7 @@ from torch import nn
 from ..errors import UserError, check_finite
 
 # each writer registers its format
-from . import bam, gguf, hf_generic, mixtral, qwen2_moe, qwen3_moe, timm_export  # noqa: F401
+from . import bam, cohere2_moe, flex_olmo, gguf, granitemoe, hf_generic, mixtral, qwen2_moe, qwen3_moe, timm_export  # noqa: F401
 from .formats import EXPORT_FORMATS
 from .saving import NOT_SAVED, load, save
 
