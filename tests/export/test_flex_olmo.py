@@ -95,3 +95,10 @@ def test_other_formats_refuse_an_olmo2_source(format, tmp_path):
     export = lambda model, out: upcycle.export(model, out, format=format)  # noqa: E731
     match = re.escape(f"(model_type 'olmo2'); {format!r} needs a *ForCausalLM of one of")
     assert_refused(export, converted(tiny_olmo2()), tmp_path, match, (repr(format),))
+
+
+def test_auto_falls_back_to_the_generic_class_for_what_flex_olmo_refuses(tmp_path):
+    from upcycle.export import chosen_format
+
+    upcycle.export(converted(tiny_olmo2(), layers=[1]), tmp_path / "auto", format="auto")
+    assert chosen_format(tmp_path / "auto") == "hf_generic"

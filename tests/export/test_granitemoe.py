@@ -157,3 +157,8 @@ def test_other_formats_refuse_a_granite_source(format, tmp_path):
     export = lambda model, out: upcycle.export(model, out, format=format)  # noqa: E731
     match = re.escape(f"(model_type 'granite'); {format!r} needs a *ForCausalLM of one of")
     assert_refused(export, converted(tiny_granite()), tmp_path, match, (repr(format),))
+
+
+def test_auto_falls_back_to_the_generic_class_for_raw_top_k(tmp_path):
+    upcycle.export(converted(tiny_granite(), router_renormalize=False), tmp_path / "auto", format="auto")
+    assert chosen_format(tmp_path / "auto") == "hf_generic"
