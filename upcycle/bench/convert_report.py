@@ -75,8 +75,9 @@ def plot_jobs(seconds_ax, memory_ax, rows: list[dict], source: str) -> None:
         ax.axvline(MERGE_FACTOR * goal, color="tab:purple", linestyle=":", linewidth=1,
                    label=f"merge goal {MERGE_FACTOR * goal:g} {unit}")  # fmt: skip
         ax.set_yticks(y, labels if ax is seconds_ax else [""] * len(y), fontsize=8)
+        ax.set_xlim(0, 1.15 * max(*values, MERGE_FACTOR * goal))  # room for the value labels
         ax.set_xlabel("wall seconds (whole command)" if key == "seconds" else "peak RSS (GB)", fontsize=8)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper right")  # the streamed rows on top are the short ones
     seconds_ax.set_title(f"{source} -> 4 experts (blue: streamed)", fontsize=9)
     memory_ax.set_title("2 CPU cores", fontsize=9)
 
