@@ -29,6 +29,8 @@ ALLOWED = {  # path under upcycle/ (a folder ends in /) -> why it may name famil
     "export/flex_olmo.py": "the writer of a named format",
     "export/granitemoe.py": "the writer of a named format",
     "export/cohere2_moe.py": "the writer of a named format",
+    "export/ernie4_5_moe.py": "the writer of a named format",
+    "export/hunyuan_v1_moe.py": "the writer of a named format",
     "export/gguf.py": "the writer of a named format (llama.cpp's architectures)",
     "export/gguf_vocab.py": "the writer of a named format (its tokenizer part)",
     "export/hf_moe_common.py": "what the Mixtral and Qwen2/3-MoE writers share",

@@ -32,7 +32,14 @@ HF_FAMILIES = {
     "smollm3": ("SmolLM3ForCausalLM", "SmolLM3Config", {**_DECODER, "no_rope_layer_interval": 2}, "hf_generic"),
     "stablelm": ("StableLmForCausalLM", "StableLmConfig", _DECODER, "hf_generic"),
     "cohere2": ("Cohere2ForCausalLM", "Cohere2Config", _DECODER, "cohere2_moe"),
-    "phi3": ("Phi3ForCausalLM", "Phi3Config", _DECODER, "hf_generic"),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", _DECODER, "mixtral"),
+    "ernie4_5": ("Ernie4_5ForCausalLM", "Ernie4_5Config", {**_DECODER, "head_dim": 16}, "ernie4_5_moe"),
+    "hunyuan_v1_dense": (
+        "HunYuanDenseV1ForCausalLM",
+        "HunYuanDenseV1Config",
+        {**_DECODER, "head_dim": 16},
+        "hunyuan_v1_moe",
+    ),
     "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {**_DECODER, "rotary_pct": 0.5}, "hf_generic"),
     "gpt2": (
         "GPT2LMHeadModel",

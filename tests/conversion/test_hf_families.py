@@ -171,7 +171,7 @@ def test_the_generic_class_knows_every_activation_upcycle_has():
 def test_the_cli_export_auto_says_which_format_it_chose(tmp_path, capsys):
     from upcycle.cli import main
 
-    upcycle.save(upcycled(build_hf("phi3")), tmp_path / "moe")
+    upcycle.save(upcycled(build_hf("gpt_neox")), tmp_path / "moe")
     assert main(["export", str(tmp_path / "moe"), "--format", "auto", "--out", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.strip().endswith("(hf_generic)")
 

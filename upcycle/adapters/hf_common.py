@@ -4,6 +4,7 @@ adapter of every family whose layers each hold one FFN module (:class:`HFMLPAdap
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -115,6 +116,12 @@ class HFAdapterMixin:
             record.layers = {f"{prefix}.{name}": layer for name, layer in record.layers.items()}
         attach_record(classifier, record)
         return classifier
+
+    def twin_tensors(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """The model's tensors under the names the Hugging Face MoE twins give their backbone (Llama's unfused
+        ``self_attn.{q,k,v,o}_proj``; the export writers replace the ``mlp`` part): the model's own by default. A
+        family with fused projections (Phi-3's ``qkv_proj``) splits them here, each part its own copy."""
+        yield from model.state_dict().items()
 
     def record_activation(self, model: nn.Module, activation: str) -> None:
         for key in ACTIVATION_KEYS:  # read_ffn and the rebuild read the config

@@ -26,6 +26,7 @@ class HFLlamaAdapter(HFMLPAdapter):
     layers_path, ffn_name, up, gate, down = "layers", "mlp", "up_proj", "gate_proj", "down_proj"
     export_formats = (
         "mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo", "granitemoe", "granitemoeshared", "cohere2_moe",
+        "ernie4_5_moe", "hunyuan_v1_moe",
     )  # fmt: skip
     streaming_model_types = ("llama", "mistral", "qwen2")
     checkpoint_layout = CheckpointLayout(
@@ -50,6 +51,7 @@ class HFLlamaAdapter(HFMLPAdapter):
     twin_model_types: ClassVar[dict[str, tuple[str, ...]]] = {
         "flex_olmo": ("olmo2",), "granitemoe": ("granite",), "granitemoeshared": ("granite",),
         "cohere2_moe": ("cohere2",),
+        "ernie4_5_moe": ("ernie4_5",), "hunyuan_v1_moe": ("hunyuan_v1_dense",),
     }  # fmt: skip
 
     def export_refusal(self, model: nn.Module, target: str) -> str | None:

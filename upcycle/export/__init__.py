@@ -9,7 +9,20 @@ from torch import nn
 from ..errors import UserError, check_finite
 
 # each writer registers its format
-from . import bam, cohere2_moe, flex_olmo, gguf, granitemoe, hf_generic, mixtral, qwen2_moe, qwen3_moe, timm_export  # noqa: F401
+from . import (  # noqa: F401
+    bam,
+    cohere2_moe,
+    ernie4_5_moe,
+    flex_olmo,
+    gguf,
+    granitemoe,
+    hf_generic,
+    hunyuan_v1_moe,
+    mixtral,
+    qwen2_moe,
+    qwen3_moe,
+    timm_export,
+)
 from .formats import EXPORT_FORMATS
 from .saving import NOT_SAVED, load, save
 

@@ -7,7 +7,8 @@ attention, RMSNorms and LM head identically (``model.embed_tokens.weight [V, d]`
 [d]``, ``model.norm.weight [d]``, ``lm_head.weight [V, d]``) and compute them identically (pre-norm residual
 blocks, RoPE from ``rope_parameters``, grouped-query attention scaled by ``head_dim**-0.5``). Qwen3 and Qwen3-MoE
 also normalise each query and key head (``self_attn.{q,k}_norm.weight [head_dim]``), which Mixtral and Qwen2-MoE
-cannot express. Only ``mlp`` differs, and each exporter writes that part itself.
+cannot express. Only ``mlp`` differs, and each exporter writes that part itself. A family that fuses projections the
+twins keep apart (Phi-3's ``qkv_proj``) hands them over split, through its adapter's ``twin_tensors``.
 
 ``lm_head.weight`` is written even when it is tied to the embeddings: llama.cpp's converter turns it into the
 ``output`` tensor that its Qwen2-MoE loader requires, and transformers ties it again on load
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import get_adapter
 from ..adapters.hf_common import rope_parameters
 from ..atomic import atomic_directory
 from ..layers import MoE, TopKRouter
@@ -161,7 +163,9 @@ def check_backbone(source: Source, target: str, biased: tuple[str, ...], qk_norm
             "silu(gate·x) ⊙ up·x; only SiLU-gated sources (hidden_act='silu') can be exported",
         )
     attention = source.layers[0].self_attn  # every layer is built from the same config
-    extra = [p for p in ATTENTION if getattr(attention, p).bias is not None and p not in biased]
+    # its own projections, fused (Phi-3's qkv_proj) or not, in definition order
+    linears = [(n, m) for n, m in attention.named_children() if isinstance(m, nn.Linear)]
+    extra = [n for n, m in linears if m.bias is not None and n not in biased]
     if extra:
         allowed = f"only {', '.join(biased)} have biases" if biased else "no projection has a bias"
         raise refuse(
@@ -224,7 +228,7 @@ def backbone_tensors(source: Source, zero_qkv_bias: bool = False) -> Iterator[tu
     ``zero_qkv_bias``: add zero q/k/v biases where the source has none (Qwen2-family attention has them).
     """
     tied = is_tied(source.model)
-    for name, tensor in source.model.state_dict().items():
+    for name, tensor in get_adapter(source.record.adapter).twin_tensors(source.model):
         if ".mlp." in name:
             continue
         # safetensors refuses two names for one storage, so the tied head is written as its own copy

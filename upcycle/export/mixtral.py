@@ -64,7 +64,7 @@ LAYOUTS = ("legacy", "fused")
     "transformers' Mixtral (MixtralForCausalLM): a converted Llama-family LM, every FFN an MoE, renormalised top-k",
 )
 def export_mixtral(model: nn.Module, directory: str | Path, layout: str = "fused", overwrite: bool = False) -> Path:
-    """Write ``model`` (an ``upcycle.convert``-ed Llama / Mistral / Qwen2 causal LM) as a Mixtral checkpoint."""
+    """Write ``model`` (an ``upcycle.convert``-ed Llama / Mistral / Phi-3 causal LM) as a Mixtral checkpoint."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     source = read_source(model, TARGET, "mixtral")
