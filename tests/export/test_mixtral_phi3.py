@@ -80,6 +80,19 @@ def test_auto_picks_mixtral_for_phi3(tmp_path):
     assert chosen_format(tmp_path / "auto") == "mixtral"
 
 
+def test_gguf_llama_holds_the_split_projections(tmp_path):
+    """GGUF's llama architecture (the Mixtral twin llama.cpp computes) gets q / k / v from the same split."""
+    from .test_gguf import read, undo_interleave
+
+    model = converted(tiny_phi3())
+    tensors, fields = read(upcycle.export(model, tmp_path / "gguf", format="gguf"))
+    assert fields["general.architecture"] == "llama" and not any("qkv" in name for name in tensors)
+    q = undo_interleave(tensors["blk.1.attn_q.weight"][0], SIZES["num_attention_heads"])  # llama.cpp's RoPE order
+    k = undo_interleave(tensors["blk.1.attn_k.weight"][0], SIZES["num_key_value_heads"])
+    qkv = model.model.layers[1].self_attn.qkv_proj.weight.detach()
+    assert torch.equal(torch.cat([q, k, tensors["blk.1.attn_v.weight"][0]]), qkv)
+
+
 # ---- refusals -----------------------------------------------------------------------------------------------------
 LONGROPE = dict(
     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
