@@ -36,8 +36,10 @@ def test_bench_convert_quick(tmp_path):
     assert all(job["output_checked"] and job["seconds"] > 0 and job["peak_rss_gb"] > 0.1 for job in jobs)
     assert jobs[0]["max_abs_diff_vs_dense"] < 1e-4  # the streamed Mixtral computes what the dense model computes
     assert jobs[0]["output_gb"] > 2 * jobs[0]["source_gb"]  # 4 copies of every FFN
-    # which jobs met their goal is the benchmark's result on a quiet machine; here only that it is reported
-    assert set(summary["goals_met"]) <= {"job_stream", "btx_stream", "bam_stream"}
+    # whether each job met its goal is the benchmark's result on a quiet machine; here only that it is reported
+    assert {job: type(met) for job, met in summary["goals_met"].items()} == dict.fromkeys(
+        ("job_stream", "btx_stream", "bam_stream"), bool
+    )
     assert summary["job_goal"] == "<= 20 s, <= 1.5 GB" and summary["merge_goal"] == "<= 40 s, <= 3 GB"
 
 
