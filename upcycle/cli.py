@@ -19,6 +19,7 @@ from .errors import UserError, parse_yaml, positive_finite
 from .export import EXPORT_FORMATS
 from .export.gguf import ARCHES as GGUF_ARCHES
 from .layers import list_backends, list_routers
+from .presets import PRESETS, apply_preset
 from .recycling import list_methods
 from .registry import Registry
 from .sources import DTYPES
@@ -89,7 +90,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     result = convert_source(
         args.source, args.out, args.config, checkpoint=args.checkpoint, allow_pickle=args.allow_pickle,
         pretrained=args.pretrained, random_init=args.random_init, dtype=args.dtype, overwrite=args.overwrite,
-        stream=args.stream, export=args.export, layout=args.layout, check=args.check, **_recipe_overrides(args),
+        stream=args.stream, export=args.export, layout=args.layout, check=args.check, preset=args.preset,
+        **_recipe_overrides(args),
     )  # fmt: skip
     print(f"wrote {result['out']}" + (f" ({args.export})" if args.export else ""))
     if result.get("max_abs_diff") is not None:
@@ -229,19 +231,31 @@ def _pipeline_flags(parser: argparse.ArgumentParser, recipe_help: str, out_help:
                         help=f"a recipe field, e.g. {set_example}")  # fmt: skip
     parser.add_argument("--redo", action="store_true",
                         help="rebuild stages whose recipe fields changed (default: stop and name them)")  # fmt: skip
+    _preset_flag(parser, "the method")
     _source_flags(parser)
 
 
-def _pipeline_recipe(load, args: argparse.Namespace):
-    """The pipeline's recipe from --recipe with the --set fields on top, validated again."""
+def _pipeline_recipe(load, args: argparse.Namespace, section: str):
+    """The pipeline's recipe from --recipe, the --preset's values and the --set fields on top, validated again."""
     recipe = load(args.recipe)
-    return load({**recipe.model_dump(), **_key_values(args.set)}) if args.set else recipe
+    if not args.preset and not args.set:
+        return recipe
+    fields = recipe.model_dump()
+    if args.preset:
+        fields = apply_preset(fields, section, args.preset, section=section)
+    return load({**fields, **_key_values(args.set)})
+
+
+def _preset_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--preset", choices=PRESETS,
+                        help=f"set {what}'s documented switches to its paper's or its authors' released code's values "
+                             "(docs/methods); --set still applies on top")  # fmt: skip
 
 
 def _cmd_d2dmoe(args: argparse.Namespace) -> int:
     from .methods.d2dmoe import load_recipe, run_d2dmoe
 
-    recipe = _pipeline_recipe(load_recipe, args)
+    recipe = _pipeline_recipe(load_recipe, args, "d2dmoe")
     summary = run_d2dmoe(_load_source(args, args.source), recipe, args.out, redo=args.redo)
     for method in recipe.methods:
         fraction, point = summary[f"{method}.flops_fraction_at_1pt_drop"], summary[f"{method}.point_at_1pt_drop"]
@@ -254,7 +268,7 @@ def _cmd_d2dmoe(args: argparse.Namespace) -> int:
 def _cmd_bam(args: argparse.Namespace) -> int:
     from .methods.bam import load_recipe, run_bam
 
-    recipe = _pipeline_recipe(load_recipe, args)
+    recipe = _pipeline_recipe(load_recipe, args, "bam")
     summary = run_bam(_load_source(args, args.source), recipe, args.out, redo=args.redo)
     for name in ("seed", "dense_continued", *recipe.variants):
         if f"{name}_ppl" in summary:
@@ -268,7 +282,7 @@ def _cmd_bam(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .run import run_recipe
 
-    summary = run_recipe(args.recipe, args.out, redo=args.redo)
+    summary = run_recipe(args.recipe, args.out, redo=args.redo, preset=args.preset)
     headline = {k: v for k, v in summary.items() if isinstance(v, int | float | str) and k != "out"}
     print(json.dumps(headline, indent=2))
     print(f"wrote {summary['out']}")
@@ -422,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     _source_flags(convert)
     _dtype_flag(convert, "the converted model")
     _add_recipe_flags(convert)
+    _preset_flag(convert, "the --method")
     convert.set_defaults(func=_cmd_convert)
 
     verify = commands.add_parser(
@@ -502,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="e.g. moefication_minilm")
     run.add_argument("--out", help="run folder (default: the recipe's run.out, else runs/<recipe name>)")
     run.add_argument("--redo", action="store_true", help="rebuild stages whose recipe fields changed")
+    _preset_flag(run, "the recipe's method")
     run.set_defaults(func=_cmd_run)
 
     demo = commands.add_parser(

@@ -87,10 +87,14 @@ class ConvertConfig(StrictModel):
         return self
 
 
-def load_convert_config(source: str | Path | dict | ConvertConfig | None = None, **overrides) -> ConvertConfig:
+def load_convert_config(
+    source: str | Path | dict | ConvertConfig | None = None, preset: str | None = None, **overrides
+) -> ConvertConfig:
     """A config from a YAML path, a dict or a config object, with keyword overrides applied on top.
 
-    Unknown top-level keywords are method options (``granularity=2`` -> ``options.granularity``).
+    Unknown top-level keywords are method options (``granularity=2`` -> ``options.granularity``). ``preset``
+    (``paper`` / ``released``) sets the method's documented switches to its paper's or released code's values
+    (upcycle.methods.choices), under the overrides.
     """
     if isinstance(source, ConvertConfig):
         data = source.model_dump()
@@ -102,6 +106,11 @@ def load_convert_config(source: str | Path | dict | ConvertConfig | None = None,
             raise UserError(f"the convert section of {path} must be a mapping of keys, got {type(data).__name__}")
     else:
         data = dict(source or {})
+    if preset is not None:
+        from .presets import apply_preset
+
+        method = overrides.get("method") or data.get("method") or ConvertConfig.model_fields["method"].default
+        data = apply_preset(data, method, preset, section="convert")
     fields = set(ConvertConfig.model_fields)
     router_fields = set(RouterConfig.model_fields)
     options = dict(data.pop("options", {}) or {})

@@ -27,6 +27,7 @@ from torch import nn
 
 from .config import StrictModel, explain
 from .errors import UserError, yaml_mapping
+from .presets import Preset, apply_preset
 from .recipes import recipe_file
 
 PIPELINES = ("d2dmoe", "bam", "convert")
@@ -59,8 +60,9 @@ class RunSection(StrictModel):
         return value
 
 
-def load_run_recipe(path: str | Path) -> tuple[RunSection, dict]:
-    """The validated ``run`` section and the whole recipe; a recipe names exactly one pipeline."""
+def load_run_recipe(path: str | Path, preset: Preset | None = None) -> tuple[RunSection, dict]:
+    """The validated ``run`` section and the whole recipe; a recipe names exactly one pipeline. ``preset``
+    (``paper`` / ``released``) sets that pipeline's documented switches to its paper's or released code's values."""
     path = recipe_file(path)
     recipe = yaml_mapping(path)
     if "run" not in recipe:
@@ -70,6 +72,9 @@ def load_run_recipe(path: str | Path) -> tuple[RunSection, dict]:
         raise UserError(f"{path} must hold exactly one of the sections {', '.join(PIPELINES)}; found {pipelines}")
     if not isinstance(recipe["run"], dict):
         raise UserError(f"the run section of {path} must be a mapping of keys, got {type(recipe['run']).__name__}")
+    if preset is not None:
+        method = pipelines[0] if pipelines[0] != "convert" else (recipe["convert"] or {}).get("method")
+        recipe = apply_preset(recipe, method or "sparse_upcycling", preset)
     try:
         return RunSection(**recipe["run"]), recipe
     except ValidationError as error:
@@ -111,11 +116,17 @@ def resolve_options(options: dict, run: RunSection, progress: bool) -> dict:
     }  # fmt: skip
 
 
-def run_recipe(path: str | Path, out: str | Path | None = None, redo: bool = False, progress: bool = True) -> dict:
-    """Run the recipe's pipeline; returns its summary (with ``"out"``)."""
+def run_recipe(
+    path: str | Path,
+    out: str | Path | None = None,
+    redo: bool = False,
+    progress: bool = True,
+    preset: Preset | None = None,
+) -> dict:
+    """Run the recipe's pipeline; returns its summary (with ``"out"``). ``preset``: see :func:`load_run_recipe`."""
     from .train import train
 
-    run, recipe = load_run_recipe(path)
+    run, recipe = load_run_recipe(path, preset)
     check_sections(run, recipe)
     out = Path(out or run.out or Path("runs") / Path(path).stem)
     model = load_run_source(run, progress)
