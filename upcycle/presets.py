@@ -94,10 +94,14 @@ def choices_table(choices: tuple[Choice, ...]) -> str:
     """The docs table: point | paper | released code | ours | recipe field | why."""
     rows = ["| point | paper | released code | ours | recipe field | why |", "|---|---|---|---|---|---|"]
     for c in choices:
-        cells = [c.point, _cell(c.paper), _cell(c.released), _cell(c.ours), f"`{c.field}`" if c.field else "", c.why]
+        values = [_cell(value, code=bool(c.field)) for value in (c.paper, c.released, c.ours)]
+        cells = [c.point, *values, f"`{c.field}`" if c.field else "", c.why]
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(rows)
 
 
-def _cell(value: Any) -> str:
-    return value if isinstance(value, str) else f"`{json.dumps(value)}`"
+def _cell(value: Any, code: bool) -> str:
+    """A recipe value as code (YAML-like JSON); prose and NOT_STATED as they are."""
+    if value == NOT_STATED or (isinstance(value, str) and not code):
+        return value
+    return f"`{value}`" if isinstance(value, str) else f"`{json.dumps(value)}`"

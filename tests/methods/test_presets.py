@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-import upcycle  # noqa: F401  (registers every method's choices)
+import upcycle
 from upcycle.errors import UserError
 from upcycle.presets import METHOD_CHOICES, NOT_STATED, PRESETS, Choice, apply_preset, choices_table, preset_values
 from upcycle.recipes import recipe_file
 from upcycle.recycling import get_method
 from upcycle.registry import Entry
 from upcycle.run import check_sections, load_run_recipe
+from upcycle.sources import load_source
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "methods"
 # registered name -> (its docs page, a shipped recipe it applies to)
@@ -104,3 +105,21 @@ if __name__ == "__main__":
     for name in registered():
         (DOCS / METHODS[name][0]).write_text(rendered_page(name))
         print("wrote", DOCS / METHODS[name][0])
+
+
+def test_convert_and_its_cli_follow_the_paper_preset_under_the_flags(tmp_path):
+    """Sparse upcycling's paper preset upcycles every other FFN; an explicit flag still wins over the preset."""
+    from tests.sources.conftest import tiny_llama_folder
+    from upcycle.cli import main
+    from upcycle.export import load
+    from upcycle.layers.moe import moe_layers
+
+    source = tiny_llama_folder(tmp_path / "dense")  # 2 layers
+    ours = upcycle.convert(load_source(source), num_experts=2, progress=False)
+    paper = upcycle.convert(load_source(source), num_experts=2, preset="paper", progress=False)
+    assert len(moe_layers(ours)) == 2 and [name for name, _ in moe_layers(paper)] == ["model.layers.1.mlp.moe"]
+    assert main(["convert", str(source), "--experts", "2", "--preset", "paper", "--out", str(tmp_path / "p")]) == 0
+    assert len(moe_layers(load(tmp_path / "p"))) == 1
+    flags = ["--experts", "2", "--preset", "paper", "--layers", "all", "--out", str(tmp_path / "f")]
+    assert main(["convert", str(source), *flags]) == 0
+    assert len(moe_layers(load(tmp_path / "f"))) == 2

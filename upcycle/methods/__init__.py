@@ -18,4 +18,5 @@ from .d2dmoe import dynamic_k_router, moefication_router, split  # noqa: F401
 from .d2dmoe import recycling as _d2dmoe_recycling  # noqa: F401
 from .jetpack import recycling as _jetpack_recycling  # noqa: F401
 from .jetpack import sphero  # noqa: F401
+from .sparse_upcycling import choices as _sparse_upcycling_choices  # noqa: F401
 from .sparse_upcycling import recycling as _sparse_upcycling_recycling  # noqa: F401
