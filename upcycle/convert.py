@@ -71,6 +71,9 @@ def convert(
         # a dynamic-k router runs every expert in training mode
         target.get_submodule(site.name).train(target.training)
         layers[site.name] = {"index": site.index, **describe_moe(moe)}
+    if method.finish is not None:  # whole-model work once the FFNs are replaced (a readout): the description follows
+        source, dropped = method.finish(target, adapter, cfg, source)
+        read |= {storage_before[name] for name in dropped}
     check_nothing_dropped(storage_before, read, target)
     convert_recipe = cfg.model_dump(exclude=RUNTIME_FIELDS)
     attach_record(target, new_record(adapter.name, source, dtype_name(target), layers, convert=convert_recipe,

@@ -130,3 +130,32 @@ def test_tiny_layer_forward_backward(combine):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     for name in ("router.slot_queries", "router.log_temperature", "router.key_projection.weight"):
         assert layer.get_parameter(name).grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("noise_on", ["cosines", "logits"])
+def test_noise_lands_where_noise_on_says(noise_on):
+    """cosines: one draw N on L before the temperatures, combine = softmax((L + N) / τ_c); logits (released code):
+    the same draw added after them, combine = softmax(L / τ_c + N), dispatch = softmax(L / τ_d + N)."""
+    router = SpheroMoERouter(16, 4, noise_std=0.3, noise_on=noise_on, temperature_init=0.5)
+    with torch.no_grad():
+        router.log_temperature.copy_(torch.tensor([0.25, 0.5]).log())  # τ_d ≠ τ_c
+    x = torch.randn(2, 9, 16)
+    clean = router.eval()(x)
+    cosines = clean.router_logits * 0.5  # L = (L / τ_c) · τ_c
+    torch.manual_seed(7)
+    noisy = router.train()(x)
+    torch.manual_seed(7)
+    noise = 0.3 * torch.randn(2, 9, 4)
+    scale_d, scale_c = (4.0, 2.0) if noise_on == "cosines" else (1.0, 1.0)  # noise / τ, or the noise itself
+    torch.testing.assert_close(noisy.combine, torch.softmax(cosines / 0.5 + noise * scale_c, dim=2))
+    torch.testing.assert_close(noisy.dispatch, torch.softmax(cosines / 0.25 + noise * scale_d, dim=1))
+
+
+def test_noise_in_eval_keeps_the_noise_on_in_evaluation():
+    x = torch.randn(2, 9, 16)
+    released = SpheroMoERouter(16, 4, noise_std=0.5, noise_in_eval=True).eval()
+    assert not torch.equal(released(x).combine, released(x).combine)
+    ours = SpheroMoERouter(16, 4, noise_std=0.5).eval()
+    assert torch.equal(ours(x).combine, ours(x).combine)
+    with pytest.raises(ValueError, match="noise_on must be 'cosines' or 'logits'"):
+        SpheroMoERouter(16, 4, noise_on="slots")

@@ -6,4 +6,7 @@ their activation statistics on calibration images, behind the SpheroMoE router.
     sampling.py    importance / co-activation graph (METIS) / uniform / random unit selection
     sphero.py      the SpheroMoE router; its dual-path core / universal experts are ``upcycle.layers.DualPathExperts``
     bench.py       the benchmark (``upcycle bench jetpack``); plots.py its figures; recipes/ its recipes
+    choices.py     paper / released code / ours, point by point (``--preset paper`` / ``released``)
 """
+
+from . import choices  # noqa: F401  (registers the paper / released presets)

@@ -4,9 +4,10 @@
 Per FFN site (the adapter's ``ffn_sites``), over every token of every calibration input:
   - ``hidden_importance [h]``: L2 norm of each hidden unit's post-activation value (gated FFNs: act(gate)·up),
     taken before any hidden LayerNorm: the activation magnitude the paper samples units by;
-  - ``channel_importance [d]``: the mean of the L2 norms of the FFN's input and of its output per channel. The paper
-    ranks channels by "the magnitude of the input/output features" without a formula; the mean of the two norms
-    weighs both ends equally and keeps the scale of a single L2 norm;
+  - ``input_importance [d]`` and ``output_importance [d]``: the L2 norm per channel of the FFN's input (the
+    block's normalised features; what the released code measures, at ``norm2``) and of its output. The paper ranks
+    channels by "the magnitude of the input/output features" without a formula; :func:`channel_scores` picks one
+    (``channel_statistic``: ``input`` as released, or ``input_output``, the mean of the two norms);
   - ``coactivation [h, h]``: tokens on which both units are active (diagonal: tokens on which each unit is);
   - ``tokens``: how many tokens were seen (every position of every input; no padding mask).
 
@@ -40,9 +41,28 @@ from ...layers.activations import get_activation
 @dataclass
 class FFNStatistics:
     hidden_importance: torch.Tensor  # [h] float32, L2 norm over tokens of each unit's post-activation value
-    channel_importance: torch.Tensor  # [d] float32, mean of the input and output L2 norms per channel
+    input_importance: torch.Tensor  # [d] float32, L2 norm over tokens of each FFN input channel
+    output_importance: torch.Tensor  # [d] float32, L2 norm over tokens of each FFN output channel
     coactivation: torch.Tensor | None  # [h, h] float64 token counts (None when not collected)
     tokens: int  # tokens seen
+
+    @property
+    def channel_importance(self) -> torch.Tensor:
+        """[d] the mean of the input and output norms (``channel_statistic=input_output``)."""
+        return channel_scores(self, "input_output")
+
+
+CHANNEL_STATISTICS = ("input", "input_output")
+
+
+def channel_scores(statistics: FFNStatistics, kind: str) -> torch.Tensor:
+    """Per-channel importance [d]: the FFN input's L2 norm (``input``: the released ``norm2`` statistic) or the mean
+    of the input's and the output's (``input_output``: both ends of the paper's "input/output features")."""
+    if kind == "input":
+        return statistics.input_importance
+    if kind == "input_output":
+        return (statistics.input_importance + statistics.output_importance) / 2
+    raise ValueError(f"channel_statistic must be one of {CHANNEL_STATISTICS}, got {kind!r}")
 
 
 class _Accumulator:
@@ -82,10 +102,10 @@ class _Accumulator:
         self.tokens += x.shape[0]
 
     def result(self) -> FFNStatistics:
-        channels = (self.input_sq.sqrt() + self.output_sq.sqrt()) / 2
         return FFNStatistics(
             hidden_importance=self.hidden_sq.sqrt().float().cpu(),
-            channel_importance=channels.float().cpu(),
+            input_importance=self.input_sq.sqrt().float().cpu(),
+            output_importance=self.output_sq.sqrt().float().cpu(),
             coactivation=None if self.coactivation is None else self.coactivation.cpu(),
             tokens=self.tokens,
         )

@@ -8,7 +8,8 @@ from pathlib import Path
 from ...plotting import pyplot, save_figure
 
 LABELS = {"dense_scratch": "dense, scratch", "dense_pretrained": "dense, pre-trained",
-          "softmoe_scratch": "Soft MoE, scratch", "jetpack": "MoE Jetpack"}  # fmt: skip
+          "softmoe_scratch": "Soft MoE, scratch", "jetpack": "MoE Jetpack",
+          "sparse_upcycling": "sparse upcycling (SpheroMoE)"}  # fmt: skip
 
 
 def plot_curves(rows: list[dict], columns, path: Path) -> None:

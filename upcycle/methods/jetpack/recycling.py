@@ -20,16 +20,20 @@ The layer (docs/methods/jetpack.md, "SpheroMoE layer"): dual-path experts, E_cor
 and E_univ universal experts of width h / ``universal_ratio``, one slot each by default
 (``router.slots_per_expert``), under the SpheroMoE router (or Soft MoE for the component ablation:
 ``slot_router=soft``). Defaults follow the paper: E_core ≈ n/2 and E_univ ≈ n for n tokens per example. The sampled
-index sets are saved with the model as buffers (a seed is not portable across devices).
+index sets are saved with the model as buffers (a seed is not portable across devices). ``finish`` sets the readout
+(class token, or the released code's mean pooling). Each switch where the paper and the released code differ is
+listed in ``choices.py`` (``--preset paper`` / ``released``).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from ...adapters.dense_ffn import DenseFFN
 from ...config import StrictModel
@@ -37,7 +41,7 @@ from ...layers import MoE
 from ...layers.dual_experts import DualPathExperts
 from ...recycling import register_method
 from ...recycling.routers import seeded_router
-from .calibration import FFNStatistics, collect_ffn_statistics
+from .calibration import FFNStatistics, channel_scores, collect_ffn_statistics
 from .sampling import (
     channel_selection,
     graph_partition_sampling,
@@ -56,12 +60,20 @@ class JetpackOptions(StrictModel):
     )
     predecessor: str | None = Field(None, description="a wider dense model to sample experts from (SOURCE)")
     channels: Literal["shared", "sampled"] = Field("shared", description="model channels from a wider predecessor")
+    channel_statistic: Literal["input", "input_output"] = Field(
+        "input", description="channel importance: the FFN input's L2 norm (released code) or the mean of the input's "
+        "and the output's"
+    )  # fmt: skip
     core_experts: int | None = Field(None, ge=1, description="E_core (default: n/2 for n tokens per example; n "
                                                              "without universal experts)")  # fmt: skip
     universal_experts: int | None = Field(None, ge=0, description="E_univ (default: the tokens per example)")
     core_hidden: int | None = Field(None, ge=1, description="h (default: the model's FFN width; half of it when "
                                                             "sampling from the model itself)")  # fmt: skip
     universal_ratio: int = Field(4, ge=1, description="universal expert width = h / this")
+    universal_sampling: Literal["direct", "wide_then_thin"] = Field(
+        "direct", description="universal experts' units: drawn at their own width, or drawn at the core width h "
+        "and thinned to evenly spaced h / universal_ratio of them (released code)"
+    )  # fmt: skip
     slot_router: Literal["sphero", "soft"] = Field("sphero", description="SpheroMoE, or Soft MoE (ablation)")
     key_projection: bool = Field(False, description="learnable key projection (paper Alg. 1; released code: none)")
     key_norm: bool = Field(
@@ -72,8 +84,30 @@ class JetpackOptions(StrictModel):
     temperatures: Literal["one", "two"] = Field("two", description="one shared or dispatch + combine temperatures")
     temperature_init: float = Field(0.5, gt=0, description="initial temperature (released code: 0.5)")
     combine: Literal["softmax", "entmax15"] = Field("softmax", description="combine over slots (released: entmax15)")
+    noise_on: Literal["cosines", "logits"] = Field(
+        "cosines", description="router noise (router.noise_std) on the cosines before the temperatures, or on the "
+        "dispatch and combine logits after them (released code)"
+    )  # fmt: skip
+    noise_in_eval: bool = Field(False, description="router noise in evaluation too (released code); off: training only")
+    noise_per_expert: bool = Field(
+        False, description="divide router.noise_std by the expert count E_core + E_univ (released: std 1/E)"
+    )
+    soft_normalize: bool = Field(
+        True, description="slot_router=soft: L2-normalised tokens and slot queries with a learnable scale (Soft MoE "
+        "paper, arXiv 2308.00951); off: raw dot products"
+    )  # fmt: skip
     expert_dropout: float = Field(0.0, ge=0, lt=1, description="expert regularisation probability")
-    dropout_variant: Literal["paper", "released"] = Field("paper", description="per-expert drop, or the code's")
+    dropout_variant: Literal["paper", "released"] = Field(
+        "paper", description="paper: each expert's slot outputs dropped per example; released: element-wise "
+        "dropout after both projections inside every expert"
+    )  # fmt: skip
+    drop_path: float = Field(
+        0.0, ge=0, lt=1, description="probability that an example's whole MoE output is dropped (released: 0.1)"
+    )
+    readout: Literal["class_token", "mean_pool"] = Field(
+        "class_token", description="class_token: the checkpoint's own readout; mean_pool: patch tokens averaged into "
+        "a fresh LayerNorm, the checkpoint's final norm dropped (released code; timm ViTs)"
+    )  # fmt: skip
     calibration_data: str = Field("fashion_mnist", description="images whose train split calibrates (never test): "
                                   "a built-in set, an image folder or a hub dataset")  # fmt: skip
     calibration_images: int = Field(256, ge=1, description="calibration images")
@@ -120,7 +154,7 @@ def prepare(model, adapter, sites, config) -> list[LayerSource]:
     # MoE layers: the layers of one stream read the same channels.
     streams: dict[int, list[torch.Tensor]] = {}
     for dense, s in zip(sources, paired, strict=True):
-        streams.setdefault(dense.d_model, []).append(statistics[s.name].channel_importance)
+        streams.setdefault(dense.d_model, []).append(channel_scores(statistics[s.name], options.channel_statistic))
     layer_sources = []
     for dense, s, width in zip(sources, paired, widths, strict=True):
         shared = None
@@ -141,8 +175,25 @@ def calibration_images(model, options: JetpackOptions) -> torch.Tensor:
     return torch.stack([data[i]["x"] for i in range(count)])
 
 
+def finish(model, adapter, config, source: dict) -> tuple[dict, list[str]]:
+    """After the MoE layers are in: the readout. ``mean_pool`` (released code, timm ``global_pool='avg'``) averages
+    the patch tokens into a fresh LayerNorm and drops the checkpoint's final norm, as timm builds a ViT with that
+    pooling, so the saved model rebuilds by name. Returns the model's new description and the tensors it dropped."""
+    options = JetpackOptions(**config.options)
+    if options.readout == "class_token":
+        return source, []
+    norm, fc_norm = getattr(model, "norm", None), getattr(model, "fc_norm", None)
+    if adapter.name != "timm_vit" or not isinstance(norm, nn.LayerNorm) or not isinstance(fc_norm, nn.Identity):
+        raise ValueError("readout=mean_pool swaps a timm ViT's class-token readout (a final LayerNorm, no fc_norm) "
+                         "for mean pooling; this model has none: use readout=class_token")  # fmt: skip
+    fresh = copy.deepcopy(norm)  # same class, width and eps as timm's norm_layer gives fc_norm
+    fresh.reset_parameters()
+    model.fc_norm, model.norm, model.global_pool = fresh, nn.Identity(), "avg"
+    return {**source, "kwargs": {**source.get("kwargs", {}), "global_pool": "avg"}}, ["norm.weight", "norm.bias"]
+
+
 @register_method("moe_jetpack", PAPER, "experts sampled from a (wider) dense FFN by activation importance into a "
-                 "SpheroMoE dual-path layer", options=JetpackOptions, prepare=prepare)  # fmt: skip
+                 "SpheroMoE dual-path layer", options=JetpackOptions, prepare=prepare, finish=finish)  # fmt: skip
 def moe_jetpack(dense: DenseFFN, config, generator: torch.Generator, context: LayerSource) -> MoE:
     options = JetpackOptions(**config.options)
     n = context.tokens_per_example
@@ -159,19 +210,23 @@ def moe_jetpack(dense: DenseFFN, config, generator: torch.Generator, context: La
         raise ValueError(f"core_hidden {h} is wider than the source FFN's {h_source} hidden units")
 
     core_units = hidden_units(options, context, source, e_core, h, generator)
-    univ_units = hidden_units(options, context, source, e_univ, h_univ, generator) if e_univ else None
+    univ_units = None
+    if e_univ and options.universal_sampling == "wide_then_thin" and options.strategy != "copy":
+        # released convert_vit_to_dualpath: core-width draws, each thinned to the same evenly spaced positions
+        positions = torch.linspace(0, h - 1, h_univ).round().long()
+        univ_units = hidden_units(options, context, source, e_univ, h, generator)[:, positions]  # [e_u, h_univ]
+    elif e_univ:
+        univ_units = hidden_units(options, context, source, e_univ, h_univ, generator)
     channels = None
-    if source.d_model != dense.d_model:
-        channels = (
-            context.shared_channels.expand(e_core + e_univ, -1)
-            if options.channels == "shared"
-            else channel_selection(
-                context.statistics.channel_importance, dense.d_model, e_core + e_univ, "sampled", generator
-            )
-        )
+    if source.d_model != dense.d_model and options.channels == "shared":
+        channels = context.shared_channels.expand(e_core + e_univ, -1)
+    elif source.d_model != dense.d_model:
+        scores = channel_scores(context.statistics, options.channel_statistic)
+        channels = channel_selection(scores, dense.d_model, e_core + e_univ, "sampled", generator)
     experts = DualPathExperts.create(
         e_core, e_univ, dense.d_model, h, h_univ, expert_dropout=options.expert_dropout,
-        dropout_variant=options.dropout_variant, activation=source.activation, gated=source.gated,
+        dropout_variant=options.dropout_variant, drop_path=options.drop_path, activation=source.activation,
+        gated=source.gated,
         bias=(source.b_up is not None, source.b_down is not None), initialize=False,
         hidden_norm_eps=None if source.hidden_norm is None else source.hidden_norm[2],
     )  # fmt: skip
@@ -216,9 +271,12 @@ def fill(experts, source: DenseFFN, hidden: torch.Tensor, channels: torch.Tensor
 def build_router(options: JetpackOptions, recipe_router, d_model: int, num_experts: int, generator: torch.Generator):
     """The slot router; ``slots_per_expert`` and ``noise_std`` come from the recipe's router section."""
     if options.slot_router == "soft":
-        return seeded_router("soft", d_model, num_experts, generator, slots_per_expert=recipe_router.slots_per_expert)
+        return seeded_router("soft", d_model, num_experts, generator, slots_per_expert=recipe_router.slots_per_expert,
+                             normalize=options.soft_normalize)  # fmt: skip
+    noise_std = recipe_router.noise_std / (num_experts if options.noise_per_expert else 1)
     return seeded_router(
         "sphero", d_model, num_experts, generator, slots_per_expert=recipe_router.slots_per_expert,
         key_projection=options.key_projection, key_norm=options.key_norm, temperatures=options.temperatures,
-        temperature_init=options.temperature_init, noise_std=recipe_router.noise_std, combine=options.combine,
+        temperature_init=options.temperature_init, noise_std=noise_std, combine=options.combine,
+        noise_on=options.noise_on, noise_in_eval=options.noise_in_eval,
     )  # fmt: skip

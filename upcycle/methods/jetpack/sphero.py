@@ -10,7 +10,10 @@ similarities in [-1, 1], so the temperatures alone set how peaked routing is:
     combine  C = softmax (or entmax-1.5) over the S slots of L / τ_c   (each token mixes the slot outputs)
 
 ``temperatures="two"`` learns τ_d and τ_c apart (released code, both initialised at 0.5), ``"one"`` shares one.
-Temperatures are stored as log τ so they stay positive. Optional Gaussian noise on L, in training only.
+Temperatures are stored as log τ so they stay positive. Optional Gaussian noise of std ``noise_std``: on the cosines
+L before the temperatures (``noise_on="cosines"``), or one draw added to both L / τ_d and L / τ_c after them
+(``"logits"``, the released ``DualPathSoftMoELayerWrapper``); in training only, or in evaluation too with
+``noise_in_eval`` (the released code never switches it off).
 ``router_logits`` in the returned :class:`Routing` are the combine logits L / τ_c (what the combine read).
 Dimension letters: b examples, n tokens per example, d model width, S = e·s slots.
 """
@@ -43,6 +46,8 @@ class SpheroMoERouter(Router):
         temperature_init: float = 0.5,
         noise_std: float = 0.0,
         combine: str = "softmax",
+        noise_on: str = "cosines",
+        noise_in_eval: bool = False,
     ):
         super().__init__(d_model, num_experts)
         if slots_per_expert < 1:
@@ -55,8 +60,11 @@ class SpheroMoERouter(Router):
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         if combine not in ("softmax", "entmax15"):
             raise ValueError(f"combine must be 'softmax' or 'entmax15', got {combine!r}")
+        if noise_on not in ("cosines", "logits"):
+            raise ValueError(f"noise_on must be 'cosines' or 'logits', got {noise_on!r}")
         self.slots_per_expert, self.key_norm = slots_per_expert, key_norm
         self.noise_std, self.combine = noise_std, combine
+        self.noise_on, self.noise_in_eval = noise_on, noise_in_eval
         self.slot_queries = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts * slots_per_expert, d_model)))
         self.query_norm = nn.LayerNorm(d_model)
         # identity init: the projected keys start as the released code's (projection-free) keys and learn from there
@@ -70,6 +78,7 @@ class SpheroMoERouter(Router):
             "d_model": d_model, "num_experts": num_experts, "slots_per_expert": slots_per_expert,
             "key_projection": key_projection, "key_norm": key_norm, "temperatures": temperatures,
             "temperature_init": temperature_init, "noise_std": noise_std, "combine": combine,
+            "noise_on": noise_on, "noise_in_eval": noise_in_eval,
         }  # fmt: skip
 
     def temperatures(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,12 +97,17 @@ class SpheroMoERouter(Router):
             keys = F.normalize(keys, dim=-1)
         queries = F.normalize(self.query_norm(self.slot_queries), dim=-1)  # [S, d]
         logits = torch.einsum("bnd,Sd->bnS", keys, queries.to(keys.dtype)).float()  # [b, n, S]
-        if self.training and self.noise_std:
-            # on the cosines, before the temperature, so the noise keeps its size relative to the [-1, 1] range
-            logits = logits + self.noise_std * torch.randn_like(logits)
+        noise = None
+        if self.noise_std and (self.training or self.noise_in_eval):
+            noise = self.noise_std * torch.randn_like(logits)
+        if noise is not None and self.noise_on == "cosines":
+            # before the temperature, so the noise keeps its size relative to the [-1, 1] range of the cosines
+            logits = logits + noise
         tau_dispatch, tau_combine = self.temperatures()
-        dispatch = torch.softmax(logits / tau_dispatch, dim=1)  # over tokens
-        combine_logits = logits / tau_combine
+        dispatch_logits, combine_logits = logits / tau_dispatch, logits / tau_combine
+        if noise is not None and self.noise_on == "logits":  # the released code: one draw on both, after τ
+            dispatch_logits, combine_logits = dispatch_logits + noise, combine_logits + noise
+        dispatch = torch.softmax(dispatch_logits, dim=1)  # over tokens
         combine = torch.softmax(combine_logits, dim=2) if self.combine == "softmax" else entmax15(combine_logits, 2)
         return Routing(
             self.num_experts,
