@@ -153,6 +153,10 @@ class AuxLossConfig(StrictModel):
     sparsity: float = Field(0.0, ge=0, description="activation-sparsity coefficient on FFN activations (D2DMoE)")
     sparsity_kind: Literal["hoyer", "l1"] = Field("hoyer", description="squared Hoyer or L1")
     sparsity_ramp: float = Field(0.5, ge=0, le=1, description="fraction of training over which sparsity ramps up")
+    sparsity_mean: Literal["per_group", "pooled"] = Field(
+        "per_group", description="per_group: mean over the FFNs plus mean over the attention-projection MLPs (D2DMoE's "
+        "code); pooled: one mean over all of them, which weakens the FFN term when projections are included",
+    )  # fmt: skip
     router_fit: float = Field(
         0.0, ge=0, description="fit routers to their experts' measured outputs (D2DMoE/MoEfication router stage)"
     )

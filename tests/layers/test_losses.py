@@ -55,4 +55,5 @@ def test_hoyer_gradient_is_finite_on_zero_tokens():
 
 
 def test_l1_hand_case():
-    assert l1_sparsity(torch.tensor([[1.0, -2.0], [0.0, 3.0]])).item() == pytest.approx(1.5)
+    assert l1_sparsity(torch.tensor([[1.0, -2.0], [0.0, 3.0]])).item() == pytest.approx(3.0)  # (3 + 3) / 2 tokens
+    assert l1_sparsity(torch.ones(2, 3, 8)).item() == pytest.approx(8.0)  # summed over units, not averaged

@@ -42,5 +42,7 @@ def hoyer_sparsity(activations: torch.Tensor, eps: float = 1e-12) -> torch.Tenso
 
 
 def l1_sparsity(activations: torch.Tensor) -> torch.Tensor:
-    """Mean absolute activation over all elements."""
-    return activations.float().abs().mean()
+    """L1 norm of each token's activations ``[..., h]``, averaged over tokens (D2DMoE's ``relu_l1``, arXiv
+    2310.04361): summed over the hidden units, so a coefficient means what the authors' coefficients mean at any
+    width (a mean over units would make it h times weaker)."""
+    return activations.float().abs().sum(-1).mean()

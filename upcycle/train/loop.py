@@ -34,7 +34,7 @@ from .optim import build_optimizer, build_scheduler
 from .router_fit import RouterFit
 from .sampler import ResumableBatchSampler
 from .sparsity import SparsityPenalty, ramp
-from .stages import EMA, apply_freeze
+from .stages import EMA, apply_freeze, set_training_modes
 
 
 class TrainingDiverged(RunFailed, RuntimeError):
@@ -91,7 +91,8 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
         raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
     apply_freeze(model, cfg.freeze)
     model.to(context.device)
-    sparsity = SparsityPenalty(model, adapter, cfg.aux.sparsity_kind) if cfg.aux.sparsity else None
+    aux = cfg.aux
+    sparsity = SparsityPenalty(model, adapter, aux.sparsity_kind, aux.sparsity_mean) if aux.sparsity else None
     router_fit = RouterFit(model) if cfg.aux.router_fit else None
     checkpoint = latest_checkpoint(checkpoints) if resume else None
     if checkpoint is not None:  # weights go in before sharding; a checkpoint of another model fails clearly
@@ -120,7 +121,7 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
                desc="train", unit="step", dynamic_ncols=True)  # fmt: skip
     window: dict[str, list[float]] = {}
     window_start, window_items = time.perf_counter(), 0
-    model.train()
+    set_training_modes(model, cfg.freeze)
     for step in bar:
         micro_batches = batches(train_set, sampler.next_step(), context.device, seed=(cfg.seed + 1) * 1_000_003 + step)
         generator = seed_step(cfg.seed, step, context.rank)  # after fetching: dropout, noise and Mixup per process
@@ -216,7 +217,7 @@ def _aux_objective(model: nn.Module, cfg: TrainConfig, metrics: dict) -> torch.T
 
 def _evaluate(model, task, dataset, cfg: TrainConfig, context, autocast) -> dict:
     """Validation on the whole split (or ``eval_batches`` batches), each process a shard, averaged."""
-    was_training = model.training
+    was_training = [(module, module.training) for module in model.modules()]
     model.eval()
     size = min(cfg.batch_size, 256)
     # Under FSDP every process must run the same forwards (each gathers shards from all), so each takes every batch.
@@ -224,5 +225,6 @@ def _evaluate(model, task, dataset, cfg: TrainConfig, context, autocast) -> dict
     batch_iter = held_out_batches(dataset, size, context.device, cfg.eval_batches, rank, world)
     with torch.no_grad(), autocast:
         result = task.evaluate(model, batch_iter)
-    model.train(was_training)
+    for module, mode in was_training:  # each module as it was: the router stage keeps its backbone in eval mode
+        module.training = mode
     return distributed.mean_across(result, context)

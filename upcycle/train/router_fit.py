@@ -6,8 +6,9 @@ forward, every expert on every token of that layer (:meth:`~upcycle.layers.Exper
 grad: these are targets) and keep them with the router's predictions (``Routing.router_logits``). The statistics
 are taken inside the layer's forward, while its parameters are present even under FSDP, which frees a block's
 gathered weights once the block has run. ``take`` returns each router's own fit loss averaged over layers: MSE on
-output norms (dynamic-k), BCE on normalised activation sums (MoEfication). With ``freeze: all_but_routers`` and
-the routers in training mode (every expert runs) this is the authors' teacher-forced router training.
+output norms (dynamic-k), BCE on normalised activation sums (MoEfication). With ``freeze: all_but_routers`` the
+backbone runs in eval mode and only the routers train (every expert runs): the authors' teacher-forced router
+training.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class RouterFit:
         self.handles = [layer.register_forward_hook(self._keep, with_kwargs=True) for layer in self.layers]
 
     def _keep(self, layer: MoE, args: tuple, kwargs: dict, output) -> None:
-        if not layer.training:  # validation forwards fit nothing
+        if not layer.router.training:  # validation forwards fit nothing (the frozen backbone is in eval mode)
             return
         x = args[0] if args else kwargs["x"]
         with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers import moe_layers
 from .optim import is_router_parameter
 
 
@@ -22,6 +23,19 @@ def apply_freeze(model: nn.Module, mode: str) -> None:
             param.requires_grad_(False)
     if mode == "all_but_routers" and not found_router:
         raise ValueError("freeze=all_but_routers, but the model has no router: convert it to an MoE first")
+
+
+def set_training_modes(model: nn.Module, freeze: str) -> None:
+    """Training mode for a training step. With ``all_but_routers`` the frozen backbone runs in eval mode (no
+    dropout, fixed normalisation statistics) and only the routers are in training mode, as the D2DMoE authors fit
+    their routers (``train_routers.py``, arXiv 2310.04361): the routers then learn what the backbone computes at
+    inference, not a dropped-out version of it. Routers of this stage run every expert while training."""
+    if freeze != "all_but_routers":
+        model.train()
+        return
+    model.eval()
+    for _, layer in moe_layers(model):
+        layer.router.train()
 
 
 class EMA:

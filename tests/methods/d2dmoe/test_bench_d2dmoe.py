@@ -254,6 +254,9 @@ def test_bench_d2dmoe_quick(tmp_path, monkeypatch):
     for key in ("vit.flops_fraction_at_1pt_drop", "vit.moefication_flops_fraction_at_1pt_drop",
                 "vit.ffn_wallclock_speedup_at_1pt_drop", "minilm.flops_fraction_at_1pt_drop"):  # fmt: skip
         assert key in summary
+    for key, entry in summary["paper"].items():  # the paper's headline numbers next to ours
+        assert entry["ours"] == summary.get(key) and entry["paper"] == d2dmoe.PAPER[key]["paper"]
+    assert summary["held_out_examples"] == {"vit": 128, "minilm": 64}  # the quick scale's
     variants = {(r["model"], r["variant"]) for r in payload["rows"]}
     assert variants >= {("vit", "d2dmoe"), ("vit", "moefication"), ("vit", "d2dmoe_attention"),
                         ("minilm", "d2dmoe"), ("minilm", "moefication"), ("vit", "d2dmoe_timing")}  # fmt: skip

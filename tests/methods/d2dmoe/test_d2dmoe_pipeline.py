@@ -117,10 +117,13 @@ def test_stage_fingerprints_name_each_stage_and_the_recipe_fields_it_depends_on(
     sparsify = {**attention, "sparsify": json.loads(recipe.sparsify_config().model_dump_json())}
     assert prints["1-sparsify"] == sparsify
     split = {**sparsify, "method": "d2dmoe", "num_experts": 4, "partition": "kmeans", "router_hidden": 128}
-    assert prints["2-d2dmoe"] == split and prints["2-moefication"] == {**split, "method": "moefication"}
+    moefication = {**split, "method": "moefication", "router_activation": "tanh", "router_targets": "batch_max"}
+    assert prints["2-d2dmoe"] == split and prints["2-moefication"] == moefication  # its router options: its alone
     routers = json.loads(recipe.router_config().model_dump_json())
     assert prints["3-d2dmoe-routers"] == {**split, "routers": routers}
-    assert prints["3-moefication-routers"] == {**split, "method": "moefication", "routers": routers}
+    assert prints["3-moefication-routers"] == {**moefication, "routers": routers}
+    relu = pipeline.stage_fingerprints(load_recipe({**TINY_RECIPE, "moefication_activation": "relu"}))
+    assert relu["2-moefication"]["router_activation"] == "relu" and relu["2-d2dmoe"] == split
     # stage.json is compared after a JSON round trip: the training recipes' tuples (AdamW betas) must be lists
     assert prints["1-sparsify"]["sparsify"]["betas"] == [0.9, 0.999]
     assert prints["3-d2dmoe-routers"]["routers"]["betas"] == [0.9, 0.999]
@@ -228,14 +231,18 @@ def test_split_stage_converts_with_the_recipe_s_experts_partition_and_router(tmp
         importlib.import_module("upcycle.convert"), "convert", convert
     )  # the package exports the function
     monkeypatch.setattr(pipeline, "save_stage", lambda model, out: saved.append((model, out)))
-    recipe = load_recipe({**TINY_RECIPE, "partition": "random", "router_hidden": 16, "seed": 2})
+    recipe = load_recipe({**TINY_RECIPE, "partition": "random", "router_hidden": 16, "seed": 2,
+                          "moefication_activation": "relu", "moefication_targets": "token_max"})  # fmt: skip
     sparse = tiny_vit()
     assert pipeline.split_stage(sparse, recipe, "moefication", tmp_path) is moe
     # every FFN, one expert per token until the sweep sets τ / k, the sorted backend, no progress bar of its own
     options = {"num_experts": 4, "top_k": 1, "layers": "all", "seed": 2, "backend": "sorted", "progress": False,
                "partition": "random", "router_hidden": 16}  # fmt: skip
-    assert calls == [(sparse, "moefication", options)]
-    assert saved == [(moe, tmp_path)]
+    mine = {"router_activation": "relu", "router_targets": "token_max"}  # MoEfication's router options
+    assert calls == [(sparse, "moefication", {**options, **mine})]
+    assert pipeline.split_stage(sparse, recipe, "d2dmoe", tmp_path) is moe
+    assert calls[-1] == (sparse, "d2dmoe", options)  # D2DMoE's router takes none of them
+    assert saved == [(moe, tmp_path)] * 2
 
 
 def test_router_stage_trains_a_copy_and_returns_it_whole(tmp_path, trained):

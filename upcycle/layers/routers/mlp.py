@@ -1,5 +1,5 @@
 """The small MLP router that D2DMoE (arXiv 2310.04361, §3.3) and MoEfication (arXiv 2110.01786, §3.2) train apart
-from a frozen backbone: ``d -> hidden -> e``, ReLU, no biases, one output per expert.
+from a frozen backbone: ``d -> hidden -> e``, ReLU (or tanh, MoEfication's), no biases, one output per expert.
 
 The two routers differ only in what the outputs mean (a predicted expert output norm, or the logit of "this expert
 is active"), how they pick experts from them, and the loss that fits them; the shared parts live here. Routers of
@@ -20,19 +20,25 @@ from ..experts import ExpertStatistics
 from ..routing import Routing
 from .base import Router
 
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
 
 class MLPRouter(Router):
     kind = "sparse"
 
-    def __init__(self, d_model: int, num_experts: int, hidden: int = 128):
+    def __init__(self, d_model: int, num_experts: int, hidden: int = 128, activation: str = "relu"):
         super().__init__(d_model, num_experts)
         if hidden < 1:
             raise ValueError(f"router hidden width must be >= 1, got {hidden}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"router activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         self.hidden = hidden
-        self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, num_experts, bias=False)
-        )
+        self.activation = activation
+        first, last = nn.Linear(d_model, hidden, bias=False), nn.Linear(hidden, num_experts, bias=False)
+        self.mlp = nn.Sequential(first, ACTIVATIONS[activation](), last)
         self._spec["hidden"] = hidden
+        if activation != "relu":  # part of the structure; a model saved before the option rebuilds with ReLU
+            self._spec["activation"] = activation
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """``x [t, d]`` -> raw MLP outputs ``[t, e]`` in fp32 (routing decisions stay fp32 under autocast)."""

@@ -15,6 +15,7 @@ The whole pipeline, stage by stage and resumable (:mod:`.pipeline`; CLI ``upcycl
     dynamic_k_router.py      D2DMoE's router (predicted expert norms, threshold τ); moefication_router.py MoEfication's
     relu.py, distill.py      the ReLU + sparsity stage, the attention-projection distillation (§3.4)
     recipe.py, pipeline.py   the resumable stages; sweep.py the τ / k sweeps; plots.py; bench.py; recipes/
+    choices.py               paper / released code / ours, point by point (``--preset paper`` / ``released``)
 """
 
 from importlib import import_module
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ...adapters import find_adapter
+from . import choices  # noqa: F401  (registers the paper / released presets)
 
 # the stages train and evaluate: they load on first use, so registering the split methods and routers stays light
 _LAZY = {"run_d2dmoe": "pipeline", "run_stages": "pipeline", "sweep_methods": "pipeline", "D2DMoERecipe": "recipe",

@@ -1,9 +1,14 @@
 """MoEfication's router (Zhang et al., arXiv 2110.01786, §3.2), as D2DMoE re-implements it for its baseline
-(arXiv 2310.04361, §4): the same MLP as the dynamic-k router, without ``abs``; output i is the logit of "expert i
-is active for this token". Inference runs a fixed top-k per token, summed unweighted.
+(arXiv 2310.04361, §4): the same MLP shape as the dynamic-k router, without ``abs``; output i is the logit of
+"expert i is active for this token". Inference runs a fixed top-k per token, summed unweighted.
 
-Fit with binary cross-entropy against each expert's hidden-activation sum divided by the largest sum over the
-token's experts (targets in [0, 1]), backbone frozen, every expert executing (training mode).
+Fit with binary cross-entropy against each expert's hidden-activation sum scaled into [0, 1], backbone frozen,
+every expert executing (training mode). Two choices of the authors' code are options:
+  - ``activation``: the MLP's hidden activation, ``tanh`` (MoEfication's code and D2DMoE's baseline) or ``relu``
+    (D2DMoE's own router);
+  - ``targets``: what the sums are divided by, ``batch_max`` (the largest sum over every token and expert of the
+    layer's batch, as both released codes do) or ``token_max`` (the largest sum of the token's experts, so every
+    token's most active expert has target 1).
 Dimension letters: t tokens, d model width, e experts, k experts per token.
 """
 
@@ -17,11 +22,19 @@ from ...layers.routers.base import register_router
 from ...layers.routers.mlp import MLPRouter
 from ...layers.routing import Routing
 
+TARGETS = ("batch_max", "token_max")
+
 
 @register_router("moefication")
 class MoEficationRouter(MLPRouter):
-    def __init__(self, d_model: int, num_experts: int, hidden: int = 128, top_k: int = 2):
-        super().__init__(d_model, num_experts, hidden)
+    def __init__(self, d_model: int, num_experts: int, hidden: int = 128, top_k: int = 2,
+                 activation: str = "relu", targets: str = "token_max"):  # fmt: skip
+        # the defaults are what models saved before the options were built with; recipes choose tanh / batch_max
+        super().__init__(d_model, num_experts, hidden, activation)
+        if targets not in TARGETS:
+            raise ValueError(f"MoEfication targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+        self.targets = targets
+        self._spec["targets"] = targets
         self.top_k = top_k
 
     @property
@@ -43,9 +56,15 @@ class MoEficationRouter(MLPRouter):
         return Routing(self.num_experts, indices=indices, weights=logits.new_ones(indices.shape), router_logits=logits)
 
     def fit_loss(self, predictions: torch.Tensor, statistics: ExpertStatistics) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(predictions.float(), self.fit_targets(statistics))
+
+    def fit_targets(self, statistics: ExpertStatistics) -> torch.Tensor:
+        """``[t, e]`` targets in [0, 1]: each expert's hidden-activation sum over the largest such sum of the token
+        (``token_max``) or of the whole batch (``batch_max``)."""
         sums = statistics.activation_sums.float().clamp_min(0)  # [t, e]; ReLU experts: already >= 0
-        targets = sums / sums.amax(-1, keepdim=True).clamp_min(1e-12)  # the most active expert of a token -> 1
-        return F.binary_cross_entropy_with_logits(predictions.float(), targets)
+        scale = sums.amax(-1, keepdim=True) if self.targets == "token_max" else sums.amax()
+        return sums / scale.clamp_min(1e-12)
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, hidden={self.hidden}, top_k={self.top_k}"
+        return (f"experts={self.num_experts}, hidden={self.hidden}, activation={self.activation}, top_k={self.top_k}, "
+                f"targets={self.targets}")  # fmt: skip

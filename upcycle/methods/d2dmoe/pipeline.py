@@ -42,10 +42,17 @@ def stage_fingerprints(recipe: D2DMoERecipe, method: str | None = None) -> dict[
     prints = {"0-attention": attention, "1-sparsify": sparsify}
     for name in recipe.methods if method is None else [method]:
         split = {**sparsify, "method": name, "num_experts": recipe.num_experts, "partition": recipe.partition,
-                 "router_hidden": recipe.router_hidden}  # fmt: skip
+                 "router_hidden": recipe.router_hidden, **router_options(recipe, name)}  # fmt: skip
         prints[f"2-{name}"] = split
         prints[f"3-{name}-routers"] = {**split, "routers": recipe.router_config().model_dump(mode="json")}
     return prints
+
+
+def router_options(recipe: D2DMoERecipe, method: str) -> dict:
+    """The method's own router options of the recipe (MoEfication's activation and targets; none for D2DMoE)."""
+    if method != "moefication":
+        return {}
+    return {"router_activation": recipe.moefication_activation, "router_targets": recipe.moefication_targets}
 
 
 def attention_stage(dense: nn.Module, recipe: D2DMoERecipe, out: Path, progress: bool) -> nn.Module:
@@ -78,7 +85,7 @@ def sparsify_stage(model: nn.Module, recipe: D2DMoERecipe, out: Path, progress: 
 def split_stage(model: nn.Module, recipe: D2DMoERecipe, method: str, out: Path) -> nn.Module:
     from ...convert import convert
 
-    options = {"partition": recipe.partition, "router_hidden": recipe.router_hidden}
+    options = {"partition": recipe.partition, "router_hidden": recipe.router_hidden, **router_options(recipe, method)}
     moe = convert(model, method, num_experts=recipe.num_experts, top_k=1, layers="all", seed=recipe.seed,
                           backend="sorted", progress=False, **options)  # fmt: skip
     save_stage(moe, out)

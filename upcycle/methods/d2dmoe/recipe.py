@@ -7,7 +7,7 @@
       sparsify: {epochs: 1, lr: 1e-4, aux: {sparsity: 0.05}}
       routers: {epochs: 1, lr: 1e-3}
       methods: [d2dmoe, moefication]
-      taus: [0, 0.1, 0.2, 0.4, 0.6, 0.8, 1]
+      taus: [0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1]
 
 ``sparsify`` and ``routers`` are training recipes (:class:`~upcycle.config.TrainConfig` fields; ``data`` and
 ``seed`` come from here). The router stage always freezes everything but the routers and trains on the router-fit
@@ -26,6 +26,8 @@ from ...config import StrictModel, load_recipe_section, load_train_config, stage
 SPARSIFY_DEFAULTS = {"epochs": 1, "lr": 1e-4, "warmup": 0.05,
                      "aux": {"sparsity": 0.05, "sparsity_kind": "hoyer", "sparsity_ramp": 0.5}}  # fmt: skip
 ROUTER_DEFAULTS = {"epochs": 1, "lr": 1e-3, "weight_decay": 0.0, "augment": False}
+# most of the cost falls between τ = 0 and 0.05 (the authors sweep 1 − τ up to 0.9999), so the grid is dense there
+TAUS = [0.0, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
 # the router stage fits the routers alone; the sparsity stage has no router
 NO_ROUTER_LOSSES = {"load_balancing": 0.0, "z_loss": 0.0}
 
@@ -47,8 +49,14 @@ class D2DMoERecipe(StrictModel):
     sparsify: dict[str, Any] = Field(default_factory=dict, description="training recipe of the sparsity stage")
     routers: dict[str, Any] = Field(default_factory=dict, description="training recipe of the router stage")
     methods: list[Literal["d2dmoe", "moefication"]] = Field(["d2dmoe", "moefication"], min_length=1)
-    taus: list[float] = Field([0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
-                              description="D2DMoE thresholds to sweep (0 runs every expert)")  # fmt: skip
+    moefication_activation: Literal["tanh", "relu"] = Field(
+        "tanh", description="MoEfication router's hidden activation (tanh: its paper and code; relu: D2DMoE's)"
+    )
+    moefication_targets: Literal["batch_max", "token_max"] = Field(
+        "batch_max", description="MoEfication router's BCE targets: activation sums over the batch's largest sum "
+        "(its code) or over each token's largest sum",
+    )  # fmt: skip
+    taus: list[float] = Field(TAUS, description="D2DMoE thresholds to sweep (0 runs every expert)")
     top_ks: list[int] | None = Field(None, description="MoEfication k to sweep (None: 1, 2, 4, ... up to E)")
     eval_examples: int | None = Field(None, ge=1, description="held-out examples per sweep point, an even stride "
                                       "through each split (None: all)")  # fmt: skip

@@ -5,12 +5,15 @@ Both cut each FFN into E equal experts exactly as ``neuron_split`` does (balance
 bias shared), so with every expert running the layer equals the dense FFN. They differ in the router:
   - ``d2dmoe``: a dynamic-k router, an MLP predicting each expert's output norm; expert i runs iff
     ``r_i >= τ·max_j r_j`` (τ = 0: every expert);
-  - ``moefication``: an MLP scoring each expert, a fixed top-k (``top_k`` of the recipe) at inference.
+  - ``moefication``: an MLP scoring each expert (tanh by default, as MoEfication's code), a fixed top-k (``top_k``
+    of the recipe) at inference.
 The router MLPs start random (drawn from the conversion generator); the router stage (``train`` with
 ``aux.router_fit > 0`` and ``freeze: all_but_routers``) fits them to the experts' measured outputs.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -22,15 +25,25 @@ from ...recycling.routers import seeded_router
 from .split import NeuronSplitOptions, split_experts, split_moe
 
 
-class MoEficationOptions(NeuronSplitOptions):
+class MLPRouterOptions(NeuronSplitOptions):
     router_hidden: int = Field(128, ge=1, description="hidden width of the router MLP d -> hidden -> e")
 
 
-class D2DMoEOptions(MoEficationOptions):
+class MoEficationOptions(MLPRouterOptions):
+    router_activation: Literal["tanh", "relu"] = Field(
+        "tanh", description="router MLP hidden activation: tanh (MoEfication's code and D2DMoE's baseline) or relu"
+    )
+    router_targets: Literal["batch_max", "token_max"] = Field(
+        "batch_max", description="BCE targets: expert activation sums over the batch's largest sum (the released "
+        "codes) or over the token's largest sum",
+    )  # fmt: skip
+
+
+class D2DMoEOptions(MLPRouterOptions):
     tau: float = Field(0.0, ge=0, le=1, description="dynamic-k threshold: expert i runs iff r_i >= tau * max r")
 
 
-def _split_with_mlp_router(dense: DenseFFN, config, generator: torch.Generator, options: MoEficationOptions,
+def _split_with_mlp_router(dense: DenseFFN, config, generator: torch.Generator, options: MLPRouterOptions,
                            router: str, **router_args) -> MoE:  # fmt: skip
     """The neuron split, then the named MLP router (drawn after the partition, from the same generator)."""
     if config.router.type != "topk":
@@ -65,4 +78,5 @@ def d2dmoe(dense: DenseFFN, config, generator: torch.Generator) -> MoE:
 @torch.no_grad()
 def moefication(dense: DenseFFN, config, generator: torch.Generator) -> MoE:
     options = MoEficationOptions(**config.options)
-    return _split_with_mlp_router(dense, config, generator, options, "moefication", top_k=config.top_k)
+    return _split_with_mlp_router(dense, config, generator, options, "moefication", top_k=config.top_k,
+                                  activation=options.router_activation, targets=options.router_targets)  # fmt: skip
