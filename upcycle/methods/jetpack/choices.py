@@ -86,7 +86,8 @@ CHOICES: tuple[Choice, ...] = (
     Choice(
         "Temperatures: one shared, or dispatch and combine apart",
         NOT_STATED, "two", "two", field="convert.options.temperatures",
-        why="As released; ours are stored as log τ so they stay positive.",
+        why="As released (one shared scored 84.8 against 85.0 validation accuracy); ours are stored as log τ so "
+        "they stay positive.",
     ),
     Choice(
         "Initial temperature",
@@ -96,12 +97,13 @@ CHOICES: tuple[Choice, ...] = (
     Choice(
         "Combine weights over slots",
         "softmax", "entmax15", "softmax", field="convert.options.combine",
-        why="The paper's text; entmax-1.5 stays a switch (it was within the ablation's noise).",
+        why="The paper's text; entmax-1.5 scored 86.6 against 85.0 validation accuracy with key norm on, not yet "
+        "retried with our key-norm-off default.",
     ),
     Choice(
         "Router noise: standard deviation (divided by E_core + E_univ when per-expert)",
         NOT_STATED, 1.0, 0.0, field="convert.router.noise_std",
-        why="Off by default: at 1/E the released noise is tiny next to the cosines' spread.",
+        why="Off by default; the released size, 1/E, is small next to the logits' range of ±1/τ.",
     ),
     Choice(
         "Router noise scaled by 1 / expert count",
@@ -140,7 +142,8 @@ CHOICES: tuple[Choice, ...] = (
     Choice(
         "Expert dropout rate",
         NOT_STATED, 0.4, 0.0, field="convert.options.expert_dropout",
-        why="Our short fine-tunes on small sets lost accuracy with it (ablation at 0.1).",
+        why="At 0.1 the paper variant was level with none (85.2 against 85.0 validation accuracy) and the released "
+        "one 1.2 points lower, so it stays off.",
     ),
     Choice(
         "Per-example drop of the whole MoE output (drop path)",
