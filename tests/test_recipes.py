@@ -64,8 +64,8 @@ def test_bam_recipe_is_what_the_benchmark_runs():
     from upcycle.methods.bam import bench as bam
     from upcycle.methods.bam import load_recipe
 
-    shipped = load_recipe(list_recipes()["bam_lm_tiny_text"])
-    assert shipped == load_recipe(bam.FULL.recipe)
+    assert load_recipe(list_recipes()["bam_lm_tiny_text"]) == load_recipe(bam.TINY.recipe)
+    assert load_recipe(list_recipes()["bam_smollm2_three_domains"]) == load_recipe(bam.FULL.recipe)
 
 
 PIPELINES = {  # the list: one recipe per paper pipeline, each runnable with `upcycle run`

@@ -23,12 +23,13 @@ def test_pipeline_runs_resumes_and_matches_compute(tmp_path):
     seed = tiny_seed()
     summary = run_bam(seed, TINY_RECIPE, tmp_path, progress=False, timing=False)
     for phase in ("branch-shakespeare", "branch-python_docs", "mix-btx", "mix-bam_expert_kv", "mix-bam_shared_kv",
-                  "dense-continued", "dense-mix-compute"):  # fmt: skip
+                  "dense-continued", "dense-mix-compute", "dense-same-tokens"):  # fmt: skip
         assert (tmp_path / phase / "model" / "config.json").is_file(), phase
     models = summary["models"]
     assert set(models) == {"seed", "branch-shakespeare", "branch-python_docs", "btx", "bam_expert_kv",
-                           "bam_shared_kv", "dense_continued", "dense_mix_compute"}  # fmt: skip
-    for name in ("btx", "bam_expert_kv", "bam_shared_kv", "dense_continued", "dense_mix_compute", "seed"):
+                           "bam_shared_kv", "dense_continued", "dense_mix_compute", "dense_same_tokens"}  # fmt: skip
+    for name in ("btx", "bam_expert_kv", "bam_shared_kv", "dense_continued", "dense_mix_compute", "dense_same_tokens",
+                 "seed"):  # fmt: skip
         assert summary[f"{name}_ppl"] == models[name]["test"]["average"] > 1
     assert summary["bam_over_btx"] == pytest.approx(summary["bam_expert_kv_ppl"] / summary["btx_ppl"])
     assert set(models["btx"]["val"]) == {"shakespeare", "python_docs", "average"}
@@ -41,6 +42,12 @@ def test_pipeline_runs_resumes_and_matches_compute(tmp_path):
     assert compute["steps"] == round(4 + 2 * compute["mix_macs_ratio"]) and compute["mix_macs_ratio"] > 1.5
     mix_only = json.loads((tmp_path / "dense-mix-compute" / "stage.json").read_text())["steps"]
     assert mix_only == compute["steps"] - 4
+    assert compute["same_tokens_steps"] == 4 + 2  # equal data: the branches' and the mixture's steps, in one model
+    assert json.loads((tmp_path / "dense-same-tokens" / "stage.json").read_text())["steps"] == 6
+    routing = models["btx"]["expert_usage"]["shakespeare"]
+    assert 0 <= routing["ffn_load_entropy"] <= 1 and 0 <= routing["ffn_token_entropy"] <= 1
+    assert 1 / 3 <= routing["ffn_top_probability"] <= 1 and routing["attention_token_entropy"] is None
+    assert 0 < models["bam_expert_kv"]["expert_usage"]["shakespeare"]["attention_token_entropy"] <= 1
     assert (tmp_path / "bam.png").stat().st_size > 10_000 and (tmp_path / "routing.png").stat().st_size > 10_000
     usage = models["bam_shared_kv"]["expert_usage"]
     assert set(usage) == {"shakespeare", "python_docs"} and len(usage["python_docs"]["ffn"]) == 3  # seed + 2
@@ -55,6 +62,42 @@ def test_pipeline_runs_resumes_and_matches_compute(tmp_path):
     changed = {**TINY_RECIPE, "mix": {**TRAIN, "steps": 3}}
     with pytest.raises(ValueError, match="holds this stage for another recipe"):
         run_bam(seed, changed, tmp_path, progress=False, timing=False)
+
+
+def test_compute_matched_bam_trains_for_btx_mix_compute(tmp_path):
+    """The paper's compute-matched runs: each BAM variant's mixture trained for mix steps × MACs(btx) / MACs(bam)."""
+    recipe = {**TINY_RECIPE, "mix": {**TRAIN, "steps": 5}, "variants": ["btx", "bam_expert_kv"],
+              "dense_continued": False, "compute_matched": True}  # fmt: skip
+    summary = run_bam(tiny_seed(), recipe, tmp_path, progress=False, timing=False)
+    budget = json.loads((tmp_path / "mix-bam_expert_kv-cm" / "compute.json").read_text())
+    assert budget["macs_ratio_to_btx"] > 1.5 and budget["steps"] == round(5 / budget["macs_ratio_to_btx"]) < 5
+    assert json.loads((tmp_path / "mix-bam_expert_kv-cm" / "stage.json").read_text())["compute_matched"] == budget
+    assert summary["bam_cm_over_btx"] == pytest.approx(summary["bam_expert_kv_cm_ppl"] / summary["btx_ppl"])
+    assert summary["bam_expert_kv_cm_ppl"] != summary["bam_expert_kv_ppl"]
+
+
+def test_btx_routing_can_follow_the_btx_paper():
+    """btx_top_k / btx_renormalize give BTX's mixture its own router (the BTX paper: softmax over the top-2); BAM's
+    keeps top_k / renormalize, and unset they follow them (BAM's BTX baseline)."""
+    from upcycle.layers import moe_layers
+    from upcycle.methods.bam.pipeline import merged
+
+    seed = tiny_seed()
+    branches = {d: build_dense("lm_tiny_parallel", hidden_size=32, intermediate_size=64, num_hidden_layers=2).eval()
+                for d in TINY_RECIPE["domains"]}  # fmt: skip
+    ids = torch.randint(0, 256, (2, 12))
+    baseline = load_recipe(TINY_RECIPE)
+    paper = load_recipe({**TINY_RECIPE, "btx_top_k": 2, "btx_renormalize": True})
+    assert baseline.routing("btx") == {"top_k": 1, "renormalize": False} == paper.routing("bam_expert_kv")
+    routers = {}
+    for name, recipe in (("baseline", baseline), ("paper", paper)):
+        btx = merged(seed, branches, recipe, "btx")
+        router = moe_layers(btx)[0][1].router
+        routers[name] = (router.top_k, router.renormalize, btx(input_ids=ids).logits)
+    assert routers["baseline"][:2] == (1, False) and routers["paper"][:2] == (2, True)
+    assert not torch.allclose(routers["baseline"][2], routers["paper"][2])
+    bam = merged(seed, branches, paper, "bam_expert_kv")
+    assert moe_layers(bam)[0][1].router.top_k == 1
 
 
 def test_trained_mixtures_keep_their_routing_and_aux_losses(tmp_path):
@@ -86,6 +129,8 @@ def test_trained_mixtures_keep_their_routing_and_aux_losses(tmp_path):
         ({"variants": ["btx"]}, "compute_reference"),
         ({"mix": {"lr": -1}}, "lr"),
         ({"variants": ["bam"]}, "variants"),
+        ({"btx_top_k": 5}, "btx_top_k=5 is larger than the 4 experts"),
+        ({"compute_matched": True, "variants": ["bam_expert_kv"], "dense_continued": False}, "compute_matched"),
     ],
 )
 def test_bad_recipes_are_refused(recipe, message):

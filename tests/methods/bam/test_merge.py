@@ -89,6 +89,26 @@ def test_each_expert_comes_from_its_model_and_the_rest_is_averaged():
         assert not moe_layers(model)
 
 
+@pytest.mark.parametrize("seed_kind", list(SEEDS))
+@pytest.mark.parametrize("method", ["btx", "bam"])
+def test_every_norm_and_the_head_are_the_average_of_all_inputs_seed_included(seed_kind, method):
+    """The papers average every non-expert tensor over the N+1 input models: norms and head too (set apart here,
+    since fresh models all start with unit norms), in both block layouts."""
+    models = [SEEDS[seed_kind](seed=s) for s in range(3)]
+    with torch.no_grad():
+        for j, model in enumerate(models):
+            for name, tensor in model.named_parameters():
+                if "norm" in name or "lm_head" in name:
+                    tensor.add_(0.1 * (j + 1))
+    merged = upcycle.merge(models, method=method)
+    state = merged.state_dict()
+    names = [n for n, _ in models[0].named_parameters() if "norm" in n or "lm_head" in n]
+    assert any("layers.1" in n for n in names)
+    for name in names:
+        mean = torch.stack([dict(m.named_parameters())[name] for m in models]).mean(0)
+        torch.testing.assert_close(state[name], mean, msg=name)
+
+
 def test_merge_is_deterministic_in_its_seed():
     models = [tiny_lm(seed=s) for s in range(2)]
     a, b = upcycle.merge(models, method="bam", seed=3), upcycle.merge(models, method="bam", seed=3)

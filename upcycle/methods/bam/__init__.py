@@ -4,6 +4,8 @@ mix the branches with ``upcycle.merge`` (:mod:`.merge`), train the mixture, and 
 
 from importlib import import_module
 
+from . import choices  # noqa: F401  (registers the paper / released presets)
+
 # the pipeline trains and evaluates: it loads on first use, so registering the merge methods stays light
 _LAZY = {"BAMRecipe": "recipe", "load_recipe": "recipe", "evaluate_models": "pipeline", "run_bam": "pipeline",
          "run_stages": "pipeline"}  # fmt: skip

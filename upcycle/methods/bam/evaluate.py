@@ -28,11 +28,23 @@ def domain_perplexity(model: nn.Module, recipe: BAMRecipe, split: str) -> dict[s
     return result
 
 
+def normalised_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy of distributions ``p [..., e]`` over e experts divided by log e: 1 uniform, 0 one expert."""
+    p = p.float().clamp_min(0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(p * p.clamp_min(1e-12).log()).sum(-1) / torch.log(torch.tensor(float(p.shape[-1])))
+
+
 @torch.no_grad()
 def expert_usage(model: nn.Module, recipe: BAMRecipe, split: str = "val") -> dict[str, dict]:
     """Per domain, how the mixture uses its experts (order: seed, then the recipe's domains), over all blocks:
     ``ffn`` the share of executed top-k assignments each FFN expert receives, ``attention`` the mean soft-router
-    weight of each attention expert (None without attention experts). ``{}`` for a dense model."""
+    weight of each attention expert (None without attention experts), and the router statistics that show a
+    collapse: ``ffn_load_entropy`` (entropy of the ``ffn`` shares / log e: 1 balanced, 0 every token on one expert),
+    ``ffn_token_entropy`` (mean per-token entropy of the FFN router's softmax / log e: low = confident routing),
+    ``ffn_top_probability`` (mean probability of the top expert: the scale a top-1 raw-probability router gives the
+    FFN output) and ``attention_token_entropy`` (the same for the soft attention router). ``{}`` for a dense
+    model."""
     ffn_layers = [layer for _, layer in moe_layers(model)]
     attention_layers = [m for m in model.modules() if isinstance(m, MixtureOfAttention)]
     if not ffn_layers:
@@ -44,15 +56,25 @@ def expert_usage(model: nn.Module, recipe: BAMRecipe, split: str = "val") -> dic
         held_out = HeldOut(model, recipe.data, split, recipe.eval_sequences, recipe.mix_config().seq_len,
                            data_options=recipe.data_options(domain=domain))  # fmt: skip
         ffn, attention = torch.zeros(experts), torch.zeros(experts)
+        token_entropy, top_probability, attention_entropy = [], [], []
         for batch in held_out.batches():
             model(input_ids=batch["input_ids"])
             for layer in ffn_layers:
                 routing = layer.last_routing
                 ffn += torch.bincount(routing.indices[routing.executed()], minlength=experts).float()
+                token_entropy.append(normalised_entropy(routing.router_probs).mean())
+                top_probability.append(routing.router_probs.float().max(-1).values.mean())
             for layer in attention_layers:
                 attention += layer.last_routing.weights.float().sum(0)
-        usage[domain] = {"ffn": (ffn / ffn.sum()).tolist(),
-                         "attention": (attention / attention.sum()).tolist() if attention_layers else None}  # fmt: skip
+                attention_entropy.append(normalised_entropy(layer.last_routing.weights).mean())
+        usage[domain] = {
+            "ffn": (ffn / ffn.sum()).tolist(),
+            "attention": (attention / attention.sum()).tolist() if attention_layers else None,
+            "ffn_load_entropy": float(normalised_entropy(ffn)),
+            "ffn_token_entropy": float(torch.stack(token_entropy).mean()),
+            "ffn_top_probability": float(torch.stack(top_probability).mean()),
+            "attention_token_entropy": float(torch.stack(attention_entropy).mean()) if attention_layers else None,
+        }
     return usage
 
 

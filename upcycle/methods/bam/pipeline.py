@@ -4,9 +4,13 @@ of the same recipe load, interrupted ones resume from their checkpoints):
 
     branch-<domain>/     Branch + Train: a copy of the seed continued on its domain (+ general_share of the others)
     mix-<variant>/       Mix: merge([seed, *branches]) by the variant, then trained on all domains
+    mix-<variant>-cm/    (compute_matched) a BAM variant's mixture trained for BTX's mix-phase compute: mix steps x
+                         MACs(btx) / MACs(variant), the paper's compute-matched comparison (model ``<variant>_cm``)
     dense-continued/     the seed trained on the same mixture with the compute of ``compute_reference`` (branch
                          phase included: dense steps = Σ branch steps + mix steps × MACs(reference) / MACs(dense))
     dense-mix-compute/   the same with the mixture phase's compute only (mix steps × MACs(reference) / MACs(dense))
+    dense-same-tokens/   (dense_same_tokens) the same for the tokens the branch and mix phases train on (Σ branch
+                         steps + mix steps): equal data, fewer FLOPs than any mixture
     summary.json, bam.png   held-out perplexity per domain for every model; parameters, MACs per token, latency
     routing.png          which experts each domain's text uses in every mixture (FFN and attention routers)
 
@@ -39,7 +43,7 @@ def branch_fingerprint(recipe: BAMRecipe, domain: str) -> dict:
 def mix_fingerprint(recipe: BAMRecipe, variant: str) -> dict:
     return {
         "branches": [branch_fingerprint(recipe, d) for d in recipe.domains], "variant": variant,
-        "merge": {"top_k": recipe.top_k, "renormalize": recipe.renormalize, "router_init_std": recipe.router_init_std},
+        "merge": {**recipe.routing(variant), "router_init_std": recipe.router_init_std},
         "mix": recipe.mix_config().model_dump(mode="json"),
     }  # fmt: skip
 
@@ -61,27 +65,40 @@ def merged(seed: nn.Module, branches: dict[str, nn.Module], recipe: BAMRecipe, v
     from .merge import merge
 
     models = [seed, *(branches[d] for d in recipe.domains)]
-    return merge(models, **VARIANTS[variant], top_k=recipe.top_k, renormalize=recipe.renormalize,
-                         router_init_std=recipe.router_init_std, seed=recipe.seed,
-                         expert_names=["seed", *recipe.domains])  # fmt: skip
+    return merge(models, **VARIANTS[variant], **recipe.routing(variant), router_init_std=recipe.router_init_std,
+                 seed=recipe.seed, expert_names=["seed", *recipe.domains])  # fmt: skip
 
 
-def dense_steps(seed: nn.Module, branches: dict[str, nn.Module], recipe: BAMRecipe) -> dict:
-    """Steps of the dense run that spend the compute of the reference variant's branch and mixture phases."""
+def macs(seed: nn.Module, branches: dict[str, nn.Module], recipe: BAMRecipe, variant: str | None) -> float:
+    """Forward MACs of ``variant``'s mixture (None: the dense seed) on the first held-out sequences: training costs
+    about three forwards for every model alike, so ratios of these are ratios of training FLOPs per token."""
     from ...eval import count_macs
 
     ids = example_ids(seed, recipe, COST_SEQUENCES)
-    dense = count_macs(seed, {"input_ids": ids}).total
-    reference = count_macs(merged(seed, branches, recipe, recipe.compute_reference), {"input_ids": ids}).total
+    model = seed if variant is None else merged(seed, branches, recipe, variant)
+    return count_macs(model, {"input_ids": ids}).total
+
+
+def dense_steps(seed: nn.Module, branches: dict[str, nn.Module], recipe: BAMRecipe) -> dict:
+    """Steps of the dense run that spend the compute of the reference variant's branch and mixture phases
+    (``steps``), and of the one that sees the same tokens (``same_tokens_steps``)."""
+    ratio = macs(seed, branches, recipe, recipe.compute_reference) / macs(seed, branches, recipe, None)
     branch_steps = sum(recipe.branch_config(d).steps for d in recipe.domains)
-    steps = round(branch_steps + recipe.mix_config().steps * reference / dense)
-    return {"steps": steps, "branch_steps": branch_steps, "mix_macs_ratio": reference / dense}
+    mix_steps = recipe.mix_config().steps
+    return {"steps": round(branch_steps + mix_steps * ratio), "branch_steps": branch_steps, "mix_macs_ratio": ratio,
+            "same_tokens_steps": branch_steps + mix_steps}  # fmt: skip
+
+
+def compute_matched_steps(seed: nn.Module, branches: dict[str, nn.Module], recipe: BAMRecipe, variant: str) -> dict:
+    """Mix-phase steps that give ``variant`` BTX's mix-phase compute (the BAM paper's compute-matched runs)."""
+    ratio = macs(seed, branches, recipe, "btx") / macs(seed, branches, recipe, variant)
+    return {"steps": max(1, round(recipe.mix_config().steps * ratio)), "macs_ratio_to_btx": 1 / ratio}
 
 
 def run_stages(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str | Path, progress: bool = True,
                redo: bool = False) -> dict[str, nn.Module]:  # fmt: skip
-    """Every phase; returns ``{"seed", "branch-<domain>"..., <variant>..., "dense_continued",
-    "dense_mix_compute"}`` models."""
+    """Every phase; returns ``{"seed", "branch-<domain>"..., <variant>..., <variant>_cm..., "dense_continued",
+    "dense_mix_compute", "dense_same_tokens"}`` models (those the recipe asks for)."""
     recipe = load_recipe(recipe)
     out = Path(out)
 
@@ -99,6 +116,14 @@ def run_stages(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str 
     for variant in recipe.variants:
         models[variant] = trained(f"mix-{variant}", mix_fingerprint(recipe, variant),
                                   lambda v=variant: merged(seed, branches, recipe, v), recipe.mix_config())  # fmt: skip
+    if recipe.compute_matched:
+        for variant in (v for v in recipe.variants if v != "btx"):
+            budget = compute_matched_steps(seed, branches, recipe, variant)
+            fingerprint = {**mix_fingerprint(recipe, variant), "compute_matched": budget}
+            models[f"{variant}_cm"] = trained(f"mix-{variant}-cm", fingerprint,
+                                              lambda v=variant: merged(seed, branches, recipe, v),
+                                              recipe.mix_config(budget["steps"]))  # fmt: skip
+            atomic_write_text(out / f"mix-{variant}-cm" / "compute.json", json.dumps(budget, indent=2) + "\n")
     if recipe.dense_continued:
         budget = dense_steps(seed, branches, recipe)
         fingerprint = {**mix_fingerprint(recipe, "dense_continued"), "compute": budget}
@@ -110,6 +135,10 @@ def run_stages(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str 
         fingerprint = {**mix_fingerprint(recipe, "dense_mix_compute"), "steps": mix_only}
         models["dense_mix_compute"] = trained("dense-mix-compute", fingerprint, lambda: seed,
                                               recipe.mix_config(mix_only))  # fmt: skip
+        if recipe.dense_same_tokens:  # equal data: the tokens the branches and the mixture train on, all in one model
+            fingerprint = {**mix_fingerprint(recipe, "dense_same_tokens"), "steps": budget["same_tokens_steps"]}
+            models["dense_same_tokens"] = trained("dense-same-tokens", fingerprint, lambda: seed,
+                                                  recipe.mix_config(budget["same_tokens_steps"]))  # fmt: skip
     return models
 
 
@@ -140,11 +169,15 @@ def run_bam(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str | P
     models = run_stages(seed, recipe, out, progress, redo)
     results = evaluate_models(models, recipe, timing)
     summary = {"recipe": recipe.model_dump(mode="json"), "models": results}
-    for name in [*recipe.variants, "dense_continued", "dense_mix_compute", "seed"]:
+    compute_matched = [f"{v}_cm" for v in recipe.variants if v != "btx"] if recipe.compute_matched else []
+    for name in [*recipe.variants, *compute_matched, "dense_continued", "dense_mix_compute", "dense_same_tokens",
+                 "seed"]:  # fmt: skip
         if name in results:
             summary[f"{name}_ppl"] = results[name]["test"]["average"]
     if "btx" in results and "bam_expert_kv" in results:
         summary["bam_over_btx"] = summary["bam_expert_kv_ppl"] / summary["btx_ppl"]
+    if "btx" in results and "bam_expert_kv_cm" in results:
+        summary["bam_cm_over_btx"] = summary["bam_expert_kv_cm_ppl"] / summary["btx_ppl"]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     summary["plot"] = str(plot_bam({"seed 0": results}, list(recipe.domains), out / "bam.png"))
     summary["usage_plot"] = str(plot_usage(results, list(recipe.domains), out / "routing.png"))

@@ -8,8 +8,10 @@ from pathlib import Path
 from ...plotting import pyplot, save_figure
 
 LABELS = {"seed": "seed (dense)", "dense_mix_compute": "dense, mix-phase compute",
-          "dense_continued": "dense, all of BAM's compute", "btx": "BTX", "bam_expert_kv": "BAM, expert KV",
-          "bam_shared_kv": "BAM, shared KV"}  # fmt: skip
+          "dense_same_tokens": "dense, same tokens", "dense_continued": "dense, all of BAM's compute", "btx": "BTX",
+          "bam_expert_kv": "BAM, expert KV", "bam_shared_kv": "BAM, shared KV",
+          "bam_expert_kv_cm": "BAM expert KV, BTX's compute",
+          "bam_shared_kv_cm": "BAM shared KV, BTX's compute"}  # fmt: skip
 
 
 def plot_bam(runs: dict[str, dict], domains: list[str], path: Path, split: str = "test") -> Path:

@@ -6,7 +6,9 @@
       branch: {steps: 600, lr: 1e-3}   # continued pre-training of each copy of the seed
       mix: {steps: 600, lr: 5e-4}      # the mixture phase, on all domains in equal shares
       variants: [btx, bam_expert_kv, bam_shared_kv]
-      dense_continued: true            # the seed continued on the mixture with bam_expert_kv's compute
+      dense_continued: true            # the seed continued on the mixture with bam_expert_kv's compute (FLOPs)
+      dense_same_tokens: true          # ... and with the tokens of the branch and mix phases (equal data)
+      compute_matched: true            # each BAM variant also trained for BTX's mix-phase compute (the paper's CM)
 
 ``branch`` and ``mix`` are training recipes (:class:`~upcycle.config.TrainConfig` fields; ``data``,
 ``data_options`` and ``seed`` come from here). The mixture phase always trains with the load-balancing loss and the
@@ -47,8 +49,18 @@ class BAMRecipe(StrictModel):
     top_k: int = Field(1, ge=1, description="FFN experts per token")
     renormalize: bool = Field(False, description="divide the top-k probabilities by their sum (papers: no)")
     router_init_std: float = Field(0.02, ge=0, description="std of the random routers")
+    btx_top_k: int | None = Field(None, ge=1, description="BTX's FFN experts per token when it differs from BAM's "
+                                  "(the BTX paper: 2; None: top_k, as in BAM's BTX baseline)")  # fmt: skip
+    btx_renormalize: bool | None = Field(None, description="BTX's router weights: softmax over the chosen experts "
+                                         "(the BTX paper's SoftMax(TopK(Wx))); None: renormalize, as in BAM's "
+                                         "BTX baseline")  # fmt: skip
+    compute_matched: bool = Field(False, description="also train each BAM variant's mixture for BTX's mix-phase "
+                                  "compute: mix steps x MACs(btx) / MACs(variant), the paper's compute-matched "
+                                  "comparison (needs btx among the variants)")  # fmt: skip
     dense_continued: bool = Field(True, description="also continue the seed on the mixture with the same compute")
     compute_reference: Variant = Field("bam_expert_kv", description="the variant whose compute the dense run matches")
+    dense_same_tokens: bool = Field(True, description="with dense_continued: also continue the seed for the "
+                                    "branch and mix phases' steps (equal training tokens, fewer FLOPs)")  # fmt: skip
     eval_sequences: int | None = Field(None, ge=1, description="held-out sequences per domain, evenly strided "
                                        "(None: all)")  # fmt: skip
     seed: int = Field(0, description="seed of every phase")
@@ -66,15 +78,26 @@ class BAMRecipe(StrictModel):
             unknown = sorted(set(self.domains) - set(DOMAINS))
             if unknown:
                 raise ValueError(f"unknown domain(s) {', '.join(unknown)}; text_mixture has {', '.join(DOMAINS)}")
-        if self.top_k > len(self.domains) + 1:
-            raise ValueError(f"top_k={self.top_k} is larger than the {len(self.domains) + 1} experts (branches + seed)")
+        for name, k in (("top_k", self.top_k), ("btx_top_k", self.btx_top_k)):
+            if k is not None and k > len(self.domains) + 1:
+                raise ValueError(f"{name}={k} is larger than the {len(self.domains) + 1} experts (branches + seed)")
+        if self.compute_matched and ("btx" not in self.variants or self.variants == ["btx"]):
+            raise ValueError("compute_matched trains BAM for BTX's compute: variants need btx and a bam variant")
         if self.dense_continued and self.compute_reference not in self.variants:
             raise ValueError(f"compute_reference {self.compute_reference!r} is not among the variants {self.variants}")
         configs = [self.branch_config(d) for d in self.domains]  # a bad training field fails before any phase runs
         configs.append(self.mix_config())
-        if self.dense_continued and any(config.steps is None for config in configs):
-            raise ValueError("branch and mix need steps, not epochs: the dense run matches their compute in steps")
+        if (self.dense_continued or self.compute_matched) and any(config.steps is None for config in configs):
+            raise ValueError("branch and mix need steps, not epochs: the dense and compute-matched runs match their "
+                             "compute in steps")  # fmt: skip
         return self
+
+    def routing(self, variant: str) -> dict:
+        """The FFN router of ``variant``'s mixture: ``top_k`` and ``renormalize`` (BTX may have its own)."""
+        if variant == "btx":
+            renormalize = self.renormalize if self.btx_renormalize is None else self.btx_renormalize
+            return {"top_k": self.btx_top_k or self.top_k, "renormalize": renormalize}
+        return {"top_k": self.top_k, "renormalize": self.renormalize}
 
     def branch_weights(self, domain: str) -> dict[str, float]:
         others = [d for d in self.domains if d != domain]
