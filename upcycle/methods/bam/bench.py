@@ -28,7 +28,7 @@ from ...provenance import write_results
 MODELS = ("seed", "dense_continued", "btx", "bam_expert_kv", "bam_shared_kv", "dense_mix_compute",
           "dense_same_tokens", "bam_expert_kv_cm", "bam_shared_kv_cm")  # fmt: skip
 PER_DOMAIN = ("val", "test", "expert_usage")  # evaluation entries with one value per domain (not costs)
-# METHODS.md §4 / the paper's small-seed table (590M seed; perplexity, lower is better). Ours are byte- or
+# the paper's small-seed table (590M seed; perplexity, lower is better). Ours are byte- or
 # token-level perplexities of other data: compare orderings and ratios, not the values.
 PAPER = {"seed_size": "590M", "btx_ppl": 10.72, "bam_expert_kv_ppl": 9.70, "bam_expert_kv_cm_ppl": 10.00,
          "bam_over_btx": 9.70 / 10.72, "bam_cm_over_btx": 10.00 / 10.72, "bam_macs_over_btx": 2.2,
