@@ -5,28 +5,10 @@ import pytest
 import torch
 
 import upcycle
+from tests.methods.jetpack.helpers import jetpack, vit
 from upcycle.layers import moe_layers
 from upcycle.pretrain import build_dense
 from upcycle.record import record_of
-
-VIT = {"img_size": 8, "patch_size": 2, "in_chans": 1, "depth": 2, "num_classes": 10}  # 16 patches + class token
-
-
-def vit(width: int, seed: int = 0, **kwargs):
-    return build_dense("timm:vit_tiny_patch16_224", seed=seed, **{**VIT, "embed_dim": width, "num_heads": 2, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def predecessor(tmp_path_factory):
-    path = tmp_path_factory.mktemp("jetpack") / "wide"
-    upcycle.save(vit(64, seed=1), path)
-    return path
-
-
-def jetpack(model, predecessor=None, **options):
-    options = {"calibration_data": "digits", "calibration_images": 24, "layers": "last_half", **options}
-    return upcycle.convert(model, "moe_jetpack", predecessor=None if predecessor is None else str(predecessor),
-                           progress=False, **options)  # fmt: skip
 
 
 def test_experts_are_sampled_from_the_wider_predecessor(predecessor):

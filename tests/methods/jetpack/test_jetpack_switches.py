@@ -6,30 +6,12 @@ import pytest
 import torch
 
 import upcycle
+from tests.methods.jetpack.helpers import jetpack, vit
 from upcycle.layers import moe_layers
 from upcycle.methods.jetpack.calibration import channel_scores, collect_ffn_statistics
 from upcycle.methods.jetpack.recycling import JetpackOptions, calibration_images
 from upcycle.methods.jetpack.sampling import uniform_selection
 from upcycle.pretrain import build_dense
-
-VIT = {"img_size": 8, "patch_size": 2, "in_chans": 1, "depth": 2, "num_classes": 10}  # 16 patches + class token
-
-
-def vit(width: int, seed: int = 0):
-    return build_dense("timm:vit_tiny_patch16_224", seed=seed, **{**VIT, "embed_dim": width, "num_heads": 2})
-
-
-@pytest.fixture(scope="module")
-def predecessor(tmp_path_factory):
-    path = tmp_path_factory.mktemp("jetpack_switches") / "wide"
-    upcycle.save(vit(64, seed=1), path)
-    return path
-
-
-def jetpack(model, predecessor=None, **options):
-    options = {"calibration_data": "digits", "calibration_images": 24, "layers": "last_half", **options}
-    return upcycle.convert(model, "moe_jetpack", predecessor=None if predecessor is None else str(predecessor),
-                           progress=False, **options)  # fmt: skip
 
 
 def test_wide_then_thin_keeps_evenly_spaced_units_of_core_width_draws(predecessor):
