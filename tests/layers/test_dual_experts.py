@@ -97,11 +97,11 @@ def test_paper_dropout_zeroes_whole_example_expert_blocks_at_rate_p():
     torch.testing.assert_close(noisy.mean(0), clean[0], atol=0.04 * clean.abs().max().item(), rtol=0)
 
 
-def test_released_dropout_drops_whole_examples_and_keeps_the_expectation():
+def test_released_dropout_with_drop_path_drops_whole_examples_and_keeps_the_expectation():
     p, b = 0.25, 3000
     torch.manual_seed(0)
     experts = random_dual(
-        num_core=2, num_universal=2, h=16, h_universal=8, expert_dropout=p, dropout_variant="released"
+        num_core=2, num_universal=2, h=16, h_universal=8, expert_dropout=p, dropout_variant="released", drop_path=p
     )
     one = random_slot_routing(1, 3, 4, 1)
     dispatch, combine = (t.detach().expand(b, -1, -1) for t in (one.dispatch, one.combine))
