@@ -161,8 +161,10 @@ def test_a_tensor_no_moe_layer_holds_stops_the_conversion(monkeypatch):
 def test_the_generic_class_knows_every_activation_upcycle_has():
     from upcycle.export.remote import modeling_upcycle_moe
     from upcycle.layers.activations import ACTIVATIONS
+    from upcycle.layers.routers.mlp import ACTIVATIONS as ROUTER_ACTIVATIONS
 
     assert modeling_upcycle_moe.ACTIVATIONS.keys() == ACTIVATIONS.keys()
+    assert modeling_upcycle_moe.ROUTER_ACTIVATIONS == ROUTER_ACTIVATIONS
     x = torch.linspace(-4, 4, 33)
     for name, fn in ACTIVATIONS.items():
         assert torch.equal(modeling_upcycle_moe.ACTIVATIONS[name](x), fn(x)), name

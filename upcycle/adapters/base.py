@@ -152,6 +152,12 @@ class Adapter:
         its record updated so it saves and reloads with that head; the body, MoE layers included, is kept."""
         raise ValueError(f"{self.family}: giving the model a classification head is not supported")
 
+    def mean_pool_readout(self, model: nn.Module) -> tuple[dict, list[str]]:
+        """Swap a class-token readout for mean pooling over the patch tokens into a fresh norm (MoE Jetpack's
+        released code, arXiv 2406.04801), in place; returns the description's new build arguments and the tensors
+        dropped."""
+        raise ValueError(f"{self.family}: a mean-pool readout is not supported; use readout=class_token")
+
     def replace_attention_projections(self, model: nn.Module, hidden_ratio: float = 0.5,
                                       generator: torch.Generator | None = None) -> nn.Module:  # fmt: skip
         """D2DMoE §3.4: every attention projection becomes an equal-cost ReLU MLP (read as an FFN site after)."""

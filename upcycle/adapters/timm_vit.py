@@ -8,6 +8,8 @@ Its description records the MLP width, and the rebuild replaces the projections 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -62,6 +64,18 @@ class TimmViTAdapter(TimmAdapterMixin, Adapter):
         if "attention_projection_hidden" in description:
             replace_attention_projections(model, hidden=description["attention_projection_hidden"])
         return model
+
+    def mean_pool_readout(self, model: nn.Module) -> tuple[dict, list[str]]:
+        """As timm builds a ViT with ``global_pool='avg'``: the patch tokens averaged into a fresh ``fc_norm`` and
+        no final ``norm``, so the saved model rebuilds by name with that keyword."""
+        norm, fc_norm = getattr(model, "norm", None), getattr(model, "fc_norm", None)
+        if not isinstance(norm, nn.LayerNorm) or not isinstance(fc_norm, nn.Identity):
+            raise ValueError("a mean-pool readout replaces a ViT's class-token readout (a final LayerNorm, no "
+                             "fc_norm); this model has none: use readout=class_token")  # fmt: skip
+        fresh = copy.deepcopy(norm)  # same class, width and eps as timm's norm_layer gives fc_norm
+        fresh.reset_parameters()
+        model.fc_norm, model.norm, model.global_pool = fresh, nn.Identity(), "avg"
+        return {"global_pool": "avg"}, ["norm.weight", "norm.bias"]
 
     def replace_attention_projections(self, model: nn.Module, hidden_ratio: float = 0.5,
                                       generator: torch.Generator | None = None) -> nn.Module:  # fmt: skip

@@ -72,9 +72,12 @@ def test_mean_pool_readout_averages_patch_tokens_into_a_fresh_norm(tmp_path):
 def test_mean_pool_readout_refuses_a_model_without_a_class_token_readout():
     convnext = build_dense("timm:convnext_atto", in_chans=1, num_classes=10, pretrained_cfg_overlay={"input_size":
                            [1, 32, 32]})  # fmt: skip
-    with pytest.raises(ValueError, match="readout=mean_pool swaps a timm ViT's class-token readout"):
+    with pytest.raises(ValueError, match=r"ConvNeXt.*a mean-pool readout is not supported; use readout=class_token"):
         upcycle.convert(convnext, "moe_jetpack", layers=[4], calibration_data="digits", calibration_images=4,
                         readout="mean_pool", progress=False)  # fmt: skip
+    pooled = vit(32, global_pool="avg")  # a ViT that pools already: no class-token readout to swap
+    with pytest.raises(ValueError, match=r"replaces a ViT's class-token readout .* this model has none"):
+        jetpack(pooled, readout="mean_pool")
 
 
 def test_the_soft_router_is_normalised_unless_switched_off():

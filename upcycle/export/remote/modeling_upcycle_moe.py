@@ -59,18 +59,22 @@ class TopKRouter(nn.Module):
         return indices, weights, None
 
 
+ROUTER_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}  # the router MLP's hidden activation
+
+
 class MLPRouter(nn.Module):
-    """D2DMoE's dynamic-k router or MoEfication's top-k one: an MLP ``d -> hidden -> e`` (ReLU, no biases) scores
-    the experts; the chosen ones are summed with weight 1. Inference only (in training these routers run every
-    expert while they are fitted to the frozen backbone, which happens in upcycle)."""
+    """D2DMoE's dynamic-k router or MoEfication's top-k one: an MLP ``d -> hidden -> e`` (ReLU or tanh, no biases)
+    scores the experts; the chosen ones are summed with weight 1. Inference only (in training these routers run
+    every expert while they are fitted to the frozen backbone, which happens in upcycle)."""
 
     def __init__(self, name: str, d_model: int, num_experts: int, hidden: int, tau: float = 0.0, top_k: int = 1,
-                 **_unused):  # fmt: skip
+                 activation: str = "relu", **_unused):  # fmt: skip
         super().__init__()
         self.name, self.tau, self.top_k = name, tau, top_k
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, num_experts, bias=False)
-        )
+            nn.Linear(d_model, hidden, bias=False), ROUTER_ACTIVATIONS[activation](),
+            nn.Linear(hidden, num_experts, bias=False),
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # x [t, d]
         scores = self.mlp(x).float()  # [t, e]

@@ -26,6 +26,7 @@ import numpy as np
 from torch import nn
 
 from ...provenance import write_results
+from .recipe import TAUS
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,6 @@ class Scale:
     mac_examples: int = 256
 
 
-TAUS = [0.0, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
 MINILM_TAUS = [0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 MIN_HELD_OUT = 1000  # examples per split behind every full-scale accuracy (one point is then 10 examples or fewer)
 PRETRAIN = {"data": "fashion_mnist", "epochs": 3, "batch_size": 64, "lr": 1e-3, "label_smoothing": 0.1}  # shared

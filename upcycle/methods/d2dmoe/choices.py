@@ -8,12 +8,11 @@ MoEfication's points start with "MoEfication: ".
 from __future__ import annotations
 
 from ...presets import METHOD_CHOICES, NOT_STATED, Choice
+from .recipe import TAUS
 
 # the authors' ViT-B sweep (scripts/d2dmoe_vit.py, dsti_tau_to_eval 0.5 ... 1.0) as 1 − τ
-RELEASED_VIT_TAUS = [0.0, 0.0001, 0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35,
+RELEASED_TAUS = [0.0, 0.0001, 0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35,
                      0.4, 0.5]  # fmt: skip
-OUR_VIT_TAUS = [0.0, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6,
-                0.8, 1.0]  # fmt: skip
 
 # fmt: off
 CHOICES: tuple[Choice, ...] = (
@@ -106,7 +105,7 @@ CHOICES: tuple[Choice, ...] = (
     ),
     Choice(
         "τ grid of the sweep (ours: dense below 0.05, where most of the cost falls)",
-        NOT_STATED, RELEASED_VIT_TAUS, OUR_VIT_TAUS, field="d2dmoe.taus",
+        NOT_STATED, RELEASED_TAUS, TAUS, field="d2dmoe.taus",
         why="Fixed: our grid had no point between 0 and 0.05; it now has seven, and keeps points up to 1.",
     ),
     Choice(

@@ -27,13 +27,11 @@ listed in ``choices.py`` (``--preset paper`` / ``released``).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from ...adapters.dense_ffn import DenseFFN
 from ...config import StrictModel
@@ -176,20 +174,12 @@ def calibration_images(model, options: JetpackOptions) -> torch.Tensor:
 
 
 def finish(model, adapter, config, source: dict) -> tuple[dict, list[str]]:
-    """After the MoE layers are in: the readout. ``mean_pool`` (released code, timm ``global_pool='avg'``) averages
-    the patch tokens into a fresh LayerNorm and drops the checkpoint's final norm, as timm builds a ViT with that
-    pooling, so the saved model rebuilds by name. Returns the model's new description and the tensors it dropped."""
-    options = JetpackOptions(**config.options)
-    if options.readout == "class_token":
+    """After the MoE layers are in: the readout. ``mean_pool`` (released code) averages the patch tokens into a fresh
+    norm, as the model's adapter knows how. Returns the model's new description and the tensors it dropped."""
+    if JetpackOptions(**config.options).readout == "class_token":
         return source, []
-    norm, fc_norm = getattr(model, "norm", None), getattr(model, "fc_norm", None)
-    if adapter.name != "timm_vit" or not isinstance(norm, nn.LayerNorm) or not isinstance(fc_norm, nn.Identity):
-        raise ValueError("readout=mean_pool swaps a timm ViT's class-token readout (a final LayerNorm, no fc_norm) "
-                         "for mean pooling; this model has none: use readout=class_token")  # fmt: skip
-    fresh = copy.deepcopy(norm)  # same class, width and eps as timm's norm_layer gives fc_norm
-    fresh.reset_parameters()
-    model.fc_norm, model.norm, model.global_pool = fresh, nn.Identity(), "avg"
-    return {**source, "kwargs": {**source.get("kwargs", {}), "global_pool": "avg"}}, ["norm.weight", "norm.bias"]
+    kwargs, dropped = adapter.mean_pool_readout(model)
+    return {**source, "kwargs": {**source.get("kwargs", {}), **kwargs}}, dropped
 
 
 @register_method("moe_jetpack", PAPER, "experts sampled from a (wider) dense FFN by activation importance into a "
