@@ -35,3 +35,31 @@ def test_cached_pretrained_trains_once(tmp_path, monkeypatch):
     assert again == first and (again / "model.safetensors").stat().st_mtime_ns == stamp
     model = upcycle.load(first)
     assert model.num_classes == 10 and model.patch_embed.img_size == (8, 8)
+
+
+def test_cached_pretrained_started_twice_at_once_trains_once(tmp_path, monkeypatch):
+    """Two benchmarks that need the same model at the same time: one trains it, the other waits and reuses it."""
+    import threading
+    import time
+
+    import upcycle.pretrain
+
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path))
+    runs, real_pretrain = [], upcycle.pretrain.pretrain
+
+    def slow_pretrain(*args, **kwargs):
+        runs.append(threading.get_ident())
+        time.sleep(0.5)  # the second caller arrives while the first is training
+        return real_pretrain(*args, **kwargs)
+
+    monkeypatch.setattr(upcycle.pretrain, "pretrain", slow_pretrain)
+    recipe = {"data": "digits", "steps": 2, "batch_size": 16, "checkpoint_every": 2}
+    sizes = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    folders = []
+    callers = [threading.Thread(target=lambda: folders.append(cached_pretrained(
+        "timm:vit_tiny_patch16_224", recipe, progress=False, model=sizes))) for _ in range(2)]  # fmt: skip
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(runs) == 1 and len(folders) == 2 and folders[0] == folders[1]
