@@ -72,8 +72,9 @@ TINY = Scale(
 )
 # SmolLM2-135M: 4 sequences of 128 tokens a step. Rates a tenth of the byte model's (a pre-trained 135M LM moves
 # with small steps), the mix phase at half the branch rate as at the tiny scale; chosen before any run, not tuned.
+# bf16 autocast: 1.8x the fp32 speed of a SmolLM2 step on these CPUs, for every model alike.
 SMOL_TRAIN = {"batch_size": 4, "seq_len": 128, "weight_decay": 0.1, "warmup": 0.05, "log_every": 10,
-              "eval_batches": 8}  # fmt: skip
+              "eval_batches": 8, "precision": "bf16"}  # fmt: skip
 FULL = Scale(
     source="smollm2",
     model={},
