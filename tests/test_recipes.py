@@ -72,7 +72,7 @@ PIPELINES = {  # the issue's list: one recipe per paper pipeline, each runnable 
     "jetpack_mnist5k": "convert", "jetpack_convnext_mnist5k": "convert",
     "d2dmoe_vit_fashion_mnist": "d2dmoe", "moefication_minilm": "d2dmoe", "btx_lm_tiny_text": "bam",
     "bam_expert_kv_lm_tiny_text": "bam", "bam_shared_kv_lm_tiny_text": "bam",
-    "sparse_upcycling_smollm2": "convert",
+    "sparse_upcycling_smollm2": "convert", "drop_upcycling_smollm2": "convert",
 }  # fmt: skip
 
 
@@ -104,7 +104,8 @@ def test_a_recipe_is_found_by_name_or_path_and_a_wrong_name_lists_the_built_in_o
 
 def test_every_method_recipe_lives_in_its_method_home():
     homes = {"jetpack": "jetpack", "d2dmoe": "d2dmoe", "moefication": "d2dmoe", "bam": "bam", "btx": "bam",
-             "sparse_upcycling": "sparse_upcycling", "pretrain": "recipes"}  # fmt: skip
+             "sparse_upcycling": "sparse_upcycling", "drop_upcycling": "drop_upcycling",
+             "pretrain": "recipes"}  # fmt: skip
     for name, path in list_recipes().items():
         home = next(home for prefix, home in homes.items() if name.startswith(prefix))
         assert home in path.parts[-3:-1], (name, path)

@@ -6,6 +6,8 @@
     d2dmoe/             D2DMoE (arXiv 2310.04361) and MoEfication (arXiv 2110.01786): neuron split, ReLU and
                         sparsity stages, attention distillation, dynamic-k and MoEfication routers, the resumable
                         pipeline, sweeps, recipes, plots, benchmark
+    drop_upcycling/     Drop-Upcycling (arXiv 2502.19261): sparse upcycling's copies with a random share of every
+                        expert's hidden units redrawn from the dense statistics; its recipe
     bam/                BAM (arXiv 2408.08274) and BTX (arXiv 2403.07816): merging dense branches into one MoE, the
                         branch / mix / dense-reference pipeline, evaluation, recipes, plots, benchmark
 
@@ -16,6 +18,8 @@ load on first use.
 from .bam import merge  # noqa: F401  (registration side effect)
 from .d2dmoe import dynamic_k_router, moefication_router, split  # noqa: F401
 from .d2dmoe import recycling as _d2dmoe_recycling  # noqa: F401
+from .drop_upcycling import choices as _drop_upcycling_choices  # noqa: F401
+from .drop_upcycling import recycling as _drop_upcycling_recycling  # noqa: F401
 from .jetpack import recycling as _jetpack_recycling  # noqa: F401
 from .jetpack import sphero  # noqa: F401
 from .sparse_upcycling import choices as _sparse_upcycling_choices  # noqa: F401
