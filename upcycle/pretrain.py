@@ -78,9 +78,10 @@ def cached_pretrained(arch: str, config=None, progress: bool = True, model: dict
     description = {"arch": arch, "model": model or {}, "train": cfg.model_dump(mode="json", exclude_defaults=True)}
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
     out = cache_root() / "pretrained" / f"{arch.replace(':', '-')}-{cfg.data}-{key}"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    locks = cache_root() / "locks"  # beside the models, so pretrained/ lists models only
+    locks.mkdir(parents=True, exist_ok=True)
     # two benchmarks started together need the same model: the second waits for the first, then finds it
-    with FileLock(out.parent / f"{out.name}.lock"):
+    with FileLock(locks / f"pretrained-{out.name}.lock"):
         if not (out / "model" / "config.json").is_file():
             pretrain(arch, out, cfg, resume=True, progress=progress, model=model)  # resume: an interrupted run goes on
     return out / "model"
