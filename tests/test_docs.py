@@ -35,6 +35,7 @@ def _paper(url: str | None) -> str:
 GUIDES = {  # method -> its guide under docs/
     "sparse_upcycling": "methods/sparse_upcycling.md",
     "drop_upcycling": "methods/drop_upcycling.md",
+    "shared_finegrained": "methods/shared_finegrained.md",
     "moe_jetpack": "methods/jetpack.md",
     "neuron_split": "methods/d2dmoe.md",
     "d2dmoe": "methods/d2dmoe.md",

@@ -8,6 +8,8 @@
                         pipeline, sweeps, recipes, plots, benchmark
     drop_upcycling/     Drop-Upcycling (arXiv 2502.19261): sparse upcycling's copies with a random share of every
                         expert's hidden units redrawn from the dense statistics; its recipe
+    shared_finegrained/ shared + fine-grained experts (DeepSeekMoE, arXiv 2401.06066; upcycled as Qwen1.5-MoE): an
+                        always-on shared expert and fine-grained routed segments carved from the dense FFN; its recipe
     bam/                BAM (arXiv 2408.08274) and BTX (arXiv 2403.07816): merging dense branches into one MoE, the
                         branch / mix / dense-reference pipeline, evaluation, recipes, plots, benchmark
 
@@ -22,5 +24,7 @@ from .drop_upcycling import choices as _drop_upcycling_choices  # noqa: F401
 from .drop_upcycling import recycling as _drop_upcycling_recycling  # noqa: F401
 from .jetpack import recycling as _jetpack_recycling  # noqa: F401
 from .jetpack import sphero  # noqa: F401
+from .shared_finegrained import choices as _shared_finegrained_choices  # noqa: F401
+from .shared_finegrained import recycling as _shared_finegrained_recycling  # noqa: F401
 from .sparse_upcycling import choices as _sparse_upcycling_choices  # noqa: F401
 from .sparse_upcycling import recycling as _sparse_upcycling_recycling  # noqa: F401

@@ -78,6 +78,14 @@ def fill_expert(experts: Experts, i: int, dense: DenseFFN, hidden_units: torch.T
 def sparse_upcycling(dense: DenseFFN, config, generator: torch.Generator) -> MoE:
     options = SparseUpcyclingOptions(**config.options)
     copies, shards = config.num_experts, options.granularity
+    experts = granular_experts(dense, copies, shards, options.noise_std, options.weight_scaling, config, generator)
+    return MoE(virtual_group_router(config, dense.d_model, copies, shards, generator), experts)
+
+
+def granular_experts(dense: DenseFFN, copies: int, shards: int, noise_std: float, weight_scaling: str, config,
+                     generator: torch.Generator) -> Experts:  # fmt: skip
+    """``copies`` × ``shards`` experts: expert ``c·G + g`` is shard g of copy c (+ noise), scaled so that the layer
+    reproduces ``dense`` under ``config``'s top-k (see the module docstring)."""
     if dense.d_hidden % shards:
         raise ValueError(f"granularity {shards} does not divide the FFN hidden size {dense.d_hidden}")
     if shards > 1 and dense.hidden_norm is not None:
@@ -87,20 +95,25 @@ def sparse_upcycling(dense: DenseFFN, config, generator: torch.Generator) -> MoE
     for copy in range(copies):
         for shard in range(shards):
             fill_expert(experts, copy * shards + shard, dense, slice(shard * shard_width, (shard + 1) * shard_width))
-    if options.noise_std > 0:
+    if noise_std > 0:
         for name, weight in experts.named_parameters():
             if name.startswith("w_"):
-                scale = options.noise_std * weight.std()
+                scale = noise_std * weight.std()
                 weight.add_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype) * scale)
     if shards > 1 and experts.b_down is not None:
         experts.b_down.div_(shards)
-    _scale_weights(experts, options.weight_scaling, copies, shards, config.top_k, config.router.renormalize)
+    _scale_weights(experts, weight_scaling, copies, shards, config.top_k, config.router.renormalize)
+    return experts
 
-    router = build_recipe_router(config, dense.d_model, copies * shards, generator)
-    if shards > 1 and hasattr(router, "gate"):  # tie router rows within each virtual group
+
+def virtual_group_router(config, d_model: int, copies: int, shards: int, generator: torch.Generator):
+    """The recipe's router over ``copies · shards`` experts, its rows tied inside each virtual group of ``shards``
+    (one whole copy), so a token's top-k picks whole copies and the layer starts as the dense FFN."""
+    router = build_recipe_router(config, d_model, copies * shards, generator)
+    if shards > 1 and hasattr(router, "gate"):
         rows = router.gate.weight.view(copies, shards, -1)
         rows.copy_(rows[:, :1].clone().expand_as(rows))  # clone: source and destination overlap
-    return MoE(router, experts)
+    return router
 
 
 def _scale_weights(experts: Experts, mode: str, copies: int, shards: int, top_k: int, renormalize: bool) -> None:
