@@ -150,6 +150,9 @@ def to_yaml(config: BaseModel, section: str = "convert") -> str:
 class AuxLossConfig(StrictModel):
     load_balancing: float = Field(0.01, ge=0, description="Switch load-balancing coefficient (top-k routers)")
     z_loss: float = Field(0.001, ge=0, description="ST-MoE router z-loss coefficient")
+    sequence_balance: float = Field(
+        0.0001, ge=0, description="DeepSeek-V3 sequence-wise balance loss coefficient (sigmoid routers; paper: 0.0001)"
+    )
     sparsity: float = Field(0.0, ge=0, description="activation-sparsity coefficient on FFN activations (D2DMoE)")
     sparsity_kind: Literal["hoyer", "l1"] = Field("hoyer", description="squared Hoyer or L1")
     sparsity_ramp: float = Field(0.5, ge=0, le=1, description="fraction of training over which sparsity ramps up")

@@ -46,3 +46,26 @@ def l1_sparsity(activations: torch.Tensor) -> torch.Tensor:
     2310.04361): summed over the hidden units, so a coefficient means what the authors' coefficients mean at any
     width (a mean over units would make it h times weaker)."""
     return activations.float().abs().sum(-1).mean()
+
+
+def sequence_balance_loss(scores: torch.Tensor, expert_indices: torch.Tensor, sequence_ids: torch.Tensor | None = None
+                          ) -> torch.Tensor:  # fmt: skip
+    """DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, eqs. 17-20), unweighted.
+
+    scores         [t, e]  sigmoid affinities s (normalised here over the experts: s' = s / Σ_j s_j)
+    expert_indices [t, k]  chosen experts
+    sequence_ids   [t]     which sequence each token belongs to (None: all tokens one sequence)
+    Per sequence of T tokens, ``Σ_i f_i · P_i`` with ``f_i = e / (k T) · #{t: i chosen}`` (not differentiable) and
+    ``P_i = mean_t s'_{i,t}``; averaged over the sequences. Perfectly uniform routing gives 1.
+    """
+    t, e = scores.shape
+    k = expert_indices.shape[-1]
+    seq = torch.zeros(t, dtype=torch.long, device=scores.device) if sequence_ids is None else sequence_ids
+    n = int(seq.max()) + 1 if t else 1
+    counts = torch.bincount(seq, minlength=n)  # T per sequence [n]; a sequence all padding has none
+    length = counts.clamp_min(1).to(scores.dtype)[:, None]  # [n, 1]
+    chosen = torch.zeros_like(scores).scatter_(1, expert_indices, 1.0)  # [t, e]
+    f = torch.zeros(n, e, dtype=scores.dtype, device=scores.device).index_add_(0, seq, chosen) * e / (k * length)
+    normalised = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)  # s' [t, e]
+    p = torch.zeros(n, e, dtype=scores.dtype, device=scores.device).index_add_(0, seq, normalised) / length
+    return (f * p).sum(-1)[counts > 0].mean()

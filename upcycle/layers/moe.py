@@ -65,16 +65,19 @@ class MoE(nn.Module):
             return y.reshape(x.shape), routing
         tokens = x.reshape(-1, self.d_model)  # [t, d]
         real = real_rows(x) if x.ndim == 3 else None  # [t] bool: padding is neither routed nor computed
+        sequences = None  # [t] which example each token is from, for routers with a per-sequence loss
+        if x.ndim == 3 and getattr(self.router, "reads_sequences", False):
+            sequences = torch.arange(x.shape[0], device=x.device).repeat_interleave(x.shape[1])
         if real is None:
-            y, routing = self._compute(tokens)
+            y, routing = self._compute(tokens, sequences)
             return y.reshape(x.shape), routing
-        y_real, routing = self._compute(tokens[real])  # [t_real, d]
+        y_real, routing = self._compute(tokens[real], None if sequences is None else sequences[real])  # [t_real, d]
         y = y_real.new_zeros(tokens.shape).index_put((real.nonzero().squeeze(1),), y_real)
         return y.reshape(x.shape), routing
 
-    def _compute(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    def _compute(self, tokens: torch.Tensor, sequences: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """Route and compute ``tokens`` ([t, d], or [b, n, d] for slot routers): experts plus the shared expert."""
-        routing = self.router(tokens)
+        routing = self.router(tokens) if sequences is None else self.router(tokens, sequences)
         y = self.experts(tokens, routing)
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)

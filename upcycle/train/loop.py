@@ -207,7 +207,9 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
 def _aux_objective(model: nn.Module, cfg: TrainConfig, metrics: dict) -> torch.Tensor:
     aux = collect_aux_losses(model)
     total = torch.zeros(())
-    for name, coefficient in (("load_balancing", cfg.aux.load_balancing), ("z_loss", cfg.aux.z_loss)):
+    coefficients = {"load_balancing": cfg.aux.load_balancing, "z_loss": cfg.aux.z_loss,
+                    "sequence_balance": cfg.aux.sequence_balance}  # fmt: skip
+    for name, coefficient in coefficients.items():
         if name in aux and coefficient:
             total = total + coefficient * aux[name].float()
             metrics[name] = float(aux[name].detach())
