@@ -26,7 +26,7 @@ class HFLlamaAdapter(HFMLPAdapter):
     layers_path, ffn_name, up, gate, down = "layers", "mlp", "up_proj", "gate_proj", "down_proj"
     export_formats = (
         "mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo", "granitemoe", "granitemoeshared", "cohere2_moe",
-        "ernie4_5_moe", "hunyuan_v1_moe",
+        "ernie4_5_moe", "hunyuan_v1_moe", "glm4_moe", "deepseek_v3",
     )  # fmt: skip
     streaming_model_types = ("llama", "mistral", "qwen2")
     checkpoint_layout = CheckpointLayout(
@@ -52,6 +52,7 @@ class HFLlamaAdapter(HFMLPAdapter):
         "flex_olmo": ("olmo2",), "granitemoe": ("granite",), "granitemoeshared": ("granite",),
         "cohere2_moe": ("cohere2",),
         "ernie4_5_moe": ("ernie4_5",), "hunyuan_v1_moe": ("hunyuan_v1_dense",),
+        "deepseek_v3": ("deepseek_v3",),  # MLA attention: only a dense DeepSeek-V3 reproduces it
     }  # fmt: skip
 
     def export_refusal(self, model: nn.Module, target: str) -> str | None:
@@ -61,9 +62,13 @@ class HFLlamaAdapter(HFMLPAdapter):
         model_type = getattr(model.config, "model_type", None)
         model_types = self.twin_model_types.get(target, self.export_model_types)
         if model_type not in model_types or not hasattr(model, "lm_head"):
+            # DeepSeek-V3's MLA cannot compute Llama's attention; GLM4-MoE has DeepSeek-V3's routing on Llama's
+            hint = (
+                "; export a Llama-family source with sigmoid routers as 'glm4_moe'" if target == "deepseek_v3" else ""
+            )
             return (
                 f"the source is {type(model).__name__} (model_type {model_type!r}); {target!r} needs a *ForCausalLM "
-                f"of one of {model_types}, whose blocks it reproduces exactly"
+                f"of one of {model_types}, whose blocks it reproduces exactly{hint}"
             )
         if getattr(model.config, "parallel_attention", False):
             return (

@@ -12,9 +12,11 @@ from ..errors import UserError, check_finite
 from . import (  # noqa: F401
     bam,
     cohere2_moe,
+    deepseek_v3,
     ernie4_5_moe,
     flex_olmo,
     gguf,
+    glm4_moe,
     granitemoe,
     hf_generic,
     hunyuan_v1_moe,

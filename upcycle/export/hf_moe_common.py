@@ -115,6 +115,11 @@ def routed_problem(moe: MoE, target: str) -> str | None:
         )
     if router.gate.bias is not None:
         return f"its router has a bias; {target}'s router is a bias-free linear layer (remove router.gate.bias)"
+    return experts_problem(experts, target)
+
+
+def experts_problem(experts, target: str) -> str | None:
+    """Why stacked experts cannot be written as ``target``'s bias-free SiLU-gated experts, or None."""
     if not (experts.gated and experts.activation == "silu"):
         kind = f"{'gated' if experts.gated else 'plain'} {experts.activation}"
         return f"its experts are {kind} FFNs; {target}'s experts are SiLU-gated: down(silu(gate·x) ⊙ up·x)"
