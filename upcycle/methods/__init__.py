@@ -10,6 +10,8 @@
                         expert's hidden units redrawn from the dense statistics; its recipe
     shared_finegrained/ shared + fine-grained experts (DeepSeekMoE, arXiv 2401.06066; upcycled as Qwen1.5-MoE): an
                         always-on shared expert and fine-grained routed segments carved from the dense FFN; its recipe
+    cmoe/               CMoE (arXiv 2502.04416): training-free carving into shared experts and routed experts from
+                        activation statistics under an analytic router; its recipe
     bam/                BAM (arXiv 2408.08274) and BTX (arXiv 2403.07816): merging dense branches into one MoE, the
                         branch / mix / dense-reference pipeline, evaluation, recipes, plots, benchmark
 
@@ -18,6 +20,8 @@ load on first use.
 """
 
 from .bam import merge  # noqa: F401  (registration side effect)
+from .cmoe import choices as _cmoe_choices  # noqa: F401
+from .cmoe import recycling as _cmoe_recycling  # noqa: F401
 from .d2dmoe import dynamic_k_router, moefication_router, split  # noqa: F401
 from .d2dmoe import recycling as _d2dmoe_recycling  # noqa: F401
 from .drop_upcycling import choices as _drop_upcycling_choices  # noqa: F401
