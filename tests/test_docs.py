@@ -36,6 +36,7 @@ GUIDES = {  # method -> its guide under docs/
     "sparse_upcycling": "methods/sparse_upcycling.md",
     "drop_upcycling": "methods/drop_upcycling.md",
     "shared_finegrained": "methods/shared_finegrained.md",
+    "cmoe": "methods/cmoe.md",
     "moe_jetpack": "methods/jetpack.md",
     "neuron_split": "methods/d2dmoe.md",
     "d2dmoe": "methods/d2dmoe.md",

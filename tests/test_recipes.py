@@ -105,7 +105,7 @@ def test_a_recipe_is_found_by_name_or_path_and_a_wrong_name_lists_the_built_in_o
 def test_every_method_recipe_lives_in_its_method_home():
     homes = {"jetpack": "jetpack", "d2dmoe": "d2dmoe", "moefication": "d2dmoe", "bam": "bam", "btx": "bam",
              "sparse_upcycling": "sparse_upcycling", "drop_upcycling": "drop_upcycling",
-             "shared_finegrained": "shared_finegrained",
+             "shared_finegrained": "shared_finegrained", "cmoe": "cmoe",
              "pretrain": "recipes"}  # fmt: skip
     for name, path in list_recipes().items():
         home = next(home for prefix, home in homes.items() if name.startswith(prefix))

@@ -94,7 +94,7 @@ def test_router_options_reach_the_router_and_unknown_ones_name_the_accepted():
     assert all(r.hidden == 7 and r.tau == 0.25 for r in routers)
     with pytest.raises(ValueError, match=r"router 'topk' takes no option tau; its options: top_k, .*unit_weights"):
         upcycle.convert(dense, router_options={"tau": 0.1}, progress=False)
-    with pytest.raises(ValueError, match="unknown router 'nope'; choose one of dynamic_k, "):
+    with pytest.raises(ValueError, match="unknown router 'nope'; choose one of cmoe, dynamic_k, "):
         upcycle.convert(dense, router_type="nope", progress=False)
     assert "hidden" in router_arguments("moefication")
 
