@@ -164,6 +164,7 @@ def test_training_moves_the_balancing_bias_and_the_scale_learns():
     moe(x).square().mean().backward()
     assert moe.router.expert_bias.abs().sum() > 0  # loaded experts pushed down, idle ones up
     assert moe.router.scale.grad is not None and moe.router.scale.grad.abs().sum() > 0
+    assert moe.to(torch.bfloat16).router.expert_bias.dtype == torch.float32  # γ-sized steps survive a bf16 model
 
 
 def test_save_load_round_trip_and_cli(tmp_path):

@@ -56,9 +56,8 @@ class CMoERouter(Router):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        # steps of γ = 0.001 vanish in bf16 next to a bias near 1: the balancing bias and the scale stay in fp32
+        # steps of γ = 0.001 vanish in bf16 next to a bias near 1: the balancing bias stays in fp32
         self.expert_bias = self.expert_bias.float()
-        self.scale.data = self.scale.data.float()
         return self
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
