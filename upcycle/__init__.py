@@ -30,6 +30,7 @@ from .models import register as register_with_transformers  # noqa: E402
 from .models import register_loaded  # noqa: E402
 from .record import ConversionRecord, copy_model, record_of  # noqa: E402
 from .recycling import list_methods  # noqa: E402
+from .routers_from_data import init_routers_from_data  # noqa: E402
 from .stream import convert_streaming  # noqa: E402
 from .verify import verify  # noqa: E402
 
@@ -46,6 +47,7 @@ __all__ = [
     "convert_streaming",
     "copy_model",
     "export",
+    "init_routers_from_data",
     "list_adapters",
     "list_backends",
     "list_methods",

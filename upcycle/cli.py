@@ -21,6 +21,7 @@ from .export.gguf import ARCHES as GGUF_ARCHES
 from .layers import list_backends, list_routers
 from .presets import PRESETS, apply_preset
 from .recycling import list_methods
+from .recycling.routers import ROUTER_INITS
 from .registry import Registry
 from .sources import DTYPES
 
@@ -50,9 +51,12 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                         help="router (upcycle list routers); default topk")  # fmt: skip
     parser.add_argument("--router-option", dest="router_options", action="append", default=[], metavar="KEY=VALUE",
                         help="an argument of the chosen router, e.g. --router --router-option hidden=64")  # fmt: skip
-    parser.add_argument("--router-init", dest="router_init", choices=["zero", "normal"],
-                        help="new router weights: zeros (uniform routing at start) or normal")  # fmt: skip
+    parser.add_argument("--router-init", dest="router_init", choices=ROUTER_INITS.names(),
+                        help="new router weights: zeros (uniform routing at start), normal, or data (rows from "
+                             "calibration activations; name the set with --router-init-data)")  # fmt: skip
     parser.add_argument("--router-init-std", dest="router_init_std", type=float, help="std of --router-init normal")
+    parser.add_argument("--router-init-data", dest="router_init_data", metavar="DATA",
+                        help="--router-init data: calibration dataset (train split), e.g. shakespeare")  # fmt: skip
     renormalize = parser.add_mutually_exclusive_group()
     renormalize.add_argument("--renormalize", dest="router_renormalize", action="store_true", default=None,
                              help="renormalise top-k weights to sum 1 (Mixtral; default)")  # fmt: skip
@@ -70,7 +74,7 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
 
 def _recipe_overrides(args: argparse.Namespace) -> dict:
     keys = ["method", "num_experts", "top_k", "backend", "seed", "router_type", "router_init", "router_init_std",
-            "router_renormalize", "router_capacity_factor", "router_slots_per_expert"]  # fmt: skip
+            "router_init_data", "router_renormalize", "router_capacity_factor", "router_slots_per_expert"]  # fmt: skip
     overrides = {key: getattr(args, key) for key in keys}
     positive_finite(args.router_init_std, "--router-init-std")
     if args.layers is not None:
@@ -336,13 +340,15 @@ def _registries() -> dict[str, tuple[str, Registry]]:
         "methods": ("recycling methods (upcycle convert --method)", METHODS),
         "merge": ("merge methods: several dense LMs -> one MoE (upcycle.merge, upcycle bam)", MERGE_METHODS),
         "routers": ("routers (--router, recipe router.type)", ROUTERS),
+        "router_inits": ("router initialisations (--router-init, recipe router.init)", ROUTER_INITS),
         "backends": ("expert compute backends (--backend)", BACKENDS),
         "formats": ("export formats (upcycle export --format)", EXPORT_FORMATS),
         "datasets": ("datasets (--data)", DATASETS),
     }
 
 
-LIST_CHOICES = ["all", "methods", "merge", "routers", "backends", "formats", "datasets", "adapters", "recipes"]
+LIST_CHOICES = ["all", "methods", "merge", "routers", "router_inits", "backends", "formats", "datasets", "adapters",
+                "recipes"]  # fmt: skip
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

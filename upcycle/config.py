@@ -29,13 +29,30 @@ class StrictModel(BaseModel):
 
 class RouterConfig(StrictModel):
     type: str = Field("topk", description="a registered router (upcycle list routers): topk, soft, sphero, ...")
-    init: Literal["zero", "normal"] = Field("normal", description="router weight init (routers without their own)")
+    init: str = Field("normal", description="router weight init (upcycle list router_inits): zero, normal, data")
     init_std: float = Field(0.02, gt=0, description="std of the normal router init")
+    init_data: str | None = Field(None, description="init data: the calibration dataset (train split)")
+    init_examples: int = Field(64, ge=1, description="init data: calibration examples")
     renormalize: bool = Field(True, description="divide the top-k weights by their sum (Mixtral); False: Switch/BAM")
     noise_std: float = Field(0.0, ge=0, description="Gaussian logit noise, training only")
     capacity_factor: float | None = Field(None, gt=0, description="per-expert capacity = factor·t·k/e; None: no limit")
     slots_per_expert: int = Field(1, ge=1, description="Soft MoE slots per expert")
     options: dict[str, Any] = Field(default_factory=dict, description="the router's own arguments (e.g. hidden, tau)")
+
+    @field_validator("init")
+    @classmethod
+    def _registered_init(cls, value: str) -> str:
+        from .recycling.routers import ROUTER_INITS
+
+        ROUTER_INITS.entry(value)  # raises with the registered names
+        return value
+
+    @model_validator(mode="after")
+    def _data_init_names_its_data(self):
+        if (self.init == "data") != (self.init_data is not None):
+            raise ValueError("router init 'data' and init_data go together: name the calibration dataset with "
+                             "init_data (e.g. shakespeare) and set init: data")  # fmt: skip
+        return self
 
 
 class ConvertConfig(StrictModel):

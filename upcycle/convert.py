@@ -75,6 +75,11 @@ def convert(
         source, dropped = method.finish(target, adapter, cfg, source)
         read |= {storage_before[name] for name in dropped}
     check_nothing_dropped(storage_before, read, target)
+    if cfg.router.init == "data":  # every layer is in place: the calibration runs through the converted model
+        from .routers_from_data import init_routers_from_data
+
+        init_routers_from_data(target, cfg.router.init_data, examples=cfg.router.init_examples, seed=cfg.seed,
+                               adapter=adapter, progress=progress)  # fmt: skip
     convert_recipe = cfg.model_dump(exclude=RUNTIME_FIELDS)
     attach_record(target, new_record(adapter.name, source, dtype_name(target), layers, convert=convert_recipe,
                                      origin=dense_record))  # fmt: skip

@@ -37,7 +37,6 @@ def calibration_inputs(model: nn.Module, adapter, data: str, examples: int, seq_
     return torch.stack([dataset[i][key] for i in range(count)])
 
 
-@torch.no_grad()
 def collect_ffn_inputs(model: nn.Module, adapter, sites: Iterable[str], inputs: torch.Tensor, batch_size: int = 8,
                        max_tokens: int | None = None, progress: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
     """What each named FFN site receives when ``model`` runs on ``inputs``: ``{site: [t, d]}`` in fp32, every
@@ -49,10 +48,18 @@ def collect_ffn_inputs(model: nn.Module, adapter, sites: Iterable[str], inputs: 
     unknown = [name for name in names if name not in available]
     if unknown:
         raise ValueError(f"unknown FFN sites {unknown}; the model has {sorted(available)}")
-    rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    modules = {name: model.get_submodule(name) for name in names}
+    return record_inputs(model, modules, inputs, batch_size, max_tokens, progress)
+
+
+@torch.no_grad()
+def record_inputs(model: nn.Module, modules: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int = 8,
+                  max_tokens: int | None = None, progress: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``{name: [t, d]}``: the first input of each of ``modules`` (inside ``model``) while ``model`` runs on
+    ``inputs`` in eval mode, channels last (a module with 1×1 convolutions takes ``[b, d, H, W]``)."""
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     hooks = []
-    for name in names:
-        module = model.get_submodule(name)
+    for name, module in modules.items():
         channels_first = any(isinstance(m, nn.Conv2d) for m in module.modules())  # 1×1-conv MLPs (ConvNeXt)
 
         def record(module, args, output, name=name, channels_first=channels_first):
@@ -71,7 +78,7 @@ def collect_ffn_inputs(model: nn.Module, adapter, sites: Iterable[str], inputs: 
             hook.remove()
         model.train(was_training)
     result = {}
-    for name in names:
+    for name in modules:
         x = torch.cat(rows[name])  # [t, d]
         if max_tokens is not None and x.shape[0] > max_tokens:
             x = x[torch.linspace(0, x.shape[0] - 1, max_tokens).long()]

@@ -8,6 +8,14 @@ import torch
 
 from ..layers import Router, build_router
 from ..layers.routers.base import ROUTERS
+from ..registry import Registry
+
+# how a new router's rows start (recipe router.init, --router-init); "data" is filled in after the conversion
+ROUTER_INITS: Registry[str] = Registry("router init")
+ROUTER_INITS.add("zero", "zero", "all-zero rows: every expert equally likely at step 0")
+ROUTER_INITS.add("normal", "normal", "rows drawn from N(0, init_std²), the usual random start")
+ROUTER_INITS.add("data", "data", "rows from calibration activations: cluster centroids for upcycling, each expert's "
+                 "domain mean for merges (mergekit's hidden-state gates); upcycle.init_routers_from_data")  # fmt: skip
 
 
 def router_arguments(name: str) -> list[str]:
@@ -30,7 +38,8 @@ def build_recipe_router(config, d_model: int, num_experts: int, generator: torch
     }  # fmt: skip
     router = build_router(rc.type, d_model=d_model, num_experts=num_experts,
                           **{key: value for key, value in offered.items() if key in accepted})  # fmt: skip
-    router.initialize(generator, rc.init_std if rc.init == "normal" else 0.0)
+    # init "data" draws normal rows first: tied rows stay recognisable when the data replaces them after conversion
+    router.initialize(generator, 0.0 if rc.init == "zero" else rc.init_std)
     return router
 
 

@@ -51,6 +51,9 @@ def prepare(source_dir: str | Path, out_dir: Path, cfg: ConvertConfig, overwrite
         raise ValueError(
             f"method {cfg.method!r} looks at the whole model first (calibration); convert without streaming"
         )
+    if cfg.router.init == "data":
+        raise ValueError("router init 'data' runs calibration through the whole converted model; convert without "
+                         "streaming")  # fmt: skip
     source_dir, origin = resolve_local(str(source_dir))  # a folder, or a hub id's cached snapshot
     source = read_source(source_dir)
     if out_dir.resolve() == source_dir.resolve():

@@ -211,7 +211,8 @@ def test_the_mixture_records_its_recipe_paper_layers_dtype_and_the_seeds_origin(
     paper = {"btx": "https://arxiv.org/abs/2403.07816", "bam": "https://arxiv.org/abs/2408.08274"}[method]
     assert record.merge == {  # the recipe to redo the mix; the compute backend is a runtime choice, not part of it
         "method": method, "shared_kv": variant == "bam_shared_kv", "top_k": 2, "renormalize": False,
-        "router_init_std": 0.1, "seed": 5, "expert_names": ["seed", "code"], "paper": paper,
+        "router_init_std": 0.1, "seed": 5, "expert_names": ["seed", "code"], "router_init_domains": None,
+        "router_init_examples": 64, "paper": paper,
     }  # fmt: skip
     assert record.convert is None
     assert (record.origin, record.revision, record.files) == ("org/seed", "r1", "tokenizer/here")

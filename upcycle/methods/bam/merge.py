@@ -56,6 +56,12 @@ class MergeConfig(StrictModel):
     backend: str = Field("grouped", description="expert compute backend (upcycle.list_backends())")
     seed: int = Field(0, description="seed of the router initialisation")
     expert_names: list[str] | None = Field(None, description="a name per input, e.g. seed and domains (provenance)")
+    router_init_domains: list[str | list[str]] | None = Field(
+        None, description="one calibration dataset per input (or several, pooled), in expert order: each FFN router "
+        "row starts as the direction of the mean layer input on that expert's data (upcycle.init_routers_from_data); "
+        "None: random",
+    )  # fmt: skip
+    router_init_examples: int = Field(64, ge=1, description="router_init_domains: calibration examples per dataset")
 
     @field_validator("method")
     @classmethod
@@ -86,15 +92,23 @@ def merge(models: Sequence[nn.Module], method: str | None = None, config: MergeC
     """The seed and its branches (``models``, in expert order) mixed into one MoE by ``method`` ("btx" or "bam").
 
     Options (``config`` or keywords): ``shared_kv``, ``top_k``, ``renormalize``, ``router_init_std``, ``backend``,
-    ``seed``, ``expert_names``. The inputs are left unchanged."""
+    ``seed``, ``expert_names``, ``router_init_domains``. The inputs are left unchanged."""
     cfg = load_merge_config(config, method=method, **overrides)
     check_inputs(models, cfg)
+    if cfg.router_init_domains is not None and len(cfg.router_init_domains) != len(models):
+        raise UserError(f"router_init_domains names {len(cfg.router_init_domains)} datasets for {len(models)} "
+                        "inputs; give one per input, in expert order")  # fmt: skip
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # the routers' random init
         merged = MERGE_METHODS.get(cfg.method)(models, cfg)
     from ...layers import set_backend
 
     set_backend(merged, cfg.backend)
+    if cfg.router_init_domains is not None:  # mergekit's hidden-state gates; attention routers stay random
+        from ...routers_from_data import init_routers_from_data
+
+        init_routers_from_data(merged, domains=cfg.router_init_domains, examples=cfg.router_init_examples,
+                               seed=cfg.seed)  # fmt: skip
     return merged
 
 

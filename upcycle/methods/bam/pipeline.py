@@ -66,7 +66,8 @@ def merged(seed: nn.Module, branches: dict[str, nn.Module], recipe: BAMRecipe, v
 
     models = [seed, *(branches[d] for d in recipe.domains)]
     return merge(models, **VARIANTS[variant], **recipe.routing(variant), router_init_std=recipe.router_init_std,
-                 seed=recipe.seed, expert_names=["seed", *recipe.domains])  # fmt: skip
+                 seed=recipe.seed, expert_names=["seed", *recipe.domains],
+                 router_init_domains=recipe.router_init_domains())  # fmt: skip
 
 
 def macs(seed: nn.Module, branches: dict[str, nn.Module], recipe: BAMRecipe, variant: str | None) -> float:

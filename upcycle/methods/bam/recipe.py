@@ -49,6 +49,10 @@ class BAMRecipe(StrictModel):
     top_k: int = Field(1, ge=1, description="FFN experts per token")
     renormalize: bool = Field(False, description="divide the top-k probabilities by their sum (papers: no)")
     router_init_std: float = Field(0.02, ge=0, description="std of the random routers")
+    router_init: Literal["normal", "data"] = Field(
+        "normal", description="FFN routers of each mixture: random, or from data (a branch's row points at the mean "
+        "hidden state of its domain, the seed's at all domains pooled; mergekit's hidden-state gates)",
+    )  # fmt: skip
     btx_top_k: int | None = Field(None, ge=1, description="BTX's FFN experts per token when it differs from BAM's "
                                   "(the BTX paper: 2; None: top_k, as in BAM's BTX baseline)")  # fmt: skip
     btx_renormalize: bool | None = Field(None, description="BTX's router weights: softmax over the chosen experts "
@@ -91,6 +95,13 @@ class BAMRecipe(StrictModel):
             raise ValueError("branch and mix need steps, not epochs: the dense and compute-matched runs match their "
                              "compute in steps")  # fmt: skip
         return self
+
+    def router_init_domains(self) -> list[str | list[str]] | None:
+        """Calibration data per expert for ``router_init: data``: the seed, then one set per branch."""
+        if self.router_init == "normal":
+            return None
+        branches = list(self.domains.values()) if isinstance(self.domains, dict) else list(self.domains)
+        return [branches, *branches]
 
     def routing(self, variant: str) -> dict:
         """The FFN router of ``variant``'s mixture: ``top_k`` and ``renormalize`` (BTX may have its own)."""
