@@ -31,10 +31,10 @@ from pydantic import Field
 
 from ...adapters.dense_ffn import DenseFFN
 from ...config import StrictModel
-from ...layers import FFN, MoE
+from ...layers import MoE
 from ...layers.routers.base import build_router
 from ...recycling import register_method
-from ..sparse_upcycling.recycling import experts_for, fill_expert
+from ..sparse_upcycling.recycling import dense_module, experts_for, fill_expert, restricted
 from .carving import CarvingPlan, hidden_activations, plan_carving
 from .router import CMoERouter
 
@@ -117,7 +117,7 @@ def cmoe(dense: DenseFFN, config, generator: torch.Generator, context: torch.Ten
         fill_expert(experts, j, routed, plan.groups[j])
     if experts.shared_bias is not None:
         experts.shared_bias.copy_(dense.b_down)
-    shared = shared_ffn(dense, plan.shared) if has_shared else None
+    shared = dense_module(restricted(dense, plan.shared, b_down=True)) if has_shared else None
     moe = MoE(analytic_router(dense, plan.representatives, config, options), experts, shared)
     # provenance: the dense hidden units each part holds, and the units the router reads
     moe.register_buffer("expert_hidden_units", plan.groups.contiguous())
@@ -125,21 +125,6 @@ def cmoe(dense: DenseFFN, config, generator: torch.Generator, context: torch.Ten
     if has_shared:
         moe.register_buffer("shared_hidden_units", plan.shared)
     return moe
-
-
-def shared_ffn(dense: DenseFFN, units: torch.Tensor) -> FFN:
-    """The dense FFN restricted to ``units`` (their rows of W_up / W_gate, columns of W_down), b_down kept."""
-    biased = any(b is not None for b in (dense.b_up, dense.b_gate, dense.b_down))
-    ffn = FFN(dense.d_model, len(units), dense.activation, gated=dense.gated, bias=biased).to(dense.w_up.dtype)
-    pairs = [(ffn.up, dense.w_up[units], dense.b_up), (ffn.down, dense.w_down[:, units], dense.b_down)]
-    if ffn.gate is not None:
-        pairs.append((ffn.gate, dense.w_gate[units], dense.b_gate))
-    for linear, weight, bias in pairs:
-        linear.weight.copy_(weight)
-        if linear.bias is not None:  # zeros where the dense FFN lacks a bias the module has
-            index = None if linear is ffn.down else units
-            linear.bias.copy_(torch.zeros_like(linear.bias) if bias is None else bias if index is None else bias[index])
-    return ffn
 
 
 def analytic_router(dense: DenseFFN, representatives: torch.Tensor, config, options: CMoEOptions) -> CMoERouter:

@@ -37,9 +37,9 @@ from pydantic import Field
 
 from ...adapters.dense_ffn import DenseFFN
 from ...config import StrictModel
-from ...layers import FFN, MoE
+from ...layers import MoE
 from ...recycling import register_method
-from ..sparse_upcycling.recycling import granular_experts, virtual_group_router
+from ..sparse_upcycling.recycling import dense_module, granular_experts, restricted, virtual_group_router
 
 
 class SharedFineGrainedOptions(StrictModel):
@@ -78,34 +78,6 @@ def split_units(dense: DenseFFN, options: SharedFineGrainedOptions) -> tuple[tor
     return shared, routed
 
 
-def restricted(dense: DenseFFN, units: torch.Tensor, b_down: bool) -> DenseFFN:
-    """The dense FFN on ``units`` only (their rows of W_up / W_gate, columns of W_down), b_down kept if asked."""
-
-    def rows(tensor):
-        return None if tensor is None else tensor.index_select(0, units)
-
-    return DenseFFN(w_up=rows(dense.w_up), w_down=dense.w_down.index_select(1, units), activation=dense.activation,
-                    b_up=rows(dense.b_up), w_gate=rows(dense.w_gate), b_gate=rows(dense.b_gate),
-                    b_down=dense.b_down if b_down else None)  # fmt: skip
-
-
-def shared_expert(dense: DenseFFN, scale: float) -> FFN:
-    """An FFN module equal to ``dense`` times ``scale`` (zeros where ``dense`` lacks a bias the module has)."""
-    biased = any(b is not None for b in (dense.b_up, dense.b_gate, dense.b_down))
-    ffn = FFN(dense.d_model, dense.d_hidden, dense.activation, gated=dense.gated, bias=biased)
-    ffn = ffn.to(dense.w_up.dtype)
-    pairs = [(ffn.up, dense.w_up, dense.b_up), (ffn.down, dense.w_down * scale, dense.b_down)]
-    if ffn.gate is not None:
-        pairs.append((ffn.gate, dense.w_gate, dense.b_gate))
-    for linear, weight, bias in pairs:
-        linear.weight.copy_(weight)
-        if linear.bias is not None:
-            linear.bias.copy_(torch.zeros_like(linear.bias) if bias is None else bias)
-    if ffn.down.bias is not None:
-        ffn.down.bias.mul_(scale)
-    return ffn
-
-
 @register_method(
     "shared_finegrained",
     paper="https://arxiv.org/abs/2401.06066",
@@ -131,7 +103,7 @@ def shared_finegrained(dense: DenseFFN, config, generator: torch.Generator) -> M
     experts = granular_experts(routed, copies, segments, options.noise_std, options.weight_scaling, config, generator)
     router = virtual_group_router(config, dense.d_model, copies, segments, generator)
     gated = has_shared and options.shared_gate == "sigmoid"
-    shared = shared_expert(restricted(dense, shared_units, b_down=True), 2.0 if gated else 1.0) if has_shared else None
+    shared = dense_module(restricted(dense, shared_units, b_down=True), 2.0 if gated else 1.0) if has_shared else None
     moe = MoE(router, experts, shared, shared_expert_gate=gated)
     if gated:
         torch.nn.init.zeros_(moe.shared_expert_gate.weight)  # sigmoid(0) = ½, undone by the doubled W_down

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from ...adapters.dense_ffn import DenseFFN
 from ...config import StrictModel
-from ...layers import Experts, MoE
+from ...layers import FFN, Experts, MoE
 from ...recycling import register_method
 from ...recycling.routers import build_recipe_router
 
@@ -133,3 +133,32 @@ def _scale_weights(experts: Experts, mode: str, copies: int, shards: int, top_k:
                 bias.mul_(per_matrix)
     if experts.b_down is not None:
         experts.b_down.mul_(factor)
+
+
+def restricted(dense: DenseFFN, units: torch.Tensor, b_down: bool) -> DenseFFN:
+    """The dense FFN on ``units`` only (their rows of W_up / W_gate, columns of W_down), b_down kept if asked."""
+
+    def rows(tensor):
+        return None if tensor is None else tensor.index_select(0, units)
+
+    return DenseFFN(w_up=rows(dense.w_up), w_down=dense.w_down.index_select(1, units), activation=dense.activation,
+                    b_up=rows(dense.b_up), w_gate=rows(dense.w_gate), b_gate=rows(dense.b_gate),
+                    b_down=dense.b_down if b_down else None)  # fmt: skip
+
+
+def dense_module(dense: DenseFFN, scale: float = 1.0) -> FFN:
+    """An FFN module equal to ``dense`` times ``scale`` (zeros where ``dense`` lacks a bias the module has): the
+    shared expert of methods that carve one out of the dense FFN."""
+    biased = any(b is not None for b in (dense.b_up, dense.b_gate, dense.b_down))
+    ffn = FFN(dense.d_model, dense.d_hidden, dense.activation, gated=dense.gated, bias=biased)
+    ffn = ffn.to(dense.w_up.dtype)
+    pairs = [(ffn.up, dense.w_up, dense.b_up), (ffn.down, dense.w_down * scale, dense.b_down)]
+    if ffn.gate is not None:
+        pairs.append((ffn.gate, dense.w_gate, dense.b_gate))
+    for linear, weight, bias in pairs:
+        linear.weight.copy_(weight)
+        if linear.bias is not None:
+            linear.bias.copy_(torch.zeros_like(linear.bias) if bias is None else bias)
+    if ffn.down.bias is not None:
+        ffn.down.bias.mul_(scale)
+    return ffn
