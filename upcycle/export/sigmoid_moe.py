@@ -7,8 +7,8 @@ The block computes ``Σ_topk w_j · expert_j(x) + shared(x)``: the router (``Dee
 ``s``, divided by their sum (+1e-20) iff ``norm_topk_prob``, times ``routed_scaling_factor``: exactly our ``sigmoid``
 router (DeepSeek-V3, arXiv 2412.19437), its bias buffer written as ``e_score_correction_bias``. Experts are SwiGLU
 MLPs without biases; the shared MLP (``shared_experts``) is added unweighted and is
-``n_shared_experts · moe_intermediate_size`` wide, so ours must be a multiple of the routed experts' width; a layer
-without one gets a zero stand-in (``ungated_shared.zero_shared``), one routed width wide when no layer has one.
+``n_shared_experts · moe_intermediate_size`` wide, so ours is padded with zero units to a multiple of the routed
+experts' width (exact: a zero unit adds nothing); a layer without one gets a zero stand-in (``ungated_shared.zero_shared``), one routed width wide when no layer has one.
 Layers ``i < first_k_dense_replace`` keep a dense MLP of width ``intermediate_size``: our MoE layers must be a suffix.
 
 Tensor mapping for decoder layer i (per-expert names, the layout of the published checkpoints, which transformers
@@ -77,12 +77,9 @@ def sigmoid_shape(source: Source, target: str) -> SigmoidShape:
             "a group by its two best experts, so every group needs at least 2",
         )
     shared = ungated_shared_width(source, target, "build the MoE with shared_expert_gate=False")
-    if shared % d_hidden:
-        raise refuse(
-            target,
-            f"the shared experts are {shared} wide; {target}'s shared MLP is n_shared_experts × "
-            f"moe_intermediate_size, a multiple of the routed experts' width {d_hidden}",
-        )
+    # the target's shared MLP is n_shared_experts × moe_intermediate_size wide: a shared expert of another width is
+    # padded with zero units up to the next multiple (each adds down(silu(0) ⊙ 0) = 0)
+    shared = -(-shared // d_hidden) * d_hidden
     suffix = list(range(min(source.moe), len(source.layers)))
     if sorted(source.moe) != suffix:
         dense_inside = [i for i in suffix if i not in source.moe]
@@ -104,9 +101,10 @@ def sigmoid_tensors(index: int, moe: MoE, width: int) -> Iterator[tuple[str, tor
         yield f"{prefix}experts.{j}.up_proj.weight", expert_slice(experts.w_up, j)  # [h, d]
         yield f"{prefix}experts.{j}.down_proj.weight", expert_slice(experts.w_down, j)  # [d, h]
     shared = moe.shared_expert
-    if shared is None:
-        weights = zero_shared(width, moe.d_model, experts.w_up.dtype)
-    else:
-        weights = {part: getattr(shared, part).weight for part in ("gate", "up", "down")}
+    weights = zero_shared(width, moe.d_model, experts.w_up.dtype)  # [s, d], [s, d], [d, s]
+    if shared is not None:  # its units first, zero units after them up to the target's width
+        own = shared.up.out_features
+        weights["gate"][:own], weights["up"][:own] = shared.gate.weight, shared.up.weight
+        weights["down"][:, :own] = shared.down.weight
     for ours, tensor in weights.items():
         yield f"{prefix}shared_experts.{ours}_proj.weight", tensor

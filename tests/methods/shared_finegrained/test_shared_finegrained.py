@@ -174,3 +174,21 @@ def test_granitemoeshared_export_is_exact_with_the_ungated_shared_expert(tmp_pat
     trained_router(moe)
     directory = export_granitemoeshared(moe.eval(), tmp_path / "granite")
     assert_round_trip(moe, directory, "GraniteMoeSharedForCausalLM")
+
+
+@pytest.mark.parametrize("target", ["deepseek_v3", "glm4_moe"])
+def test_sigmoid_routed_conversions_are_exact_and_export_exactly_to_deepseek_v3_and_glm4_moe(target, tmp_path):
+    """DeepSeek-style: an ungated shared expert beside fine-grained experts behind the sigmoid router (whole copies
+    picked, weights renormalised: exact at conversion), exported with the learnt balancing bias."""
+    from tests.export.test_deepseek_v3 import tiny_dense_deepseek
+    from upcycle.export import export
+
+    dense = tiny_dense_deepseek() if target == "deepseek_v3" else tiny_llama()
+    moe = upcycle.convert(dense, "shared_finegrained", num_experts=8, top_k=4, router_type="sigmoid", progress=False)
+    assert upcycle.verify(moe, dense).passed()
+    trained_router(moe)
+    with torch.no_grad():
+        for _, layer in moe_layers(moe):
+            layer.router.expert_bias.normal_(std=0.5)  # as aux-loss-free balancing leaves it
+    expected = {"deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}[target]
+    assert_round_trip(moe, export(moe.eval(), tmp_path / target, format=target), expected)
