@@ -8,7 +8,8 @@ The block computes ``Σ_topk w_j · expert_j(x) + shared(x)``: the router (``Dee
 router (DeepSeek-V3, arXiv 2412.19437), its bias buffer written as ``e_score_correction_bias``. Experts are SwiGLU
 MLPs without biases; the shared MLP (``shared_experts``) is added unweighted and is
 ``n_shared_experts · moe_intermediate_size`` wide, so ours is padded with zero units to a multiple of the routed
-experts' width (exact: a zero unit adds nothing); a layer without one gets a zero stand-in (``ungated_shared.zero_shared``), one routed width wide when no layer has one.
+experts' width (exact: a zero unit adds nothing); a layer without one gets a zero stand-in
+(``ungated_shared.zero_shared``), one routed width wide when no layer has one.
 Layers ``i < first_k_dense_replace`` keep a dense MLP of width ``intermediate_size``: our MoE layers must be a suffix.
 
 Tensor mapping for decoder layer i (per-expert names, the layout of the published checkpoints, which transformers
