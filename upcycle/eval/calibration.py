@@ -67,6 +67,20 @@ def record_inputs(model: nn.Module, modules: dict[str, nn.Module], inputs: torch
             rows[name].append(x.reshape(-1, x.shape[-1]).float().cpu())  # [t, d]
 
         hooks.append(module.register_forward_hook(record))
+    run_hooked(model, hooks, inputs, batch_size, progress)
+    result = {}
+    for name in modules:
+        x = torch.cat(rows[name])  # [t, d]
+        if max_tokens is not None and x.shape[0] > max_tokens:
+            x = x[torch.linspace(0, x.shape[0] - 1, max_tokens).long()]
+        result[name] = x
+    return result
+
+
+@torch.no_grad()
+def run_hooked(model: nn.Module, hooks: list, inputs: torch.Tensor, batch_size: int, progress: bool = False) -> None:
+    """Run ``model`` on ``inputs`` in batches in eval mode (no dropout) for its forward ``hooks`` to see, then remove
+    the hooks and give the model its training flag back, whatever happens."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -77,10 +91,3 @@ def record_inputs(model: nn.Module, modules: dict[str, nn.Module], inputs: torch
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    result = {}
-    for name in modules:
-        x = torch.cat(rows[name])  # [t, d]
-        if max_tokens is not None and x.shape[0] > max_tokens:
-            x = x[torch.linspace(0, x.shape[0] - 1, max_tokens).long()]
-        result[name] = x
-    return result

@@ -10,6 +10,7 @@ import torch
 
 import upcycle
 from tests.conversion.tiny_models import build
+from tests.methods.ffn_fixtures import D, H, random_dense_ffn
 from upcycle.adapters import find_adapter
 from upcycle.adapters.dense_ffn import DenseFFN
 from upcycle.cli import main
@@ -18,17 +19,6 @@ from upcycle.layers import list_backends, moe_layers
 from upcycle.methods.cmoe.carving import balanced_kmeans, hidden_activations, plan_carving
 from upcycle.methods.cmoe.recycling import cmoe, prepare
 from upcycle.pretrain import build_dense
-
-D, H = 16, 40
-
-
-def dense_ffn(gated: bool = True, biased: bool = True, seed: int = 0) -> DenseFFN:
-    g = torch.Generator().manual_seed(seed)
-    return DenseFFN(w_up=torch.randn(H, D, generator=g), w_down=torch.randn(D, H, generator=g), activation="silu",
-                    w_gate=torch.randn(H, D, generator=g) if gated else None,
-                    b_up=torch.randn(H, generator=g) if biased else None,
-                    b_gate=torch.randn(H, generator=g) if biased and gated else None,
-                    b_down=torch.randn(D, generator=g) if biased else None)  # fmt: skip
 
 
 def tokens(count: int = 300, seed: int = 1) -> torch.Tensor:
@@ -46,7 +36,7 @@ def tiny_lm():
 
 
 def test_rates_and_shared_units_equal_a_naive_count():
-    dense, x = dense_ffn(), tokens()
+    dense, x = random_dense_ffn(), tokens()
     activations = hidden_activations(dense, x)
     naive_h = torch.stack([torch.stack([
         torch.nn.functional.silu(dense.w_gate[i] @ row + dense.b_gate[i]) * (dense.w_up[i] @ row + dense.b_up[i])
@@ -64,7 +54,7 @@ def test_rates_and_shared_units_equal_a_naive_count():
 
 @pytest.mark.parametrize("assignment", ["linear", "greedy"])
 def test_groups_are_balanced_and_partition_the_routed_units(assignment):
-    plan = plan_carving(hidden_activations(dense_ffn(), tokens()), 4, 6, k_active=6, iterations=5,
+    plan = plan_carving(hidden_activations(random_dense_ffn(), tokens()), 4, 6, k_active=6, iterations=5,
                         assignment=assignment)  # fmt: skip
     assert plan.groups.shape == (6, 6)
     together = torch.cat([plan.shared, plan.groups.flatten()]).sort().values
@@ -96,7 +86,7 @@ def test_balanced_kmeans_recovers_planted_coactivation_groups_and_linear_beats_g
 
 @pytest.mark.parametrize("gated", [True, False])
 def test_router_scores_are_the_representative_units_activations(gated):
-    dense, x = dense_ffn(gated=gated), tokens()
+    dense, x = random_dense_ffn(gated=gated), tokens()
     moe = carved(dense, x)
     expected = hidden_activations(dense, x)[:, moe.representative_units].abs()
     torch.testing.assert_close(moe.router.scores(x), expected, rtol=1e-5, atol=1e-5)
@@ -110,7 +100,7 @@ def test_router_scores_are_the_representative_units_activations(gated):
 
 @pytest.mark.parametrize("gated,biased,shared", [(True, True, 2), (False, True, 2), (True, False, 0), (False, True, 0)])
 def test_every_expert_chosen_is_the_dense_ffn_under_every_backend(gated, biased, shared):
-    dense, x = dense_ffn(gated, biased), tokens()
+    dense, x = random_dense_ffn(gated, biased), tokens()
     routed = 6 if shared else 5  # N = 8 or 5 experts of 5 or 8 units: no remainder for the shared expert
     moe = carved(dense, x, num_experts=routed, top_k=routed, shared_experts=shared)
     assert (moe.shared_expert is None) == (shared == 0)
@@ -122,7 +112,7 @@ def test_every_expert_chosen_is_the_dense_ffn_under_every_backend(gated, biased,
 
 
 def test_fewer_experts_are_not_exact_but_closer_than_the_least_scored():
-    dense, x = dense_ffn(), tokens(600)
+    dense, x = random_dense_ffn(), tokens(600)
     moe = carved(dense, x, num_experts=6, top_k=3, shared_experts=2)
     want = dense.forward(x)
     error = (moe(x) - want).norm()
@@ -159,7 +149,7 @@ def test_calibration_reads_the_train_split_and_converted_models_verify(monkeypat
 
 
 def test_training_moves_the_balancing_bias_and_the_scale_learns():
-    dense, x = dense_ffn(), tokens()
+    dense, x = random_dense_ffn(), tokens()
     moe = carved(dense, x, num_experts=6, top_k=2).train()
     moe(x).square().mean().backward()
     assert moe.router.expert_bias.abs().sum() > 0  # loaded experts pushed down, idle ones up
@@ -189,7 +179,7 @@ def test_save_load_round_trip_and_cli(tmp_path):
 
 
 def test_bad_options_are_refused_with_what_to_change():
-    dense, x = dense_ffn(), tokens(20)
+    dense, x = random_dense_ffn(), tokens(20)
     with pytest.raises(ValueError, match="shared_experts"):
         load_convert_config(method="cmoe", shared_experts=-1)
     with pytest.raises(ValueError, match="no_such"):

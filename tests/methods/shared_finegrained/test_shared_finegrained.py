@@ -11,6 +11,7 @@ import upcycle
 from tests.conversion.tiny_models import build
 from tests.export.helpers import assert_round_trip, tiny_llama
 from tests.export.twin_sources import tiny_granite
+from tests.methods.ffn_fixtures import D, H, random_dense_ffn
 from upcycle.adapters.dense_ffn import DenseFFN
 from upcycle.cli import main
 from upcycle.config import load_convert_config
@@ -19,17 +20,6 @@ from upcycle.export.qwen2_moe import export_qwen2_moe
 from upcycle.layers import moe_layers
 from upcycle.methods.shared_finegrained.recycling import shared_finegrained
 
-D, H = 16, 40
-
-
-def dense_ffn(gated: bool = True, biased: bool = True, seed: int = 0) -> DenseFFN:
-    g = torch.Generator().manual_seed(seed)
-    return DenseFFN(w_up=torch.randn(H, D, generator=g), w_down=torch.randn(D, H, generator=g), activation="silu",
-                    w_gate=torch.randn(H, D, generator=g) if gated else None,
-                    b_up=torch.randn(H, generator=g) if biased else None,
-                    b_gate=torch.randn(H, generator=g) if biased and gated else None,
-                    b_down=torch.randn(D, generator=g) if biased else None)  # fmt: skip
-
 
 def carved(dense: DenseFFN, num_experts: int = 8, top_k: int = 4, **options):
     config = load_convert_config(method="shared_finegrained", num_experts=num_experts, top_k=top_k,
@@ -37,21 +27,9 @@ def carved(dense: DenseFFN, num_experts: int = 8, top_k: int = 4, **options):
     return shared_finegrained(dense, config, torch.Generator().manual_seed(0))
 
 
-def dense_output(dense: DenseFFN, x: torch.Tensor) -> torch.Tensor:
-    from upcycle.layers.activations import get_activation
-
-    act = get_activation(dense.activation)
-    up = x @ dense.w_up.T + (0 if dense.b_up is None else dense.b_up)
-    if dense.w_gate is not None:
-        up = act(x @ dense.w_gate.T + (0 if dense.b_gate is None else dense.b_gate)) * up
-    else:
-        up = act(up)
-    return up @ dense.w_down.T + (0 if dense.b_down is None else dense.b_down)
-
-
 # ---- the split ----------------------------------------------------------------------------------------------------
 def test_shared_and_routed_units_partition_the_ffn_and_the_shared_are_the_largest_weight_norms():
-    dense = dense_ffn()
+    dense = random_dense_ffn()
     moe = carved(dense, shared_fraction=0.25)  # (40 - 10) // 4 = 7 units per segment: 12 shared, 28 routed
     shared, routed = moe.shared_hidden_units, moe.expert_hidden_units
     assert shared.numel() == 12 and routed.shape == (8, 7)
@@ -63,12 +41,12 @@ def test_shared_and_routed_units_partition_the_ffn_and_the_shared_are_the_larges
 
 
 def test_first_takes_the_leading_units():
-    moe = carved(dense_ffn(), shared_units="first", shared_fraction=0.25)
+    moe = carved(random_dense_ffn(), shared_units="first", shared_fraction=0.25)
     assert moe.shared_hidden_units.tolist() == list(range(12))
 
 
 def test_each_part_holds_exactly_its_dense_rows():
-    dense = dense_ffn()
+    dense = random_dense_ffn()
     moe = carved(dense, shared_gate="sigmoid")
     experts, segments = moe.experts, 4
     for i, units in enumerate(moe.expert_hidden_units):
@@ -90,18 +68,18 @@ def test_each_part_holds_exactly_its_dense_rows():
 @pytest.mark.parametrize("shared_gate", ["none", "sigmoid"])
 @pytest.mark.parametrize("top_k", [4, 8])  # one copy, both copies
 def test_the_layer_is_the_dense_ffn_when_top_k_picks_whole_copies(gated, shared_gate, top_k):
-    dense = dense_ffn(gated=gated)
+    dense = random_dense_ffn(gated=gated)
     moe = carved(dense, top_k=top_k, shared_gate=shared_gate).eval()
     x = torch.randn(64, D)
-    torch.testing.assert_close(moe(x), dense_output(dense, x), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(moe(x), dense.forward(x), rtol=1e-5, atol=1e-4)
 
 
 def test_without_a_shared_expert_it_is_granular_upcycling():
-    dense = dense_ffn()
+    dense = random_dense_ffn()
     moe = carved(dense, num_experts=10, top_k=5, shared_fraction=0.0, segments=5).eval()  # 40 = 5 · 8: all routed
     assert moe.shared_expert is None and not hasattr(moe, "shared_hidden_units")
     x = torch.randn(32, D)
-    torch.testing.assert_close(moe(x), dense_output(dense, x), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(moe(x), dense.forward(x), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
@@ -119,12 +97,12 @@ def test_converted_models_verify_and_a_split_copy_fails_verification(family):
 # ---- bad input ------------------------------------------------------------------------------------------------------
 def test_options_are_validated():
     with pytest.raises(ValueError, match="multiple of segments=4"):
-        carved(dense_ffn(), num_experts=6, top_k=2)
+        carved(random_dense_ffn(), num_experts=6, top_k=2)
     with pytest.raises(ValueError, match="no routed unit"):
-        carved(dense_ffn(), num_experts=64, top_k=2, segments=64)
+        carved(random_dense_ffn(), num_experts=64, top_k=2, segments=64)
     with pytest.raises(ValueError, match="shared_fraction"):
         load_convert_config(method="shared_finegrained", shared_fraction=1.0)
-    norm = dense_ffn()
+    norm = random_dense_ffn()
     norm.hidden_norm = (torch.ones(H), torch.zeros(H), 1e-6)
     with pytest.raises(ValueError, match="LayerNorm over its hidden units"):
         carved(norm)

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...adapters.dense_ffn import DenseFFN
+from ...eval.calibration import run_hooked
 from ...layers.activations import get_activation
 
 
@@ -143,14 +143,5 @@ def collect_ffn_statistics(model: nn.Module, inputs: torch.Tensor, batch_size: i
         accumulators[name] = _Accumulator(adapter.read_ffn(model, available[name]), channels_first, threshold,
                                           coactivation)  # fmt: skip
         hooks.append(module.register_forward_hook(accumulators[name]))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for start in tqdm(range(0, inputs.shape[0], batch_size), desc="calibration", disable=not progress):
-            model(inputs[start : start + batch_size].to(device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
+    run_hooked(model, hooks, inputs, batch_size, progress)
     return {name: accumulator.result() for name, accumulator in accumulators.items()}
