@@ -20,8 +20,8 @@ a dense-equivalent conversion that is the dense model's hidden states; for a mer
 inputs routed by the random routers (their domain means move by < 1 % in angle in the tests), which saves one
 pass per layer.
 
-Only routers with a linear gate (``router.gate``, [e, d]: top-k, sigmoid) have rows to set; other routers are
-refused by name. Dimension letters: t tokens, d model width, e experts, g experts per tied group.
+Only routers whose logits are one gate row per expert (``Router.linear_logits``: top-k, sigmoid) have rows to set;
+other routers are refused by name. Dimension letters: t tokens, d model width, e experts, g experts per tied group.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def init_routers_from_data(model: nn.Module, data: str | None = None,
     if not layers:
         raise ValueError("the model has no MoE layer; convert it first")
     for name, layer in layers:
-        if not isinstance(getattr(layer.router, "gate", None), nn.Linear):
+        if not layer.router.linear_logits:
             raise ValueError(
                 f"{name}: its router ({type(layer.router).__name__}) has no linear gate whose rows could start "
                 "from data; use router type topk or sigmoid"

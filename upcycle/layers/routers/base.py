@@ -18,6 +18,9 @@ ROUTERS: Registry[type[Router]] = Registry("router")
 
 class Router(nn.Module):
     kind: str = "sparse"
+    # True when the logits are gate(x) with one row of ``self.gate`` per expert (top-k, sigmoid): a row then says
+    # where the expert's tokens lie, and upcycle.init_routers_from_data can set it
+    linear_logits: bool = False
 
     def __init__(self, d_model: int, num_experts: int):
         super().__init__()

@@ -18,17 +18,18 @@ one FFN reproduce it exactly, as with softmax top-k.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..losses import sequence_balance_loss
 from ..routing import Routing
+from .balancing import BalancingBias
 from .base import Router, register_router
 
 
 @register_router("sigmoid")
-class SigmoidRouter(Router):
+class SigmoidRouter(BalancingBias, Router):
     kind = "sparse"
+    linear_logits = True
     reads_sequences = True  # the MoE layer passes which sequence each token is from (the sequence-wise loss)
 
     def __init__(
@@ -54,16 +55,14 @@ class SigmoidRouter(Router):
                 f"top_k must be between 1 and the experts of the topk_groups={topk_groups} chosen groups "
                 f"({topk_groups * (num_experts // num_groups)}), got {top_k}"
             )
-        if bias_update_rate < 0:
-            raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate}")
         if scaling <= 0:
             raise ValueError(f"scaling must be > 0, got {scaling}")
         if init not in ("zero", "normal"):
             raise ValueError(f"router init must be 'zero' or 'normal', got {init!r}")
         self.top_k, self.renormalize, self.scaling = top_k, renormalize, scaling
-        self.num_groups, self.topk_groups, self.bias_update_rate = num_groups, topk_groups, bias_update_rate
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self._init_balancing(num_experts, bias_update_rate)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
-        self.register_buffer("expert_bias", torch.zeros(num_experts))  # b [e]: saved with the model, never trained
         self._spec = {
             "d_model": d_model, "num_experts": num_experts, "top_k": top_k, "renormalize": renormalize,
             "scaling": scaling, "num_groups": num_groups, "topk_groups": topk_groups,
@@ -87,12 +86,6 @@ class SigmoidRouter(Router):
         if "top_k" in self._spec:
             self._spec["top_k"] = self._top_k
 
-    def _apply(self, fn, recurse=True):
-        # b stays fp32 under model.to(bf16): steps of γ = 0.001 vanish in bf16 next to scores near 0.5
-        super()._apply(fn, recurse)
-        self.expert_bias = self.expert_bias.float()
-        return self
-
     def forward(self, x: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> Routing:  # x [t, d]
         logits = nn.functional.linear(x.float(), self.gate.weight.float())  # [t, e] in fp32, as DeepSeek-V3
         scores = logits.sigmoid()  # s [t, e]
@@ -104,8 +97,7 @@ class SigmoidRouter(Router):
         if self.renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * self.scaling
-        if self.training and self.bias_update_rate:
-            self._update_bias(indices)
+        self._balance(indices)
         probs = scores / scores.sum(-1, keepdim=True)  # s' [t, e]: the statistics read a distribution
         aux = {"sequence_balance": sequence_balance_loss(scores, indices, sequence_ids)}
         return Routing(
@@ -121,13 +113,6 @@ class SigmoidRouter(Router):
         chosen = group_scores.topk(self.topk_groups, dim=-1).indices  # [t, topk_groups]
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, chosen, True)  # [t, g]
         return grouped.masked_fill(~keep[..., None], float("-inf")).view(t, -1)
-
-    @torch.no_grad()
-    def _update_bias(self, indices: torch.Tensor) -> None:
-        load = torch.bincount(indices.reshape(-1), minlength=self.num_experts).float()  # [e]
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)  # one bias for every process, balanced on the global batch
-        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
     def extra_repr(self) -> str:
         return (

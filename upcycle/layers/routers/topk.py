@@ -21,6 +21,7 @@ from .capacity import capacity_mask, expert_capacity
 @register_router("topk")
 class TopKRouter(Router):
     kind = "sparse"
+    linear_logits = True
 
     def __init__(
         self,

@@ -16,30 +16,27 @@ d model width, e routed experts, k experts per token.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ...layers.activations import get_activation
+from ...layers.routers.balancing import BalancingBias
 from ...layers.routers.base import Router, register_router
 from ...layers.routing import Routing
 
 
 @register_router("cmoe")
-class CMoERouter(Router):
+class CMoERouter(BalancingBias, Router):
     kind = "sparse"
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, activation: str = "silu", gated: bool = True,
                  bias: bool = False, bias_update_rate: float = 0.001):  # fmt: skip
         super().__init__(d_model, num_experts)
-        if bias_update_rate < 0:
-            raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate}")
+        self._init_balancing(num_experts, bias_update_rate)
         self.activation, self.act = activation, get_activation(activation)
-        self.bias_update_rate = bias_update_rate
         self.up = nn.Linear(d_model, num_experts, bias=bias)  # rows: W_up[r_j]
         self.gate = nn.Linear(d_model, num_experts, bias=bias) if gated else None  # rows: W_gate[r_j]
         self.scale = nn.Parameter(torch.zeros(num_experts))  # u [e]
-        self.register_buffer("expert_bias", torch.zeros(num_experts))  # b [e]: saved, never trained by gradients
         self._spec.update(activation=activation, gated=gated, bias=bias, bias_update_rate=bias_update_rate)
         self.top_k = top_k
 
@@ -53,12 +50,6 @@ class CMoERouter(Router):
             raise ValueError(f"top_k must be between 1 and num_experts={self.num_experts}, got top_k={value}")
         self._top_k = int(value)
         self._spec["top_k"] = self._top_k
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        # steps of γ = 0.001 vanish in bf16 next to a bias near 1: the balancing bias stays in fp32
-        self.expert_bias = self.expert_bias.float()
-        return self
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """|a(x)| [t, e]: the representative units' activations, in magnitude, fp32."""
@@ -74,16 +65,8 @@ class CMoERouter(Router):
         probs = torch.softmax(scores, dim=-1)  # s [t, e]
         indices = (probs.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices  # [t, k]
         weights = 1 + probs.gather(1, indices) * self.scale[indices]  # g [t, k]: 1 at conversion
-        if self.training and self.bias_update_rate:
-            self._update_bias(indices)
+        self._balance(indices)
         return Routing(self.num_experts, indices=indices, weights=weights, router_logits=scores, router_probs=probs)
-
-    @torch.no_grad()
-    def _update_bias(self, indices: torch.Tensor) -> None:
-        load = torch.bincount(indices.reshape(-1), minlength=self.num_experts).float()  # [e]
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)  # one bias for every process, balanced on the global batch
-        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, activation={self.activation}, "
