@@ -54,6 +54,16 @@ def converted(dense: nn.Module | None = None, method: str = "sparse_upcycling", 
     return model
 
 
+def sigmoid_routed(dense: nn.Module | None = None, **overrides) -> nn.Module:
+    """Sigmoid routers with a non-zero selection bias that changes which experts tokens choose."""
+    model = converted(dense, router_type="sigmoid", **overrides)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for _, layer in moe_layers(model):
+            layer.router.expert_bias.normal_(std=0.5)
+    return model
+
+
 def first_moe(model: nn.Module):
     return moe_layers(model)[0][1]
 

@@ -14,7 +14,7 @@ import upcycle
 from upcycle.export.deepseek_v3 import export_deepseek_v3
 from upcycle.layers import moe_layers
 
-from .helpers import SIZES, assert_provenance, assert_refused, assert_round_trip, converted
+from .helpers import SIZES, assert_provenance, assert_refused, assert_round_trip, converted, sigmoid_routed
 
 NAMES = ("DeepSeek-V3", "'deepseek_v3'")
 MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
@@ -26,15 +26,6 @@ def tiny_dense_deepseek(**overrides) -> DeepseekV3ForCausalLM:
                                  "n_routed_experts": 8, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2,
                                  "routed_scaling_factor": 2.5, **overrides})  # fmt: skip
     return DeepseekV3ForCausalLM(config).eval()
-
-
-def sigmoid_routed(dense, **overrides):
-    model = converted(dense, router_type="sigmoid", **overrides)
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for _, layer in moe_layers(model):
-            layer.router.expert_bias.normal_(std=0.5)
-    return model
 
 
 def read_config(directory) -> dict:

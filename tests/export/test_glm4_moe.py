@@ -22,21 +22,12 @@ from .helpers import (
     assert_refused,
     assert_round_trip,
     converted,
+    sigmoid_routed,
     tiny_llama,
     tiny_qwen3,
 )
 
 NAMES = ("GLM4-MoE", "'glm4_moe'")
-
-
-def sigmoid_routed(dense=None, **overrides):
-    """Sigmoid routers with a non-zero selection bias that changes which experts tokens choose."""
-    model = converted(dense, router_type="sigmoid", **overrides)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for _, layer in moe_layers(model):
-            layer.router.expert_bias.normal_(std=0.5)
-    return model
 
 
 def read_config(directory) -> dict:
