@@ -12,6 +12,7 @@ import gc
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,19 +67,23 @@ def seed_step(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 def train(model: nn.Module, config: TrainConfig | dict | str | Path, out: str | Path, resume: bool = False,
-          progress: bool = True, **overrides) -> dict:  # fmt: skip
-    """Train ``model`` in place; checkpoints, metrics and the final model go to ``out``. Returns a summary."""
+          progress: bool = True, on_eval: Callable[[nn.Module, int], None] | None = None,
+          **overrides) -> dict:  # fmt: skip
+    """Train ``model`` in place; checkpoints, metrics and the final model go to ``out``. Returns a summary.
+
+    ``on_eval(model, step)``: extra measurements (a benchmark's per-domain curves) before the first step of a fresh
+    run and at every validation point, in eval mode under the run's autocast, without grad; modes restored."""
     cfg = load_train_config(config, **overrides)
     out = Path(out)
     context = distributed.setup(cfg.device)
     try:
         with large_blocks_mapped(model):
-            return _run(model, cfg, out, resume, progress, context)
+            return _run(model, cfg, out, resume, progress, context, on_eval)
     finally:
         distributed.teardown(context)
 
 
-def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, context) -> dict:
+def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, context, on_eval=None) -> dict:
     adapter = adapter_of(model)
     task = make_task(model, adapter, cfg)
     train_set, val_set = task.dataset("train"), task.dataset("val")
@@ -119,6 +124,8 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
 
     bar = tqdm(range(start, total), initial=start, total=total, disable=not (progress and context.is_main),
                desc="train", unit="step", dynamic_ncols=True)  # fmt: skip
+    if on_eval is not None and start == 0:  # before the throughput window opens
+        _measure(model, on_eval, 0, autocast)
     window: dict[str, list[float]] = {}
     window_start, window_items = time.perf_counter(), 0
     set_training_modes(model, cfg.freeze)
@@ -169,6 +176,8 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
             window, window_start, window_items = {}, time.perf_counter(), 0
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
             log.log(done, "val", _evaluate(model, task, val_set, cfg, context, autocast))
+            if on_eval is not None:
+                _measure(model, on_eval, done, autocast)
         if cfg.checkpoints and (done % cfg.checkpoint_every == 0 or done == total):
             check_weights(model, done, checkpoints)
             if context.is_main or sharding.is_sharded(model):  # gathering shards takes every process
@@ -190,6 +199,8 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
     del optimizer, scheduler
     gc.collect()
     final = _evaluate(model, task, val_set, cfg, context, autocast)
+    if on_eval is not None:
+        _measure(model, on_eval, total, autocast)
     log.log(total, "val", final)
     log.close()
     summary = {"steps": total, "val": final, "out": str(out)}
@@ -215,6 +226,18 @@ def _aux_objective(model: nn.Module, cfg: TrainConfig, metrics: dict) -> torch.T
             metrics[name] = float(aux[name].detach())
     metrics["aux"] = float(total.detach())
     return total
+
+
+def _measure(model: nn.Module, on_eval: Callable[[nn.Module, int], None], step: int, autocast) -> None:
+    """``on_eval(model, step)`` in eval mode under the run's autocast, without grad; every module's mode restored."""
+    was_training = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), autocast:
+            on_eval(model, step)
+    finally:
+        for module, mode in was_training:
+            module.training = mode
 
 
 def _evaluate(model, task, dataset, cfg: TrainConfig, context, autocast) -> dict:
