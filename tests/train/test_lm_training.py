@@ -63,3 +63,27 @@ def test_cached_pretrained_started_twice_at_once_trains_once(tmp_path, monkeypat
     for caller in callers:
         caller.join()
     assert len(runs) == 1 and len(folders) == 2 and folders[0] == folders[1]
+
+
+def test_on_eval_measures_at_step_zero_every_validation_point_and_the_end(tmp_path):
+    """``train(on_eval=...)`` (a benchmark's per-domain curves): called before the first update and at every
+    validation point, in eval mode without grad; the training modes come back and the trained weights are those of
+    a run without it."""
+    import torch
+
+    calls = []
+
+    def on_eval(model, step):
+        calls.append((step, model.training, torch.is_grad_enabled(), model.lm_head.weight.detach().clone()))
+
+    recipe = {"data": "shakespeare", "steps": 5, "batch_size": 4, "seq_len": 32, "eval_every": 2, "eval_batches": 1,
+              "checkpoints": False}  # fmt: skip
+    model = build_dense("lm_tiny", **SMALL_LM)
+    start = model.lm_head.weight.detach().clone()
+    train(model, recipe, tmp_path / "measured", progress=False, on_eval=on_eval)
+    assert [step for step, *_ in calls] == [0, 2, 4, 5]
+    assert not any(training or grad for _, training, grad, _ in calls)
+    assert torch.equal(calls[0][3], start) and not torch.equal(calls[-1][3], start)  # step 0: before any update
+    plain = build_dense("lm_tiny", **SMALL_LM)
+    train(plain, recipe, tmp_path / "plain", progress=False)
+    assert torch.equal(plain.lm_head.weight, model.lm_head.weight)  # measuring changed nothing in the run
