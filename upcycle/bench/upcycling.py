@@ -71,6 +71,18 @@ EQUAL_FLOPS = ("dense_continued", "sparse_upcycling", "drop_upcycling_r0.25", "d
 ROUTER_STAGE = {"freeze": "all_but_routers", "lr": 1e-3, "aux": {"router_fit": 1.0, "load_balancing": 0.0,
                                                                    "z_loss": 0.0}}  # fmt: skip
 TRAIN_OVERRIDES = {"moefication": ROUTER_STAGE}
+NOTES = {  # what a reader of the results needs to know about a column, written beside its numbers
+    "sparse_upcycling": "exact start (tied router rows per copy, renormalised top-2 = one whole copy)",
+    "shared_finegrained": "exact start (one whole copy of the routed segments per token, shared expert ungated)",
+    "cmoe": "a quarter of each FFN active: cheaper than the dense model, not an equal-FLOPs column; test_step0 is "
+    "the carved model without training",
+    "moefication": "a quarter of each FFN active; trained with its router-fitting stage (backbone frozen, routers "
+    "fit by BCE to their experts' activation sums, lr 1e-3) for the same steps and tokens, as its router takes no "
+    "gradient from the LM loss; the pipeline's sparsification stage is left out, so SmolLM2's SiLU FFN is split as "
+    "it is",
+    "drop_upcycling_r0.5_data_router": f"router rows: spherical k-means centroids of each FFN's inputs on "
+    f"{CALIBRATION} (train split)",
+}
 
 PAPER = {
     "drop_upcycling": {
@@ -327,7 +339,7 @@ def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool 
         out, "upcycling", summary, rows, quick=quick,
         scale={"source": scale.source, "model": scale.model, "train": scale.train, "domains": scale.domains,
                "curve_sequences": scale.curve_sequences, "test_sequences": scale.test_sequences},
-        columns=COLUMNS, equal_flops=EQUAL_FLOPS, train_overrides=TRAIN_OVERRIDES,
+        columns=COLUMNS, equal_flops=EQUAL_FLOPS, train_overrides=TRAIN_OVERRIDES, notes=NOTES,
         reproduce="make install data && .venv/bin/upcycle bench upcycling" + (" --quick" if quick else ""),
     )  # fmt: skip
     return {"summary": summary, "json": str(path), "png": str(png)}
