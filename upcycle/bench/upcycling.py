@@ -282,10 +282,16 @@ def progress_file(quick: bool) -> Path:
 
 
 def setup_key(column: str, scale: Scale) -> str:
-    """A digest of everything besides the column's name that shapes its row: its conversion and training, the
-    dense model, the evaluation sizes. Editing one column's config re-runs that column only."""
-    shaping = (scale.source, sorted(scale.model.items()), column_config(column, scale),
-               json.dumps(train_config(column, scale), sort_keys=True), scale.curve_sequences, scale.test_sequences,
+    """A digest of everything besides the column's name that shapes its row: its conversion and training (with the
+    resolved defaults, so changing a default re-runs it), the dense model, the evaluation sizes.
+    Editing one column's config re-runs that column only."""
+    from ..config import load_convert_config, load_train_config
+
+    config = column_config(column, scale)
+    training = load_train_config(train_config(column, scale)).model_dump(mode="json")
+    resolved = None if config is None else load_convert_config(config).model_dump(mode="json")
+    shaping = (scale.source, sorted(scale.model.items()), json.dumps(resolved, sort_keys=True),
+               json.dumps(training, sort_keys=True), scale.curve_sequences, scale.test_sequences,
                scale.domains)  # fmt: skip
     return hashlib.sha256(repr(shaping).encode()).hexdigest()[:12]
 
