@@ -13,7 +13,7 @@ from upcycle.cli import build_parser, main
 def test_registries():
     assert upcycle.list_routers() == ["dynamic_k", "moefication", "soft", "soft_attention", "sphero", "topk"]
     assert {m["name"] for m in upcycle.list_methods()} >= {"sparse_upcycling", "neuron_split", "d2dmoe", "moefication"}
-    assert upcycle.list_backends() == ["eager", "grouped", "sorted"]
+    assert upcycle.list_backends() == ["eager", "grouped", "grouped_mm", "sorted"]
 
 
 def test_cli_list(capsys):
@@ -21,7 +21,7 @@ def test_cli_list(capsys):
     out = capsys.readouterr().out
     lines = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
     assert {"dynamic_k", "moefication", "soft", "soft_attention", "sphero", "topk"} <= lines  # every router
-    assert {"eager", "grouped", "sorted"} <= lines
+    assert {"eager", "grouped", "grouped_mm", "sorted"} <= lines
 
 
 def test_cli_help_lists_commands(capsys):

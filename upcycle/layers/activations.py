@@ -19,11 +19,26 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+# the same functions overwriting their input: expert backends use them when autograd records nothing (inference),
+# which saves one hidden-sized temporary per projection; the others fall back to the out-of-place function
+IN_PLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": torch.ops.aten.gelu_,
+    "gelu_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "relu": torch.relu_,
+    "silu": lambda x: F.silu(x, inplace=True),
+    "hard_swish": lambda x: F.hardswish(x, inplace=True),
+    "identity": lambda x: x,
+}
+
+
+def get_activation(name: str, inplace: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation called ``name``; ``inplace=True``: a version that may overwrite its input (only call it where
+    autograd does not need that input)."""
     try:
-        return ACTIVATIONS[name]
+        function = ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+    return IN_PLACE.get(name, function) if inplace else function
 
 
 # Hugging Face ``hidden_act`` / ``activation_function`` strings -> upcycle's names (plain strings: no transformers

@@ -6,17 +6,21 @@ The buffer holds ``c`` = the largest group's size rows per expert. Padding rows 
 they add exactly zero to the output and to every gradient. Gathers use ``index_select`` (its backward is an
 ``index_add``, several times faster on CPU than the accumulate-``index_put`` behind advanced indexing). Reading
 ``c`` costs one host sync, free on CPU; a GPU kernel without padding or sync can register as another backend.
+At most ``FEW_PAIRS`` routed pairs (decoding) take the per-pair path of ``few_pairs`` instead.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .few_pairs import FEW_PAIRS, few_pairs
 from .registry import register_backend
 
 
 @register_backend("grouped")
 def grouped(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None):
+    if indices.numel() <= FEW_PAIRS:  # decoding: one token's experts, no padded buffer over all of them
+        return few_pairs(experts, x, indices, weights, mask)
     t, d = x.shape
     e, k = experts.num_experts, indices.shape[-1]
     expert_of_pair = indices.reshape(-1)  # [t*k]
