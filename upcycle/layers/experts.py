@@ -13,8 +13,8 @@ expert axis in front), so recycling methods write them by slicing and backends r
 Expert i computes ``W_down[i] · act(W_gate[i] x) ⊙ (W_up[i] x)`` (gated) or ``W_down[i] · act(W_up[i] x)`` (plain).
 
 Sparse routing is executed by a *backend* chosen by name (``eager`` is the per-expert reference loop; the default
-``grouped_mm`` runs every expert's rows with one grouped GEMM per projection, ``grouped`` with padded batched
-matmuls, ``sorted`` with one matmul per expert); dense slot routing runs every expert on its own slots with one
+``grouped`` runs padded batched matmuls, ``grouped_mm`` one grouped GEMM per projection over the jagged groups,
+``sorted`` one matmul per expert); dense slot routing runs every expert on its own slots with one
 batched matmul.
 Dimension letters: t tokens, b examples, n tokens per example, d model, h hidden, e experts, k choices, s slots.
 """
@@ -65,7 +65,7 @@ class Experts(nn.Module):
         gated: bool = False,
         bias: bool | tuple[bool, bool] = True,
         shared_bias: bool = False,
-        backend: str = "grouped_mm",
+        backend: str = "grouped",
         hidden_norm_eps: float | None = None,
         initialize: bool = True,
     ):
