@@ -11,7 +11,8 @@ from upcycle.cli import build_parser, main
 
 
 def test_registries():
-    assert upcycle.list_routers() == ["dynamic_k", "moefication", "soft", "soft_attention", "sphero", "topk"]
+    routers = ["cmoe", "dynamic_k", "moefication", "sigmoid", "soft", "soft_attention", "sphero", "topk"]
+    assert upcycle.list_routers() == routers
     assert {m["name"] for m in upcycle.list_methods()} >= {"sparse_upcycling", "neuron_split", "d2dmoe", "moefication"}
     assert upcycle.list_backends() == ["eager", "grouped", "grouped_mm", "sorted"]
 
@@ -20,7 +21,7 @@ def test_cli_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
-    assert {"dynamic_k", "moefication", "soft", "soft_attention", "sphero", "topk"} <= lines  # every router
+    assert {"cmoe", "dynamic_k", "moefication", "sigmoid", "soft", "soft_attention", "sphero", "topk"} <= lines
     assert {"eager", "grouped", "grouped_mm", "sorted"} <= lines
 
 
