@@ -168,7 +168,7 @@ def bench_group(shape: str, dtype_name: str, experts: int, dims: dict, tokens: i
             "shape": shape, "mode": mode, "tokens": tokens, "dtype": dtype_name, "experts": experts, "top_k": top_k,
             "d": d, "h": h, "layer": layer_name, "backend": backend or "-", "ms": round(ms, 4),
             "ms_samples": [round(1000 * s, 4) for s in samples[case]], "flops": flops,
-            "gflops": round(flops / ms / 1e6, 2),
+            "gflops": float(f"{flops / ms / 1e6:.4g}"),  # significant digits: a decode row is a few MFLOP/s
         })  # fmt: skip
     return rows
 
@@ -185,7 +185,7 @@ def add_ratios(rows: list[dict], peaks: dict[str, float]) -> None:
             row["over_dense"] = round(row["ms"] / dense, 3)
             row["over_transformers_best"] = round(row["ms"] / best, 3)
             row["peak_gflops"] = round(peaks[row["dtype"]], 1)
-            row["peak_share"] = round(row["gflops"] / peaks[row["dtype"]], 3)
+            row["peak_share"] = float(f"{row['gflops'] / peaks[row['dtype']]:.3g}")
 
 
 def summarize(rows: list[dict], peaks: dict[str, float]) -> dict:
