@@ -119,7 +119,7 @@ FULL = Scale(
             ("convnext_t", {}),
             ("timm:convnext_pico", CONVNEXT_32PX),
             list(range(4, 10)),
-            ("mnist5k",),
+            ("mnist5k", "digits"),
             (0,),
             {**PRETRAIN, "epochs": 2},
             {"epochs": 6},  # ~4× the ViT's cost per image: half the epochs keeps the whole run near the budget
