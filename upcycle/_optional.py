@@ -24,6 +24,7 @@ EXTRAS = {
     "tensorboard": ("tensorboard",),
     "sklearn": ("scikit-learn",),
     "metis": ("pymetis",),
+    "cmoe": ("scipy",),
 }
 
 

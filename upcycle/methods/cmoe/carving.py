@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..._optional import require
 from ...adapters.dense_ffn import DenseFFN
 from ...layers.activations import get_activation
 
@@ -103,14 +104,9 @@ def _assign(cost: torch.Tensor, size: int, method: str) -> torch.Tensor:
     Jonker-Volgenant) or greedily (``greedy``: cheapest (point, cluster) pairs first while the cluster has room)."""
     n, k = cost.shape
     if method == "linear":
-        try:
-            from scipy.optimize import linear_sum_assignment
-        except ImportError:  # an optional dependency: say what to do
-            raise ValueError(
-                "cmoe's assignment=linear needs scipy (pip install scipy); or set assignment: greedy"
-            ) from None
+        optimize = require("scipy.optimize", extra="cmoe", purpose="cmoe's exact assignment (or assignment: greedy)")
         expanded = cost.double().repeat_interleave(size, dim=1).numpy()  # [n, k·size]: column c·size + j = cluster c
-        rows, columns = linear_sum_assignment(expanded)
+        rows, columns = optimize.linear_sum_assignment(expanded)
         labels = torch.empty(n, dtype=torch.long)
         labels[torch.from_numpy(rows)] = torch.from_numpy(columns // size)
         return labels
