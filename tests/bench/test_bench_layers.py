@@ -47,8 +47,8 @@ def test_moe_has_the_dense_ffns_active_flops_and_transformers_computes_the_same_
         moe = bench.build_moe(16, 64, experts, top_k)
         assert moe.experts.d_hidden * top_k == 64  # active expert width = the dense FFN's
         block = bench.build_transformers_block(moe)
-        bench.check_same_outputs(moe, block, torch.randn(1, 5, 16))  # raises if they differ
+        bench.check_same_outputs(moe, block, torch.randn(1, 5, 16), list(bench.HF_IMPLEMENTATIONS))  # raises if not
         with torch.no_grad():
             block.experts.down_proj.mul_(1.5)
         with pytest.raises(RuntimeError, match="disagree"):
-            bench.check_same_outputs(moe, block, torch.randn(1, 5, 16))
+            bench.check_same_outputs(moe, block, torch.randn(1, 5, 16), list(bench.HF_IMPLEMENTATIONS))

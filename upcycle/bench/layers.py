@@ -99,12 +99,12 @@ def set_implementation(block: nn.Module, name: str) -> None:
     block.experts.config._experts_implementation = name
 
 
-def check_same_outputs(moe: MoE, block: nn.Module, x: torch.Tensor) -> None:
+def check_same_outputs(moe: MoE, block: nn.Module, x: torch.Tensor, implementations: list[str]) -> None:
     """Ours and transformers' block compute the same layer (else the comparison would be meaningless)."""
     tolerance = 1e-4 if x.dtype == torch.float32 else 3e-2
     with torch.inference_mode():
         ours = moe(x).float()
-        for name in HF_IMPLEMENTATIONS:
+        for name in implementations:
             set_implementation(block, name)
             theirs = block(x).float()
             scale = ours.abs().max().item()
@@ -131,8 +131,9 @@ def bench_group(shape: str, dtype_name: str, experts: int, dims: dict, tokens: i
     block = build_transformers_block(moe)
     x = torch.randn(1, tokens, d, dtype=dtype)
     upstream = torch.randn(1, tokens, d, dtype=dtype)
-    check_same_outputs(moe, block, x)
     cases = _cases(dense, moe, block, tokens * top_k)
+    # only the implementations that run here: batched_mm at 4096·2 pairs would copy ~29 GB of expert weights
+    check_same_outputs(moe, block, x, [c.split("/")[1] for c in cases if c.startswith("transformers/")])
     train_input: dict[str, torch.Tensor] = {}
 
     def setup(case: str) -> None:
