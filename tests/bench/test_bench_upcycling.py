@@ -62,3 +62,31 @@ def test_bench_upcycling_quick(tmp_path, monkeypatch):
     monkeypatch.setattr(upcycling, "run_column", lambda *args: pytest.fail("a finished column ran again"))
     again = upcycling.run(out=tmp_path / "again", quick=True, progress=False)
     assert again["summary"]["equal_flops_ranking"] == summary["equal_flops_ranking"]
+
+
+class _Trained(Exception):
+    pass
+
+
+@pytest.mark.parametrize("column", ["dense_continued", "sparse_upcycling"])
+def test_every_column_trains_with_its_dense_models_record(tmp_path, monkeypatch, column):
+    """The model each column trains keeps where the dense model came from: a checkpoint's tokenizer is found through
+    it (SmolLM2's 49152-token vocabulary is not the byte one), for the dense column as for the converted ones."""
+    import torch
+
+    from upcycle.pretrain import build_dense
+    from upcycle.record import ConversionRecord, attach_record, record_of
+
+    dense = build_dense("lm_tiny", seed=0, **upcycling.TINY_LM).eval()
+    attach_record(dense, ConversionRecord(origin="a-checkpoint", files=str(tmp_path)))
+    seen = []
+
+    def fake_train(model, *args, **kwargs):
+        seen.append(record_of(model))
+        raise _Trained
+
+    monkeypatch.setattr("upcycle.train.train", fake_train)
+    held_out = {"val": type("Ids", (), {"example_ids": lambda self, n: torch.zeros(n, 8, dtype=torch.long)})()}
+    with pytest.raises(_Trained):
+        upcycling.run_column(column, dense, upcycling.QUICK, held_out, tmp_path / "work")
+    assert seen[0] is not None and seen[0].files == str(tmp_path)

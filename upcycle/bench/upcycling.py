@@ -196,12 +196,13 @@ def train_config(column: str, scale: Scale) -> dict:
 def run_column(column: str, dense: nn.Module, scale: Scale, held_out: dict, workdir: Path) -> dict:
     """Convert, measure at step 0, train with the per-domain curve, measure again: one row of the results."""
     from ..convert import convert
+    from ..record import copy_model
     from ..train import train
     from .upcycling_eval import costs, load_statistics
 
     began = time.perf_counter()
     config = column_config(column, scale)
-    model = copy.deepcopy(dense) if config is None else convert(dense, config=config, progress=False)
+    model = copy_model(dense) if config is None else convert(dense, config=config, progress=False)  # with its record
     convert_seconds = time.perf_counter() - began
     bf16 = scale.train["precision"] == "bf16"
     curve: list[dict] = []
