@@ -99,6 +99,16 @@ def test_router_options_reach_the_router_and_unknown_ones_name_the_accepted():
     assert "hidden" in router_arguments("moefication")
 
 
+def test_router_and_options_sections_given_whole_to_convert():
+    dense = build("vit")
+    router = {"type": "sigmoid", "options": {"bias_update_rate": 0.01}}
+    moe = upcycle.convert(dense, num_experts=4, top_k=1, router=router, options={"granularity": 2}, progress=False)
+    layers = [layer for _, layer in upcycle.layers.moe_layers(moe)]
+    assert all(layer.router.bias_update_rate == 0.01 and layer.experts.num_experts == 8 for layer in layers)
+    with pytest.raises(ValueError, match="router must be a mapping of its keys, got str"):
+        upcycle.convert(dense, router="sigmoid", progress=False)
+
+
 def test_a_run_recipe_names_any_registered_export_format():
     from upcycle.export import EXPORT_FORMATS
     from upcycle.run import RunSection

@@ -135,7 +135,12 @@ def load_convert_config(
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in fields:
+        if key in ("router", "options"):  # a section given whole, on top of the recipe's
+            if not isinstance(value, (dict, BaseModel)):
+                raise UserError(f"{key} must be a mapping of its keys, got {type(value).__name__}: {value!r}")
+            section = router if key == "router" else options
+            section.update(value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else value)
+        elif key in fields:
             data[key] = value
         elif key == "router_options":  # on top of the recipe's router options
             router["options"] = {**(router.get("options") or {}), **value}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import upcycle
-from upcycle.layers import build_router, list_backends, list_routers, moe_layers
+from upcycle.layers import build_router, list_backends, list_routers, moe_layers, update_expert_biases
 from upcycle.layers.losses import sequence_balance_loss
 from upcycle.layers.routers import SigmoidRouter
 
@@ -41,16 +41,43 @@ def test_bias_moves_toward_balance_in_training_only():
     load_before = torch.bincount(router.eval()(x).indices.reshape(-1), minlength=4)
     frozen = router.expert_bias.clone()
     router(x)
-    assert torch.equal(router.expert_bias, frozen)  # eval never updates
+    assert update_expert_biases(router) == 1 and torch.equal(router.expert_bias, frozen)  # eval never counts
     router.train()
+    router(x)
+    assert torch.equal(router.expert_bias, frozen)  # forwards only count; the step moves the bias
     for _ in range(200):
+        update_expert_biases(router)
         router(x)
     assert router.expert_bias[0] < 0 and not router.expert_bias.requires_grad
     load_after = torch.bincount(router.eval()(x).indices.reshape(-1), minlength=4)
     assert load_after.max() < 0.7 * load_before.max() and (load_after > 0).sum() > (load_before > 0).sum()
     still = SigmoidRouter(8, 4, top_k=1, bias_update_rate=0.0).train()
     still(x)
-    assert torch.equal(still.expert_bias, torch.zeros(4))
+    assert update_expert_biases(still) == 0 and torch.equal(still.expert_bias, torch.zeros(4))
+
+
+def test_one_bias_update_per_step_over_all_its_micro_batches():
+    """Gradient accumulation: the step's micro-batches are counted together and move b by one γ, as one batch would;
+    counting a forward twice (activation checkpointing recomputes it) leaves the update unchanged."""
+    rate = 0.01
+    router = SigmoidRouter(8, 4, top_k=1, bias_update_rate=rate).train()
+    with torch.no_grad():
+        router.gate.weight.zero_()
+        router.gate.weight[0, 1:6] = 5.0  # unit vector i goes to expert 0 for i = 1..5, to expert 1 for i = 0
+        router.gate.weight[1, 0] = 5.0
+    first, second = torch.eye(8)[:3], torch.eye(8)[3:6]  # 1 token on expert 1 + 2 on expert 0; then 3 on expert 0
+    router(first), router(second)
+    torch.testing.assert_close(router.routed_load, torch.tensor([5.0, 1.0, 0.0, 0.0]))
+    update_expert_biases(router)
+    torch.testing.assert_close(router.expert_bias, rate * torch.tensor([-1.0, 1.0, 1.0, 1.0]))
+    assert router.routed_load.sum() == 0  # the next step counts afresh
+    twice = SigmoidRouter(8, 4, top_k=1, bias_update_rate=rate).train()
+    twice.load_state_dict(router.state_dict() | {"expert_bias": torch.zeros(4)})
+    for batch in (first, second, first, second):
+        twice(batch)
+    update_expert_biases(twice)
+    torch.testing.assert_close(twice.expert_bias, router.expert_bias)
+    assert "routed_load" not in router.state_dict()  # a step's count is not saved with the model
 
 
 def naive_group_choice(biased, groups, topk_groups, k):
@@ -143,4 +170,5 @@ def test_bias_stays_fp32_in_a_bfloat16_model():
     router = SigmoidRouter(8, 4).to(torch.bfloat16)
     assert router.gate.weight.dtype == torch.bfloat16 and router.expert_bias.dtype == torch.float32
     router.train()(torch.randn(10, 8, dtype=torch.bfloat16))
+    update_expert_biases(router)
     assert router.expert_bias.abs().max() == pytest.approx(0.001)

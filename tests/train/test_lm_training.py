@@ -1,9 +1,11 @@
 """Language-model training through the shared loop: held-out perplexity falls; pre-trained checkpoints are cached."""
 
 import pytest
+import torch
 
 import upcycle
 from upcycle.eval.report import evaluate_model
+from upcycle.layers import moe_layers
 from upcycle.pretrain import build_dense, cached_pretrained
 from upcycle.train import train
 
@@ -87,3 +89,17 @@ def test_on_eval_measures_at_step_zero_every_validation_point_and_the_end(tmp_pa
     plain = build_dense("lm_tiny", **SMALL_LM)
     train(plain, recipe, tmp_path / "plain", progress=False)
     assert torch.equal(plain.lm_head.weight, model.lm_head.weight)  # measuring changed nothing in the run
+
+
+def test_training_moves_the_balancing_bias_once_per_step(tmp_path):
+    """Aux-loss-free balancing in the loop: the bias moves by at most γ per optimizer step, however many micro-batches
+    the step accumulates (an update per forward would reach 2γ per step here), and it does move."""
+    steps, rate = 3, 0.01
+    router = {"type": "sigmoid", "options": {"bias_update_rate": rate}}
+    model = upcycle.convert(build_dense("lm_tiny", **SMALL_LM), method="sparse_upcycling", num_experts=4, top_k=1,
+                            layers="all", router=router)  # fmt: skip
+    train(model, {"data": "shakespeare", "steps": steps, "batch_size": 8, "grad_accum": 2, "seq_len": 32,
+                  "eval_batches": 1, "checkpoints": False}, tmp_path, progress=False)  # fmt: skip
+    biases = torch.stack([layer.router.expert_bias for _, layer in moe_layers(model)])  # [layers, e]
+    assert 0 < biases.abs().max() <= steps * rate + 1e-6
+    assert all(float(layer.router.routed_load.sum()) == 0 for _, layer in moe_layers(model))  # nothing left uncounted

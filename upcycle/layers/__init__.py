@@ -19,6 +19,7 @@ from .routers import (
     list_routers,
     register_router,
 )
+from .routers.balancing import update_expert_biases
 from .routing import Routing
 from .statistics import routing_statistics
 
@@ -53,4 +54,5 @@ __all__ = [
     "set_backend",
     "set_tau",
     "set_top_k",
+    "update_expert_biases",
 ]

@@ -26,7 +26,7 @@ from ..data.batches import batches, held_out_batches
 from ..errors import RunFailed, first_non_finite
 from ..eval.tasks import make_task
 from ..export.saving import load_weights
-from ..layers import collect_aux_losses
+from ..layers import collect_aux_losses, update_expert_biases
 from . import distributed, sharding
 from .checkpoint import latest_checkpoint, restore_rng_states, save_checkpoint
 from .memory import large_blocks_mapped
@@ -160,6 +160,7 @@ def _run(model, cfg: TrainConfig, out: Path, resume: bool, progress: bool, conte
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
+        update_expert_biases(model)  # aux-loss-free balancing: once per step, over the step's global batch
         if ema is not None:
             ema.update(model)
 

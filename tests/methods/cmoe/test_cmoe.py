@@ -15,7 +15,7 @@ from upcycle.adapters import find_adapter
 from upcycle.adapters.dense_ffn import DenseFFN
 from upcycle.cli import main
 from upcycle.config import load_convert_config
-from upcycle.layers import list_backends, moe_layers
+from upcycle.layers import list_backends, moe_layers, update_expert_biases
 from upcycle.methods.cmoe.carving import balanced_kmeans, hidden_activations, plan_carving
 from upcycle.methods.cmoe.recycling import cmoe, prepare
 from upcycle.pretrain import build_dense
@@ -152,6 +152,7 @@ def test_training_moves_the_balancing_bias_and_the_scale_learns():
     dense, x = random_dense_ffn(), tokens()
     moe = carved(dense, x, num_experts=6, top_k=2).train()
     moe(x).square().mean().backward()
+    assert update_expert_biases(moe) == 1
     assert moe.router.expert_bias.abs().sum() > 0  # loaded experts pushed down, idle ones up
     assert moe.router.scale.grad is not None and moe.router.scale.grad.abs().sum() > 0
     assert moe.to(torch.bfloat16).router.expert_bias.dtype == torch.float32  # γ-sized steps survive a bf16 model

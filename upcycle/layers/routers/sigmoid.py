@@ -7,10 +7,12 @@ experts, divided by their sum with ``renormalize`` (``norm_topk_prob``) and time
 is the sum of its two highest biased scores, and a token chooses only among its ``topk_groups`` best groups
 (transformers' ``DeepseekV3TopkRouter``).
 
-Aux-loss-free balancing: after each training forward ``b_i += γ · sign(mean load − load_i)``, load_i = tokens routed
-to expert i (summed over processes under DDP, the global batch the paper balances), γ = ``bias_update_rate``
-(DeepSeek-V3: 0.001; 0 disables it). No gradient reaches ``b`` and eval forwards never change it. The complementary
-sequence-wise balance loss goes to ``aux_losses["sequence_balance"]`` (its coefficient: ``aux.sequence_balance``).
+Aux-loss-free balancing: training forwards count the tokens routed to each expert, and at the end of each optimizer
+step (:func:`~upcycle.layers.update_expert_biases`, which ``upcycle.train`` calls) ``b_i += γ · sign(mean load −
+load_i)`` over the step's global batch (summed over processes under DDP, as the paper balances), γ =
+``bias_update_rate`` (DeepSeek-V3: 0.001; 0 disables it). No gradient reaches ``b`` and eval forwards never count.
+The complementary sequence-wise balance loss goes to ``aux_losses["sequence_balance"]`` (its coefficient:
+``aux.sequence_balance``).
 With all rows equal (zero-initialised router) every token gets k experts of weight 1/k when renormalised, so copies of
 one FFN reproduce it exactly, as with softmax top-k.
 """
@@ -97,7 +99,7 @@ class SigmoidRouter(BalancingBias, Router):
         if self.renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * self.scaling
-        self._balance(indices)
+        self._count_load(indices)
         probs = scores / scores.sum(-1, keepdim=True)  # s' [t, e]: the statistics read a distribution
         aux = {"sequence_balance": sequence_balance_loss(scores, indices, sequence_ids)}
         return Routing(

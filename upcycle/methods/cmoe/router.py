@@ -7,10 +7,10 @@ its representative hidden unit r_j, so the router needs no training.
     g_j     = 1 + s_j · u_j  for a chosen j                    u: a learnable scale, zeros at conversion
 
 With u = 0 every chosen expert is summed with weight 1, as the dense FFN sums its units, so with every expert chosen
-the layer is the dense FFN exactly; fine-tuning learns u (the paper's differentiable routing). In training, b moves
-by γ = ``bias_update_rate`` against each expert's load (b_j += γ·sign(mean load − load_j), the aux-loss-free balancing
-of DeepSeek-V3, arXiv 2412.19437, which CMoE uses). Scores and choices run in fp32. Dimension letters: t tokens,
-d model width, e routed experts, k experts per token.
+the layer is the dense FFN exactly; fine-tuning learns u (the paper's differentiable routing). After each training
+step b moves by γ = ``bias_update_rate`` against each expert's load (b_j += γ·sign(mean load − load_j), the
+aux-loss-free balancing of DeepSeek-V3, arXiv 2412.19437, which CMoE uses). Scores and choices run in fp32.
+Dimension letters: t tokens, d model width, e routed experts, k experts per token.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class CMoERouter(BalancingBias, Router):
         probs = torch.softmax(scores, dim=-1)  # s [t, e]
         indices = (probs.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices  # [t, k]
         weights = 1 + probs.gather(1, indices) * self.scale[indices]  # g [t, k]: 1 at conversion
-        self._balance(indices)
+        self._count_load(indices)
         return Routing(self.num_experts, indices=indices, weights=weights, router_logits=scores, router_probs=probs)
 
     def extra_repr(self) -> str:
