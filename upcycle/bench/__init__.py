@@ -11,4 +11,5 @@ BENCHMARKS = {  # name -> module with run(out, quick, progress)
     "d2dmoe": "upcycle.methods.d2dmoe.bench",
     "bam": "upcycle.methods.bam.bench",
     "upcycling": "upcycle.bench.upcycling",
+    "decode": "upcycle.bench.decode",
 }
