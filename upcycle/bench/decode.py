@@ -30,6 +30,7 @@ from torch import nn
 
 from ..eval.timing import median_ms, time_interleaved
 from ..layers import set_backend
+from ..plotting import pyplot, save_figure
 from ..provenance import write_results
 from .layers import DEFAULT_BACKEND, DTYPES, HF_IMPLEMENTATIONS, UPCYCLE_BACKENDS
 
@@ -172,11 +173,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups = list(dict.fromkeys((r["dtype"], r["experts"]) for r in rows))
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), sharey=False)
     for axis, (dtype_name, experts) in zip(axes, groups, strict=True):
@@ -190,8 +187,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.set_xlabel("tokens / s (batch 1)")
     fig.suptitle("Greedy decoding: dense vs upcycled vs its Mixtral export (dotted: 0.9 x dense)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool = True) -> dict:
