@@ -127,3 +127,23 @@ def test_the_bam_recipe_hands_the_seed_all_domains_and_each_branch_its_own():
     assert BAMRecipe().router_init_domains() is None  # random routers, as the papers
     recipe = BAMRecipe(router_init="data", domains=["shakespeare", "python_code"])
     assert recipe.router_init_domains() == [["shakespeare", "python_code"], "shakespeare", "python_code"]
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{"method": "sparse_upcycling", "router": {"init": "data", "init_data": "shakespeare", "init_examples": 2}},
+     {"method": "cmoe", "num_experts": 6, "options": {"calibration_examples": 2, "calibration_seq_len": 16}}],
+    ids=["router_from_data", "cmoe"],
+)  # fmt: skip
+def test_calibration_reads_text_with_the_checkpoints_own_tokenizer(tmp_path, arguments):
+    """A checkpoint with its own vocabulary (not bytes): the calibration inside convert tokenises with the tokenizer
+    found through the dense model's record, and the converted model still knows where that tokenizer is."""
+    from upcycle.record import ConversionRecord, attach_record
+
+    from .export.helpers import save_tiny_tokenizer, tiny_llama
+
+    save_tiny_tokenizer(tmp_path)
+    dense = tiny_llama()
+    attach_record(dense, ConversionRecord(origin="a-checkpoint", files=str(tmp_path)))  # as load_source attaches it
+    moe = upcycle.convert(dense, **{"num_experts": 4, "top_k": 2, "layers": "all", "progress": False, **arguments})
+    assert moe_layers(moe) and record_of(moe).files == str(tmp_path)

@@ -8,7 +8,6 @@ need.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from .adapters import Adapter, find_adapter, get_adapter
 from .config import RUNTIME_FIELDS, ConvertConfig, load_convert_config, select_layers
 from .errors import UserError, check_finite
 from .layers import describe_moe
-from .record import attach_record, dtype_name, new_record, record_of
+from .record import attach_record, copy_model, dtype_name, new_record, record_of
 from .recycling import get_method
 
 
@@ -42,7 +41,8 @@ def convert(
     cfg = load_convert_config(config, method=method, **overrides)
     adapter = get_adapter(adapter) if isinstance(adapter, str) else adapter or find_adapter(model)
     source, dense_record = adapter.describe(model), record_of(model)
-    target = model if inplace else copy.deepcopy(model)
+    # the copy keeps the dense model's record: calibration (CMoE, routers from data) reads text with its tokenizer
+    target = model if inplace else copy_model(model)
     sites = adapter.ffn_sites(target)
     chosen = select_layers(len(sites), cfg.layers)
     method = get_method(cfg.method)
