@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -96,8 +95,7 @@ def bench_group(dense: nn.Module, moe: nn.Module, twin: nn.Module, dtype_name: s
                 sizes: dict) -> list[dict]:  # fmt: skip
     """Every case at one (dtype, expert count), interleaved; rows without the ratios."""
     dtype = DTYPES[dtype_name]
-    models = {"dense": dense, "upcycle": moe, "mixtral": twin}
-    for model in models.values():
+    for model in (dense, moe, twin):
         model.to(dtype)
     cases = {"dense": (dense, None)}
     cases.update({f"upcycle/{backend}": (moe, backend) for backend in UPCYCLE_BACKENDS})
@@ -125,12 +123,11 @@ def bench_group(dense: nn.Module, moe: nn.Module, twin: nn.Module, dtype_name: s
     rows = []
     for case in cases:
         model_name, _, backend = case.partition("/")
-        seconds = statistics.median(samples[case])
+        ms_per_token = median_ms(samples[case]) / sizes["new_tokens"]
         rows.append({
             "dtype": dtype_name, "experts": experts, "top_k": EXPERTS[experts][1], "model": model_name,
             "backend": backend or "-", "new_tokens": sizes["new_tokens"], "prompt": sizes["prompt"],
-            "ms_per_token": round(median_ms(samples[case]) / sizes["new_tokens"], 3),
-            "tokens_per_s": round(sizes["new_tokens"] / seconds, 2),
+            "ms_per_token": round(ms_per_token, 3), "tokens_per_s": round(1000 / ms_per_token, 2),
             "round_seconds": [round(s, 4) for s in samples[case]],
             "same_tokens_as_dense": tokens[case] == tokens["dense"],
         })  # fmt: skip
