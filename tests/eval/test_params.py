@@ -72,6 +72,14 @@ def test_converted_llama_with_tied_embeddings(dense_llama):
     assert counts["total"] < sum(p.numel() for p in moe.state_dict().values())  # the tied head counted once
 
 
+@pytest.mark.parametrize("name", ["topk", "sigmoid", "cmoe", "moefication"])
+def test_every_router_with_a_fixed_k_counts_k_experts(name):
+    # CMoE and sigmoid routers were once counted as using every expert (a CMoE model reported all its parameters)
+    router = upcycle.layers.build_router(name, d_model=D, num_experts=E, top_k=3)
+    counts = count_parameters(model_with(router), experts_per_token=1.0)  # a measured figure does not apply
+    assert counts["experts_active"] == 3 * PER_EXPERT
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_active_scales_with_k(k):
     counts = count_parameters(model_with(TopKRouter(D, E, top_k=k)))

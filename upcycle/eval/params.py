@@ -33,9 +33,10 @@ def _numel(tensors, seen: set[int]) -> int:
 
 
 def active_experts(moe: MoE, measured: float | None = None) -> float:
-    """Experts one token uses in this layer: k (top-k), all (slots), or ``measured`` / all for anything else."""
+    """Experts one token uses in this layer: k (routers with a fixed k), all (slots), or ``measured`` / all for
+    anything else."""
     router = moe.router
-    if getattr(router, "registry_name", None) in ("topk", "moefication"):
+    if router.fixed_k:
         return float(router.top_k)
     if router.kind == "slots":
         return float(router.num_experts)

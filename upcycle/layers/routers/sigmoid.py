@@ -31,6 +31,7 @@ from .base import Router, register_router
 @register_router("sigmoid")
 class SigmoidRouter(BalancingBias, Router):
     kind = "sparse"
+    fixed_k = True
     linear_logits = True
     reads_sequences = True  # the MoE layer passes which sequence each token is from (the sequence-wise loss)
 

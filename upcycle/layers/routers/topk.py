@@ -21,6 +21,7 @@ from .capacity import capacity_mask, expert_capacity
 @register_router("topk")
 class TopKRouter(Router):
     kind = "sparse"
+    fixed_k = True
     linear_logits = True
 
     def __init__(

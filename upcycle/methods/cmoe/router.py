@@ -28,6 +28,7 @@ from ...layers.routing import Routing
 @register_router("cmoe")
 class CMoERouter(BalancingBias, Router):
     kind = "sparse"
+    fixed_k = True
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, activation: str = "silu", gated: bool = True,
                  bias: bool = False, bias_update_rate: float = 0.001):  # fmt: skip
