@@ -50,9 +50,11 @@ def test_bench_upcycling_quick(tmp_path, monkeypatch):
     for column in upcycling.EQUAL_FLOPS:
         assert abs(rows[column]["macs_per_token"] / dense_macs - 1) < 0.10, column
     assert payload["summary"]["equal_flops_macs_spread"] < 0.10
-    assert rows["cmoe"]["macs_per_token"] < 0.9 * dense_macs  # a quarter of each FFN active
+    for column in ("cmoe", "moefication"):  # a quarter of each FFN active, in MACs and in parameters
+        assert rows[column]["macs_per_token"] < 0.9 * dense_macs, column
+        assert rows[column]["params_active"] < 0.9 * rows["dense_continued"]["params_active"], column
     # the exact-start conversions begin where the dense model begins
-    for column in ("sparse_upcycling", "shared_finegrained"):
+    for column in ("sparse_upcycling", "sparse_upcycling_top1", "shared_finegrained"):
         assert rows[column]["test_step0"]["average"] == pytest.approx(rows["dense_continued"]["test_step0"]["average"],
                                                                       rel=1e-3)  # fmt: skip
     summary = payload["summary"]

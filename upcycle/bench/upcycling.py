@@ -7,6 +7,7 @@ order, learning-rate schedule, aux-loss coefficients and seed.
     dense_continued             no conversion: the dense model trained on
     sparse_upcycling            4 copies × granularity 2 = 8 half-width experts, top-2 of tied groups: one whole copy
                                 per token (arXiv 2212.05055, 2410.07524); starts exactly as the dense model
+    sparse_upcycling_top1       4 whole copies, top-1 (Drop-Upcycling at r = 0); starts exactly as the dense model
     drop_upcycling_r0.25 / 0.5  4 copies, a share r of each copy's units redrawn, top-1 (arXiv 2502.19261)
     shared_finegrained          a quarter of the units always on + 2 copies × 4 segments, top-4 = one whole copy
                                 (DeepSeekMoE arXiv 2401.06066, as Qwen1.5-MoE upcycles); starts exactly as dense
@@ -21,7 +22,7 @@ order, learning-rate schedule, aux-loss coefficients and seed.
                                 with the same steps, tokens and schedule (lr 1e-3, the routers' own rate). The
                                 pipeline's sparsification stage (ReLU-fication of a SiLU FFN) is left out.
 
-The first five MoE columns and the dense one cost the same MACs per token (their active FFN is the dense FFN; the
+The first six MoE columns and the dense one cost the same MACs per token (their active FFN is the dense FFN; the
 routers add < 1%); cmoe and moefication run a quarter of it. Measured per column: held-out perplexity per domain
 (a curve on the validation split from step 0, before any update, every ``eval_every`` steps; the test split at
 step 0 and at the end), MACs per token, parameters, training wall time (without the curve's evaluations) and the
@@ -54,6 +55,7 @@ CALIBRATION = "shakespeare"  # router-from-data and CMoE calibration text (train
 COLUMNS: dict[str, dict | None] = {
     "dense_continued": None,
     "sparse_upcycling": {"method": "sparse_upcycling", "num_experts": 4, "top_k": 2, "options": {"granularity": 2}},
+    "sparse_upcycling_top1": {"method": "sparse_upcycling", "num_experts": 4, "top_k": 1},
     "drop_upcycling_r0.25": {"method": "drop_upcycling", "num_experts": 4, "top_k": 1, "options": {"drop_ratio": 0.25}},
     "drop_upcycling_r0.5": {"method": "drop_upcycling", "num_experts": 4, "top_k": 1, "options": {"drop_ratio": 0.5}},
     "shared_finegrained": {"method": "shared_finegrained", "num_experts": 8, "top_k": 4,
@@ -65,14 +67,16 @@ COLUMNS: dict[str, dict | None] = {
              "options": {"shared_experts": 2, "calibration_data": CALIBRATION}},
     "moefication": {"method": "moefication", "num_experts": 16, "top_k": 4},
 }  # fmt: skip
-EQUAL_FLOPS = ("dense_continued", "sparse_upcycling", "drop_upcycling_r0.25", "drop_upcycling_r0.5",
-               "shared_finegrained", "drop_upcycling_r0.5_data_router")  # fmt: skip
+EQUAL_FLOPS = ("dense_continued", "sparse_upcycling", "sparse_upcycling_top1", "drop_upcycling_r0.25",
+               "drop_upcycling_r0.5", "shared_finegrained", "drop_upcycling_r0.5_data_router")  # fmt: skip
 # MoEfication's router learns only from its fit loss (BCE on its experts' activation sums), with the backbone frozen
 ROUTER_STAGE = {"freeze": "all_but_routers", "lr": 1e-3, "aux": {"router_fit": 1.0, "load_balancing": 0.0,
                                                                    "z_loss": 0.0}}  # fmt: skip
 TRAIN_OVERRIDES = {"moefication": ROUTER_STAGE}
 NOTES = {  # what a reader of the results needs to know about a column, written beside its numbers
     "sparse_upcycling": "exact start (tied router rows per copy, renormalised top-2 = one whole copy)",
+    "sparse_upcycling_top1": "exact start (four whole copies, top-1 with weight 1); the control that tells the "
+    "granular column's router ties from upcycling itself, and Drop-Upcycling's r = 0",
     "shared_finegrained": "exact start (one whole copy of the routed segments per token, shared expert ungated)",
     "cmoe": "a quarter of each FFN active: cheaper than the dense model, not an equal-FLOPs column; test_step0 is "
     "the carved model without training",
@@ -263,9 +267,10 @@ def summarize(rows: list[dict], scale: Scale) -> dict:
     if "cmoe" in by:  # CMoE's training-free claim: the carved model before any update, relative to the dense model
         step0 = by["cmoe"]["test_step0"]["average"] / dense["test_step0"]["average"]
         summary["cmoe_step0_over_dense"] = round(step0, 4)
-    if "drop_upcycling_r0.5" in by and "sparse_upcycling" in by:
-        gain = 1 - by["drop_upcycling_r0.5"]["test"]["average"] / by["sparse_upcycling"]["test"]["average"]
-        summary["drop_r0.5_gain_over_sparse_upcycling"] = round(gain, 4)  # > 0: Drop-Upcycling lower perplexity
+    for baseline in ("sparse_upcycling", "sparse_upcycling_top1"):  # granular top-2; the same MoE at r = 0
+        if "drop_upcycling_r0.5" in by and baseline in by:
+            gain = 1 - by["drop_upcycling_r0.5"]["test"]["average"] / by[baseline]["test"]["average"]
+            summary[f"drop_r0.5_gain_over_{baseline}"] = round(gain, 4)  # > 0: Drop-Upcycling lower perplexity
     summary["paper"] = PAPER
     return summary
 
