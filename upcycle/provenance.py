@@ -13,6 +13,10 @@ import torch
 
 from .atomic import atomic_write_text
 
+# OpenMP settings change small-op latency a lot (a passive wait policy puts threads to sleep between ops), so a
+# timing is read with them
+THREADING_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
+
 
 def machine_info() -> dict:
     return {
@@ -23,6 +27,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threading_env": {name: os.environ[name] for name in THREADING_VARIABLES if name in os.environ},
     }
 
 
