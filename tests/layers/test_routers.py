@@ -69,3 +69,15 @@ def test_aux_losses_present_and_differentiable():
     assert set(routing.aux_losses) == {"load_balancing", "z_loss"}
     sum(routing.aux_losses.values()).backward()
     assert router.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["topk", "sigmoid"])
+def test_inference_skips_the_aux_losses_and_routes_the_same(name):
+    router = build_router(name, d_model=8, num_experts=4, top_k=2).eval()
+    x = torch.randn(10, 8)
+    trained = router(x)
+    with torch.inference_mode():
+        inferred = router(x)
+    assert trained.aux_losses and inferred.aux_losses == {}
+    assert torch.equal(trained.indices, inferred.indices)
+    torch.testing.assert_close(trained.weights.detach(), inferred.weights)

@@ -14,7 +14,9 @@ which router made it. Two forms exist.
 Dimension letters: ``t`` tokens (all leading dims flattened), ``b`` examples, ``n`` tokens per example, ``d`` model
 width, ``e`` experts, ``k`` experts per token, ``s`` slots per expert, ``S`` = e·s slots.
 
-Aux losses travel in ``aux_losses`` *unweighted*; the training loop owns the coefficients.
+Aux losses travel in ``aux_losses`` *unweighted*; the training loop owns the coefficients. Routers leave them out
+when autograd is off (inference): nothing reads them there, and at one decoded token their dozen small ops per
+layer cost about as much as the routing itself.
 """
 
 from __future__ import annotations

@@ -102,7 +102,9 @@ class SigmoidRouter(BalancingBias, Router):
         weights = weights * self.scaling
         self._count_load(indices)
         probs = scores / scores.sum(-1, keepdim=True)  # s' [t, e]: the statistics read a distribution
-        aux = {"sequence_balance": sequence_balance_loss(scores, indices, sequence_ids)}
+        aux = {}  # training reads it; inference (autograd off) skips its ops (upcycle.layers.routing)
+        if torch.is_grad_enabled():
+            aux["sequence_balance"] = sequence_balance_loss(scores, indices, sequence_ids)
         return Routing(
             self.num_experts, indices=indices, weights=weights, router_logits=logits, router_probs=probs,
             aux_losses=aux,

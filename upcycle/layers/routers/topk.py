@@ -82,10 +82,10 @@ class TopKRouter(Router):
         if self.capacity_factor is not None:
             capacity = expert_capacity(x.shape[0], self.top_k, self.num_experts, self.capacity_factor)
             mask = capacity_mask(indices, self.num_experts, capacity)
-        aux = {
-            "load_balancing": load_balancing_loss(probs, indices, self.num_experts),
-            "z_loss": router_z_loss(logits),
-        }
+        aux = {}  # training reads them; inference (autograd off) skips their ops (upcycle.layers.routing)
+        if torch.is_grad_enabled():
+            aux["load_balancing"] = load_balancing_loss(probs, indices, self.num_experts)
+            aux["z_loss"] = router_z_loss(logits)
         return Routing(
             self.num_experts,
             indices=indices,

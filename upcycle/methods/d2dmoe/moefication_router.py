@@ -28,6 +28,7 @@ TARGETS = ("batch_max", "token_max")
 @register_router("moefication")
 class MoEficationRouter(MLPRouter):
     fixed_k = True
+
     def __init__(self, d_model: int, num_experts: int, hidden: int = 128, top_k: int = 2,
                  activation: str = "relu", targets: str = "token_max"):  # fmt: skip
         # the defaults are what models saved before the options were built with; recipes choose tanh / batch_max
