@@ -252,14 +252,20 @@ def test_bench_d2dmoe_quick(tmp_path, monkeypatch):
     summary = payload["summary"]
     assert result["summary"] == summary
     for key in ("vit.flops_fraction_at_1pt_drop", "vit.moefication_flops_fraction_at_1pt_drop",
-                "vit.ffn_wallclock_speedup_at_1pt_drop", "minilm.flops_fraction_at_1pt_drop"):  # fmt: skip
+                "vit.ffn_wallclock_speedup_at_1pt_drop", "minilm.flops_fraction_at_1pt_drop",
+                "minilm.ffn_wallclock_speedup_at_1pt_drop", "minilm.model_speedup_at_1pt_drop"):  # fmt: skip
         assert key in summary
+    for name in ("vit", "minilm"):  # both models timed end to end at the scale's τ values
+        timed = [r for r in payload["rows"] if (r["model"], r["variant"]) == (name, "d2dmoe_timing")]
+        assert {r["tau"] for r in timed} >= {0.0, 0.5}, name
+        assert all(r["dense_model_ms"] > 0 and r["moe_model_ms"] > 0 for r in timed), name
     for key, entry in summary["paper"].items():  # the paper's headline numbers next to ours
         assert entry["ours"] == summary.get(key) and entry["paper"] == d2dmoe.PAPER[key]["paper"]
     assert summary["held_out_examples"] == {"vit": 128, "minilm": 64}  # the quick scale's
     variants = {(r["model"], r["variant"]) for r in payload["rows"]}
     assert variants >= {("vit", "d2dmoe"), ("vit", "moefication"), ("vit", "d2dmoe_attention"),
-                        ("minilm", "d2dmoe"), ("minilm", "moefication"), ("vit", "d2dmoe_timing")}  # fmt: skip
+                        ("minilm", "d2dmoe"), ("minilm", "moefication"), ("vit", "d2dmoe_timing"),
+                        ("minilm", "d2dmoe_timing")}  # fmt: skip
     d2d = sorted((r for r in payload["rows"] if (r["model"], r["variant"]) == ("vit", "d2dmoe")),
                  key=lambda r: r["point"])  # fmt: skip
     assert d2d[0]["flops_fraction"] > d2d[-1]["flops_fraction"]  # τ = 1 runs the fewest experts
@@ -346,13 +352,13 @@ def test_plot_timing_draws_measured_and_ideal_speedups_against_tau(tmp_path, fig
             {"tau": 0.5, "ideal_ffn_speedup": 2.0, "ffn_speedup": 1.5, "model_speedup": 1.2},
             {"tau": 1.0, "ideal_ffn_speedup": 4.0, "ffn_speedup": 2.5, "model_speedup": 1.4}]  # fmt: skip
     path = tmp_path / "wallclock.png"
-    assert plots.plot_timing(rows, path) is None
+    assert plots.plot_timing({"ViT": rows}, path) is None
     assert_png_written_atomically(path)
     (ax,) = figures[0].axes
     lines = lines_by_label(ax)
     expected = {
         "ideal (dense FFN MACs / MoE FFN MACs)": [0.9, 2.0, 4.0],
-        "measured FFN layers (CPU, batch 64)": [0.8, 1.5, 2.5],
+        "measured FFN layers (CPU, one test batch)": [0.8, 1.5, 2.5],
         "measured whole model": [0.95, 1.2, 1.4],
     }
     for label, speedups in expected.items():
@@ -403,14 +409,15 @@ def test_plot_timing_styles_ideal_measured_and_break_even_lines(tmp_path, figure
 
     rows = [{"tau": 0.0, "ideal_ffn_speedup": 0.9, "ffn_speedup": 0.8, "model_speedup": 0.95},
             {"tau": 1.0, "ideal_ffn_speedup": 4.0, "ffn_speedup": 2.5, "model_speedup": 1.4}]  # fmt: skip
-    plots.plot_timing(rows, tmp_path / "wallclock.png")
+    plots.plot_timing({"ViT": rows, "MiniLM": rows}, tmp_path / "wallclock.png")
     (fig,) = figures
-    assert tuple(fig.get_size_inches()) == pytest.approx((5.8, 4.2))
-    (ax,) = fig.axes
+    assert tuple(fig.get_size_inches()) == pytest.approx((2 * 5.8, 4.2))  # one panel per model
+    ax, minilm = fig.axes
+    assert (ax.get_title(), minilm.get_title()) == ("ViT D2DMoE wall-clock", "MiniLM D2DMoE wall-clock")
     lines = lines_by_label(ax)
     ideal = lines["ideal (dense FFN MACs / MoE FFN MACs)"]
     assert (ideal.get_marker(), ideal.get_linestyle()) == ("None", "--") and same_color(ideal.get_color(), "black")
-    measured = lines["measured FFN layers (CPU, batch 64)"], lines["measured whole model"]
+    measured = lines["measured FFN layers (CPU, one test batch)"], lines["measured whole model"]
     assert [(line.get_marker(), line.get_linestyle()) for line in measured] == [("o", "-"), ("s", ":")]
     (even,) = [line for line in ax.get_lines() if list(line.get_ydata()) == [1.0, 1.0]]
     assert (even.get_linestyle(), even.get_linewidth()) == ("-", 0.8) and same_color(even.get_color(), "grey")

@@ -9,9 +9,10 @@ Models:
 Each goes through the D2DMoE stages (ReLU + Hoyer sparsity, balanced k-means experts, routers fitted
 with the backbone frozen) and a sweep: D2DMoE over τ, MoEfication over k, accuracy vs MACs as a fraction of the
 original dense model (routers included). The operating point "within 1 point of the dense model" is chosen on the
-validation split; its test accuracy is reported next to it. Wall-clock: the ViT's FFN layers (D2DMoE, FFNs only)
-at several τ against the dense model's FFNs, at a batch of 64 images, next to the ideal speed-up (dense FFN MACs /
-MoE FFN MACs, routers included).
+validation split; its test accuracy is reported next to it. Wall-clock, for both models (the ViT's D2DMoE with FFNs
+only; d 128 and 384): the FFN layers at several τ and at the operating point against the dense model's FFNs, and the
+whole model end to end (images or passages per second), on one held-out test batch, next to the ideal FFN speed-up
+(dense FFN MACs / MoE FFN MACs, routers included).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class Scale:
     vit_attention: dict  # the attention stage of the second ViT run
     minilm_finetune: dict  # dense fine-tuning of MiniLM + head
     minilm_recipe: dict
-    timing_taus: tuple[float, ...]
+    timing_taus: tuple[float, ...]  # the ViT's; each model's operating point is timed too
+    minilm_timing_taus: tuple[float, ...] = (0.0, 0.01, 0.05, 0.2)  # MiniLM's operating points lie at smaller τ
     timing_repeats: int = 7
     mac_examples: int = 256
 
@@ -96,6 +98,7 @@ QUICK = Scale(
         "routers": {**TEXT, "batch_size": 8, "eval_batches": 1, "steps": 4},
     },
     timing_taus=(0.0, 0.5),
+    minilm_timing_taus=(0.0, 0.5),
     timing_repeats=2,
     mac_examples=64,
 )
@@ -162,14 +165,15 @@ def _pareto(rows: list[dict], split: str) -> tuple[np.ndarray, np.ndarray]:
     return cost, np.maximum.accumulate(np.array([row[split] for row in ordered]))
 
 
-def ffn_timing(dense: nn.Module, moe: nn.Module, taus: list[float], repeats: int) -> list[dict]:
-    """FFN-layer and whole-model wall-clock of the D2DMoE ViT at several τ against the dense ViT, batch 64."""
+def ffn_timing(dense: nn.Module, moe: nn.Module, data: str, taus: list[float], repeats: int) -> list[dict]:
+    """FFN-layer and whole-model wall-clock of a D2DMoE model at several τ against its dense model, on the first
+    test batch of ``data``; ``moe`` is left at τ = 0."""
     from ...eval import count_macs
     from ...eval.held_out import HeldOut
     from ...layers import set_tau
     from .sweep import ffn_wallclock_ms, first_batch, model_wallclock_ms
 
-    batch = first_batch(HeldOut(dense, "fashion_mnist", "test"))
+    batch = first_batch(HeldOut(dense, data, "test"))
     dense_report = count_macs(dense, batch)
     dense_ffn_macs = dense_report.breakdown["ffn"]
     rows = []
@@ -189,14 +193,20 @@ def ffn_timing(dense: nn.Module, moe: nn.Module, taus: list[float], repeats: int
         })  # fmt: skip
         rows[-1]["model_speedup"] = rows[-1]["dense_model_ms"] / rows[-1]["moe_model_ms"]
         rows[-1]["share_of_ideal"] = rows[-1]["ffn_speedup"] / rows[-1]["ideal_ffn_speedup"]
+    set_tau(moe, 0.0)
     return rows
+
+
+def timed_taus(taus: tuple[float, ...], point: dict | None) -> list[float]:
+    """The τ values to time: the scale's and the operating point's."""
+    return sorted({*taus, *([point["point"]] if point else [])})
 
 
 def _timing_at(timing: list[dict], tau: float) -> dict | None:
     return next((row for row in timing if abs(row["tau"] - tau) < 1e-9), None)
 
 
-def summarize(curves: dict[str, dict], timing: list[dict], timing_at_point: dict | None) -> dict:
+def summarize(curves: dict[str, dict], timing: dict[str, list[dict]]) -> dict:
     summary: dict = {}
     for name, curve in curves.items():
         summary[f"{name}.dense_val"], summary[f"{name}.dense_test"] = curve["dense"]["val"], curve["dense"]["test"]
@@ -220,18 +230,18 @@ def summarize(curves: dict[str, dict], timing: list[dict], timing_at_point: dict
     )
     summary["vit.moefication_flops_fraction_at_1pt_drop"] = summary.get("vit.moefication.flops_fraction_at_1pt_drop")
     summary["minilm.flops_fraction_at_1pt_drop"] = summary.get("minilm.d2dmoe.flops_fraction_at_1pt_drop")
-    summary["vit.ffn_wallclock_speedup_at_1pt_drop"] = None
-    if timing_at_point is not None:
-        summary["vit.ffn_wallclock_speedup_at_1pt_drop"] = round(timing_at_point["ffn_speedup"], 3)
-        summary["vit.ffn_ideal_speedup_at_1pt_drop"] = round(timing_at_point["ideal_ffn_speedup"], 3)
-        summary["vit.ffn_share_of_ideal_at_1pt_drop"] = round(timing_at_point["share_of_ideal"], 3)
-    summary["vit.ffn_speedup_by_tau"] = {str(r["tau"]): round(r["ffn_speedup"], 3) for r in timing}
+    for name, rows in timing.items():  # wall-clock at each model's D2DMoE operating point (chosen on validation)
+        point = operating_point(curves[name]["variants"]["d2dmoe"], curves[name]["dense"])
+        at = None if point is None else _timing_at(rows, point["point"])
+        for key, field in (("ffn_wallclock_speedup", "ffn_speedup"), ("ffn_ideal_speedup", "ideal_ffn_speedup"),
+                           ("ffn_share_of_ideal", "share_of_ideal"), ("model_speedup", "model_speedup")):  # fmt: skip
+            summary[f"{name}.{key}_at_1pt_drop"] = None if at is None else round(at[field], 3)
+        summary[f"{name}.ffn_speedup_by_tau"] = {str(r["tau"]): round(r["ffn_speedup"], 3) for r in rows}
     return summary
 
 
 def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool = True) -> dict:
     """Run the benchmark; stage models are cached under ``$UPCYCLE_CACHE/bench/d2dmoe-{full,quick}`` (resumable)."""
-    from ...layers import set_tau
     from ...pretrain import finetuned_minilm
     from ...sources import cache_root
     from .plots import plot_curves, plot_timing
@@ -256,24 +266,28 @@ def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool 
     seconds["vit"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    point = operating_point(vit["variants"]["d2dmoe"], vit["dense"])
-    taus = sorted({*scale.timing_taus, *([point["point"]] if point else [])})  # the operating point is timed too
-    timing = ffn_timing(dense, ffn_models["d2dmoe"], taus, scale.timing_repeats)
-    set_tau(ffn_models["d2dmoe"], 0.0)
+    timing = {"vit": ffn_timing(dense, ffn_models["d2dmoe"], scale.vit_recipe["data"],
+                                timed_taus(scale.timing_taus, operating_point(vit["variants"]["d2dmoe"], vit["dense"])),
+                                scale.timing_repeats)}  # fmt: skip
     seconds["timing"] = time.perf_counter() - began
 
     began = time.perf_counter()
     minilm = finetuned_minilm(scale.minilm_finetune, work / "minilm-dense", progress=progress)
-    minilm_results, _ = convert_and_sweep(minilm, scale.minilm_recipe, work / "minilm", ["d2dmoe", "moefication"],
-                                          scale, progress)  # fmt: skip
+    minilm_results, minilm_models = convert_and_sweep(minilm, scale.minilm_recipe, work / "minilm",
+                                                      ["d2dmoe", "moefication"], scale, progress)  # fmt: skip
     seconds["minilm"] = time.perf_counter() - began
+    began = time.perf_counter()
+    point = operating_point(minilm_results["d2dmoe"], minilm_results["dense"])
+    timing["minilm"] = ffn_timing(minilm, minilm_models["d2dmoe"], scale.minilm_recipe["data"],
+                                  timed_taus(scale.minilm_timing_taus, point), scale.timing_repeats)  # fmt: skip
+    seconds["timing"] += time.perf_counter() - began
     curves = {
         "vit": vit,
         "minilm": {"dense": minilm_results["dense"], "sparse": minilm_results["sparse"],
                    "variants": {m: minilm_results[m] for m in ("d2dmoe", "moefication")}},
     }  # fmt: skip
 
-    summary = summarize(curves, timing, None if point is None else _timing_at(timing, point["point"]))
+    summary = summarize(curves, timing)
     summary["paper"] = beside_paper(summary)
     summary["held_out_examples"] = {
         "vit": scale.vit_recipe["eval_examples"],
@@ -287,7 +301,7 @@ def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool 
     plot_timing(timing, timing_png)
     rows = [{"model": name, "variant": variant, **row} for name, curve in curves.items()
             for variant, variant_rows in curve["variants"].items() for row in variant_rows]  # fmt: skip
-    rows += [{"model": "vit", "variant": "d2dmoe_timing", **row} for row in timing]
+    rows += [{"model": name, "variant": "d2dmoe_timing", **row} for name, runs in timing.items() for row in runs]
     references = {name: {"dense": c["dense"], "relu_sparse": c["sparse"]} for name, c in curves.items()}
     references["vit"]["relu_sparse_with_attention_mlps"] = attention_results["sparse"]
     path = write_results(

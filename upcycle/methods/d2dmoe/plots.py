@@ -31,17 +31,19 @@ def plot_curves(panels: dict[str, dict], path: Path, split: str = "test") -> Pat
     return path
 
 
-def plot_timing(rows: list[dict], path: Path) -> None:
-    """FFN-layer speed-up over the dense FFNs vs τ, measured and ideal (the MAC ratio)."""
+def plot_timing(panels: dict[str, list[dict]], path: Path) -> None:
+    """One panel per model (``{name: timing rows}``): FFN-layer and whole-model speed-up over the dense model vs τ,
+    measured, and the ideal FFN speed-up (the MAC ratio)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.8, 4.2))
-    taus = [r["tau"] for r in rows]
-    ax.plot(taus, [r["ideal_ffn_speedup"] for r in rows], "k--", label="ideal (dense FFN MACs / MoE FFN MACs)")
-    ax.plot(taus, [r["ffn_speedup"] for r in rows], "o-", label="measured FFN layers (CPU, batch 64)")
-    ax.plot(taus, [r["model_speedup"] for r in rows], "s:", label="measured whole model")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set(xlabel="τ (larger runs fewer experts)", ylabel="speed-up over dense", title="ViT D2DMoE wall-clock")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.2), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], panels.items(), strict=True):
+        taus = [r["tau"] for r in rows]
+        ax.plot(taus, [r["ideal_ffn_speedup"] for r in rows], "k--", label="ideal (dense FFN MACs / MoE FFN MACs)")
+        ax.plot(taus, [r["ffn_speedup"] for r in rows], "o-", label="measured FFN layers (CPU, one test batch)")
+        ax.plot(taus, [r["model_speedup"] for r in rows], "s:", label="measured whole model")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(xlabel="τ (larger runs fewer experts)", ylabel="speed-up over dense", title=f"{name} D2DMoE wall-clock")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
