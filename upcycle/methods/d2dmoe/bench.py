@@ -197,9 +197,11 @@ def ffn_timing(dense: nn.Module, moe: nn.Module, data: str, taus: list[float], r
     return rows
 
 
-def timed_taus(taus: tuple[float, ...], point: dict | None) -> list[float]:
-    """The τ values to time: the scale's and the operating point's."""
-    return sorted({*taus, *([point["point"]] if point else [])})
+def timing_with_operating_point(dense: nn.Module, moe: nn.Module, sweeps: dict, data: str, taus: tuple[float, ...],
+                                repeats: int) -> list[dict]:  # fmt: skip
+    """:func:`ffn_timing` at ``taus`` and at the D2DMoE operating point of ``sweeps`` (a convert-and-sweep result)."""
+    point = operating_point(sweeps["d2dmoe"], sweeps["dense"])
+    return ffn_timing(dense, moe, data, sorted({*taus, *([point["point"]] if point else [])}), repeats)
 
 
 def _timing_at(timing: list[dict], tau: float) -> dict | None:
@@ -266,9 +268,8 @@ def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool 
     seconds["vit"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    timing = {"vit": ffn_timing(dense, ffn_models["d2dmoe"], scale.vit_recipe["data"],
-                                timed_taus(scale.timing_taus, operating_point(vit["variants"]["d2dmoe"], vit["dense"])),
-                                scale.timing_repeats)}  # fmt: skip
+    timing = {"vit": timing_with_operating_point(dense, ffn_models["d2dmoe"], ffn_results, scale.vit_recipe["data"],
+                                                 scale.timing_taus, scale.timing_repeats)}  # fmt: skip
     seconds["timing"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -277,9 +278,9 @@ def run(out: str | os.PathLike = "results", quick: bool = False, progress: bool 
                                                       ["d2dmoe", "moefication"], scale, progress)  # fmt: skip
     seconds["minilm"] = time.perf_counter() - began
     began = time.perf_counter()
-    point = operating_point(minilm_results["d2dmoe"], minilm_results["dense"])
-    timing["minilm"] = ffn_timing(minilm, minilm_models["d2dmoe"], scale.minilm_recipe["data"],
-                                  timed_taus(scale.minilm_timing_taus, point), scale.timing_repeats)  # fmt: skip
+    timing["minilm"] = timing_with_operating_point(minilm, minilm_models["d2dmoe"], minilm_results,
+                                                   scale.minilm_recipe["data"], scale.minilm_timing_taus,
+                                                   scale.timing_repeats)  # fmt: skip
     seconds["timing"] += time.perf_counter() - began
     curves = {
         "vit": vit,
