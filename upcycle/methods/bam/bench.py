@@ -2,7 +2,7 @@
 
 Full scale: SmolLM2-135M (Llama architecture, sequential blocks) branched into three real text domains
 (Shakespeare, Python code, Python docs; each branch 90% its domain, 10% the others), then, on the same mixture-phase
-data (the domains in equal shares), BTX, BAM with expert KV and BAM with shared KV (top-1, raw router probability),
+data (the domains in equal shares), BTX, BAM with expert KV and BAM with shared KV (top-2 renormalised FFN routing),
 each BAM variant also trained for BTX's mix-phase FLOPs (``*_cm``, the paper's compute-matched runs), and the seed
 continued densely with BAM expert-KV's FLOPs (branch phase included), with the same training tokens, and with the
 mix phase's FLOPs only. ``scale="tiny"`` is the earlier byte-level run (a 0.8 M parallel-block LM, two seeds).
@@ -72,7 +72,11 @@ TINY = Scale(
 )
 # SmolLM2-135M: 4 sequences of 128 tokens a step. Rates a tenth of the byte model's (a pre-trained 135M LM moves
 # with small steps), the mix phase at half the branch rate as at the tiny scale; chosen before any run, not tuned.
-# bf16 autocast: 1.8x the fp32 speed of a SmolLM2 step on these CPUs, for every model alike.
+# bf16 autocast: 1.8x the fp32 speed of a SmolLM2 step on these CPUs, for every model alike. FFN routing: top-2
+# renormalised (the BTX paper's) for BTX and BAM alike, not the papers' top-1 raw probability: on SmolLM2 the raw
+# weight (~1/4 under a fresh router) takes every FFN's output to a quarter and the merge starts at validation
+# perplexity ~500,000 against the seed's 38 (renormalised: 27); top-1 renormalised starts as well but gives the
+# router no gradient from the LM loss (weight 1). Decided on the validation split: results/diagnostics/bam_merge_start.
 SMOL_TRAIN = {"batch_size": 4, "seq_len": 128, "weight_decay": 0.1, "warmup": 0.05, "log_every": 10,
               "eval_batches": 8, "precision": "bf16"}  # fmt: skip
 FULL = Scale(
@@ -83,6 +87,8 @@ FULL = Scale(
         "branch": {**SMOL_TRAIN, "steps": 150, "lr": 1e-4},
         "mix": {**SMOL_TRAIN, "steps": 150, "lr": 5e-5, "eval_every": 50},
         "eval_sequences": 48,
+        "top_k": 2,
+        "renormalize": True,
         **REFERENCES,
     },
     seeds=(0,),
