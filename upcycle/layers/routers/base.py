@@ -21,7 +21,7 @@ class Router(nn.Module):
     # True when the logits are gate(x) with one row of ``self.gate`` per expert (top-k, sigmoid): a row then says
     # where the expert's tokens lie, and upcycle.init_routers_from_data can set it
     linear_logits: bool = False
-    # True when every token uses exactly ``top_k`` experts (parameter and MAC counts read k from the router)
+    # True when every token uses exactly ``top_k`` experts (active-parameter counts read k from the router)
     fixed_k: bool = False
 
     def __init__(self, d_model: int, num_experts: int):
