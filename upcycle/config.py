@@ -19,6 +19,9 @@ LayerSelection = Literal["all", "every_other", "last_half"] | list[int]
 # recipe fields that choose how a model computes, not what it is: they apply to the model in hand and are never saved
 # with it (a saved model loads with the default expert backend, whatever was active when it was saved)
 RUNTIME_FIELDS = frozenset({"backend"})
+# training fields that change how a run is logged and checkpointed, not the model it trains (a resumed run ends on
+# the same weights): a pipeline stage built under other values of these is still the same stage
+BOOKKEEPING_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints", "log_every"})
 
 
 class StrictModel(BaseModel):

@@ -1,7 +1,8 @@
 """Multi-stage pipelines (D2DMoE, BAM / BTX) keep each stage in a folder of the run: its finished model
 (``upcycle.load``-able, in ``model/``) and ``stage.json``, the recipe fields it was built from (its own and its
 predecessors'). A rerun reuses a finished stage of the same recipe, resumes an interrupted one from its training
-checkpoints, and refuses a folder built from another recipe unless told to rebuild it.
+checkpoints, and refuses a folder built from another recipe unless told to rebuild it. Bookkeeping fields (how
+often a run checkpoints or logs) are not part of what a stage was built from.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from .atomic import atomic_write_text
+from .config import BOOKKEEPING_FIELDS
 
 
 def stage_model(directory: Path) -> nn.Module | None:
@@ -27,7 +29,8 @@ def cached_stage(directory: Path, fingerprint: dict, build: Callable[[], nn.Modu
     """The stage's model from ``directory`` if it was built from ``fingerprint``, else ``build()`` it there."""
     marker = directory / "stage.json"
     recorded = json.loads(marker.read_text()) if marker.is_file() else None
-    if recorded == fingerprint:
+    before, now = _outcome(recorded), _outcome(fingerprint)  # None when there is no stage.json
+    if recorded is not None and before == now:
         finished = stage_model(directory)
         if finished is not None:
             return finished  # else: interrupted; the build resumes from its checkpoints
@@ -36,7 +39,7 @@ def cached_stage(directory: Path, fingerprint: dict, build: Callable[[], nn.Modu
             changed = (
                 "no stage.json"
                 if recorded is None
-                else ", ".join(sorted(k for k in {*recorded, *fingerprint} if recorded.get(k) != fingerprint.get(k)))
+                else ", ".join(sorted(k for k in {*before, *now} if before.get(k) != now.get(k)))
             )
             raise ValueError(
                 f"{directory} holds this stage for another recipe (changed: {changed}); use a new --out, delete "
@@ -46,6 +49,15 @@ def cached_stage(directory: Path, fingerprint: dict, build: Callable[[], nn.Modu
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")  # before: resumes match
     return build()
+
+
+def _outcome(fingerprint):
+    """``fingerprint`` without its bookkeeping fields, at any depth: what decides the stage's model."""
+    if isinstance(fingerprint, dict):
+        return {k: _outcome(v) for k, v in fingerprint.items() if k not in BOOKKEEPING_FIELDS}
+    if isinstance(fingerprint, list):
+        return [_outcome(v) for v in fingerprint]
+    return fingerprint
 
 
 def save_stage(model: nn.Module, directory: Path) -> None:

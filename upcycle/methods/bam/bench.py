@@ -77,8 +77,9 @@ TINY = Scale(
 # weight (~1/4 under a fresh router) takes every FFN's output to a quarter and the merge starts at validation
 # perplexity ~500,000 against the seed's 38 (renormalised: 27); top-1 renormalised starts as well but gives the
 # router no gradient from the LM loss (weight 1). Decided on the validation split: results/diagnostics/bam_merge_start.
+# A checkpoint every 50 steps: the whole run is hours of CPU, and an interrupted phase resumes from its last one.
 SMOL_TRAIN = {"batch_size": 4, "seq_len": 128, "weight_decay": 0.1, "warmup": 0.05, "log_every": 10,
-              "eval_batches": 8, "precision": "bf16"}  # fmt: skip
+              "eval_batches": 8, "precision": "bf16", "checkpoint_every": 50}  # fmt: skip
 FULL = Scale(
     source="smollm2",
     model={},
