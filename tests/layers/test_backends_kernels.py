@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from upcycle.layers import Routing, list_backends
-from upcycle.layers.backends.few_pairs import FEW_PAIRS, few_pairs
+from upcycle.layers.backends.few_pairs import FEW_PAIRS, few_pairs, runs
 from upcycle.layers.backends.grouped_mm import kernel_runs
 
 from .helpers import random_experts, random_sparse_routing
@@ -90,6 +90,27 @@ def test_few_pairs_path_matches_eager(t, k, dtype):
             routing.mask[0, 0] = True  # at least one pair runs, so there are gradients to compare
         reference = _run(experts, _backend("eager"), x, routing, torch.float32)
         _assert_matches(_run(experts, few_pairs, x, routing, dtype), reference, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden_norm", [False, True])
+def test_few_pairs_runs_a_token_s_consecutive_experts_as_one_slice(dtype, hidden_norm):
+    """Experts with consecutive ids of one token (granular experts of one whole copy) run together over one slice
+    of the stacked weights, whatever order top-k listed them in: eager's outputs and gradients, and one matmul
+    per projection and run instead of one per expert, plus one that weights and sums the run's outputs."""
+    indices = torch.tensor([[3, 2, 4, 0], [1, 5, 0, 2]])  # token 0: {0}, {2, 3, 4}; token 1: {0, 1, 2}, {5}
+    assert runs([0, 2, 3, 4]) == [slice(0, 1), slice(1, 4)] and runs([0, 1, 2, 5]) == [slice(0, 3), slice(3, 4)]
+    d, h = SIZES[dtype]
+    experts = random_experts(e=6, d=d, h=h, gated=True, bias=True, hidden_norm=hidden_norm)
+    routing = Routing(6, indices=indices, weights=torch.rand(2, 4).add(0.1))
+    x = torch.randn(2, d)
+    _assert_matches(_run(experts, few_pairs, x, routing, dtype), _run(experts, _backend("eager"), x, routing,
+                                                                        torch.float32), dtype)  # fmt: skip
+    with torch.profiler.profile() as profile, torch.no_grad():
+        few_pairs(experts, x, indices, routing.weights, None)
+    products = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv")
+    matmuls = sum(event.count for event in profile.key_averages() if event.key in products)
+    assert matmuls == 4 * 4  # 4 runs × (up, gate, down, the routing weights' sum)
 
 
 def test_grouped_mm_falls_back_where_its_kernel_cannot_run():

@@ -193,6 +193,17 @@ class Experts(nn.Module):
         dropout on the hidden units where timm's ``Mlp`` has ``drop1`` (the caller passes 0 outside training)."""
         return _batched_linear(self._hidden_stacked(xs, hidden_dropout), self.w_down, self.b_down)  # [e, m, d]
 
+    def forward_part(self, x: torch.Tensor, part: slice) -> torch.Tensor:
+        """Experts ``part`` (c consecutive ids), each on every row of ``x [m, d]`` -> ``[c, m, d]`` (no routing
+        weight, no shared bias). The part's first projections are one ``[c·h, d]`` matrix, a view of the stacked
+        weights, so they cost one matmul as wide as the part; the second projections one batched matmul."""
+        m, c = x.shape[0], part.stop - part.start
+        up = F.linear(x, _flat(self.w_up[part]), _flat(_part(self.b_up, part))).view(m, c, self.d_hidden)
+        gate = None if self.w_gate is None else F.linear(x, _flat(self.w_gate[part]), _flat(_part(self.b_gate, part)))
+        gate = None if gate is None else gate.view(m, c, self.d_hidden)
+        hidden = self.hidden_units(up, gate, _part(self.norm_weight, part), _part(self.norm_bias, part))  # [m, c, h]
+        return _batched_linear(hidden.transpose(0, 1), self.w_down[part], _part(self.b_down, part))  # [c, m, d]
+
     def _hidden_stacked(self, xs: torch.Tensor, hidden_dropout: float = 0.0, part: slice | None = None) -> torch.Tensor:
         """The hidden units each expert feeds its down projection: ``[e, m, d] -> [e, m, h]``; with ``part``, only
         those experts (``xs`` then holds rows for them alone)."""
@@ -263,6 +274,11 @@ def _batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if bias is None:
         return torch.bmm(x, weight.transpose(1, 2))
     return torch.baddbmm(bias.unsqueeze(1).to(x.dtype), x, weight.transpose(1, 2).to(x.dtype))
+
+
+def _flat(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """Stacked per-expert tensors ``[c, h, ...]`` as one ``[c·h, ...]`` (a view when contiguous)."""
+    return None if tensor is None else tensor.flatten(0, 1)
 
 
 def _part(tensor: torch.Tensor | None, part: slice | None) -> torch.Tensor | None:
