@@ -195,6 +195,23 @@ def test_ffn_wallclock_runs_each_ffn_alone_on_what_it_sees_inside_the_model(kind
             assert not grad and not training
 
 
+@pytest.mark.parametrize("kind", ["dense", "d2dmoe"])
+def test_ffn_wallclock_of_a_split_ffn_times_all_of_it(kind, timed):
+    """BERT splits its FFN (``intermediate``: up projection; ``output.dense``: down projection). The MoE at
+    ``intermediate`` stands for both, so the dense model's FFN time must include the down projection too."""
+    model = build("bert_classifier")
+    if kind == "d2dmoe":
+        model = upcycle.convert(model, "d2dmoe", num_experts=4, tau=0.5, progress=False)
+    layers = model.bert.encoder.layer
+    downs, handles = record_calls([layer.output.dense for layer in layers])
+    sweep.ffn_wallclock_ms(model, {"input_ids": torch.randint(0, 50, (2, 7))}, repeats=3)
+    for handle in handles:
+        handle.remove()
+    # the capture's forward, 2 warm-up runs and 3 timed runs reach the down projection (in the MoE model the identity
+    # that stands in its place)
+    assert [len(calls) for calls in downs] == [1 + 2 + 3] * len(layers)
+
+
 def test_wallclock_helpers_time_seven_runs_after_two_warm_ups_by_default(timed):
     model = build("vit")
     batch = image_batch()

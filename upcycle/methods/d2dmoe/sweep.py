@@ -59,6 +59,13 @@ def _ffn_modules(model: nn.Module) -> list[nn.Module]:
     return [model.get_submodule(site.name) for site in adapter_of(model).ffn_sites(model)]
 
 
+def _ffn_computations(model: nn.Module) -> list[nn.Module]:
+    """Each FFN site's whole computation, callable on the site's input: the site's module, or where a family splits
+    its FFN over modules (BERT: ``intermediate``, then ``output.dense``) all of it, as the MoE there stands for."""
+    adapter = adapter_of(model)
+    return [adapter.dense_counterpart(model, site.name) for site in adapter.ffn_sites(model)]
+
+
 @torch.no_grad()
 def _captured_inputs(model: nn.Module, modules: list[nn.Module], batch: dict) -> list[tuple]:
     """The positional inputs each module receives during one forward on ``batch``."""
@@ -82,9 +89,9 @@ def _forward(model: nn.Module, batch: dict):
 
 
 def ffn_wallclock_ms(model: nn.Module, batch: dict, repeats: int = 7) -> float:
-    """Median ms of running every FFN-site module of ``model`` on the inputs it sees for ``batch``."""
-    modules = _ffn_modules(model)
-    inputs = _captured_inputs(model, modules, batch)
+    """Median ms of running every FFN site's whole computation of ``model`` on the inputs it sees for ``batch``."""
+    inputs = _captured_inputs(model, _ffn_modules(model), batch)
+    modules = _ffn_computations(model)
 
     @torch.no_grad()
     def run():
