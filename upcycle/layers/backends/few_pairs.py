@@ -25,8 +25,9 @@ FEW_PAIRS = 8
 
 
 def few_pairs(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None):
-    chosen = indices.tolist()  # [t][k]: the routing read on the host once (free on CPU); every op below is a kernel
-    kept = None if mask is None else mask.tolist()  # call, and at one token their count is the cost
+    # the routing read on the host once (free on CPU): at one token the cost is the number of kernel calls below
+    chosen = indices.tolist()  # [t][k]
+    kept = None if mask is None else mask.tolist()
     outputs = []
     for i, token_experts in enumerate(chosen):
         picks = sorted((e, j) for j, e in enumerate(token_experts) if kept is None or kept[i][j])  # (expert, slot)
