@@ -29,8 +29,7 @@ def cached_stage(directory: Path, fingerprint: dict, build: Callable[[], nn.Modu
     """The stage's model from ``directory`` if it was built from ``fingerprint``, else ``build()`` it there."""
     marker = directory / "stage.json"
     recorded = json.loads(marker.read_text()) if marker.is_file() else None
-    before, now = _outcome(recorded), _outcome(fingerprint)  # None when there is no stage.json
-    if recorded is not None and before == now:
+    if same_recipe(recorded, fingerprint):
         finished = stage_model(directory)
         if finished is not None:
             return finished  # else: interrupted; the build resumes from its checkpoints
@@ -39,7 +38,9 @@ def cached_stage(directory: Path, fingerprint: dict, build: Callable[[], nn.Modu
             changed = (
                 "no stage.json"
                 if recorded is None
-                else ", ".join(sorted(k for k in {*before, *now} if before.get(k) != now.get(k)))
+                else ", ".join(
+                    sorted(k for k in {*recorded, *fingerprint} if not _same(recorded.get(k), fingerprint.get(k)))
+                )
             )
             raise ValueError(
                 f"{directory} holds this stage for another recipe (changed: {changed}); use a new --out, delete "
@@ -49,6 +50,16 @@ def cached_stage(directory: Path, fingerprint: dict, build: Callable[[], nn.Modu
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")  # before: resumes match
     return build()
+
+
+def same_recipe(recorded: dict | None, fingerprint: dict) -> bool:
+    """Whether something recorded under ``recorded`` was built from ``fingerprint`` (bookkeeping fields aside; both
+    as JSON has them, so tuples and lists compare equal)."""
+    return recorded is not None and _same(recorded, fingerprint)
+
+
+def _same(recorded, wanted) -> bool:
+    return _outcome(recorded) == _outcome(json.loads(json.dumps(wanted)))
 
 
 def _outcome(fingerprint):

@@ -344,6 +344,36 @@ def test_sweep_methods_measures_every_point_against_the_dense_model(tmp_path, mo
         assert (tmp_path / f"sweep-{method}.json").read_text() == json.dumps(rows, indent=2) + "\n"
 
 
+def test_a_sweep_is_kept_with_its_stage_and_reused_for_the_same_measurement(tmp_path, monkeypatch):
+    """Sweeping is most of a rerun's time: the rows are kept in the model's stage folder with what they measured,
+    reused when nothing changed and measured again when the points change."""
+    swept = []
+
+    class FakeHeldOut:
+        def __init__(self, model, data, split, examples, seq_len):
+            pass
+
+        def metric(self, model):
+            return 0.5
+
+    def sweep(model, dense_macs, points, apply, held_out, mac_examples, desc):
+        swept.append(desc)
+        return [{"point": points[0], "flops_fraction": 0.5, "val": len(swept), "test": 0.2}]
+
+    monkeypatch.setattr(pipeline, "HeldOut", FakeHeldOut)
+    monkeypatch.setattr(pipeline, "macs_per_example", lambda model, held_out, examples: 1.0)
+    monkeypatch.setattr(pipeline, "sweep", sweep)
+    models = {name: torch.nn.Linear(1, 1) for name in ("sparse", "d2dmoe", "moefication")}
+    for method in ("d2dmoe", "moefication"):
+        (tmp_path / f"3-{method}-routers").mkdir()
+    first = sweep_methods(models, models["sparse"], load_recipe(TINY_RECIPE), tmp_path)
+    again = sweep_methods(models, models["sparse"], load_recipe(TINY_RECIPE), tmp_path)
+    assert swept == ["d2dmoe sweep", "moefication sweep"] and again == first
+    other_taus = sweep_methods(models, models["sparse"], load_recipe({**TINY_RECIPE, "taus": [0.0, 0.25]}), tmp_path)
+    assert swept[2:] == ["d2dmoe sweep"] and other_taus["moefication"] == first["moefication"]
+    assert other_taus["d2dmoe"] != first["d2dmoe"]
+
+
 def test_run_d2dmoe_summarises_the_sweeps_at_one_point_below_dense_on_validation(tmp_path, monkeypatch):
     """The stages and sweeps are stubbed with hand-made results: what run_d2dmoe adds is checked on known numbers."""
     results = {

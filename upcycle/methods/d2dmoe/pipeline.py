@@ -6,7 +6,8 @@ the first unfinished stage (and a training stage at its latest checkpoint):
     1-sparsify/        FFN activations -> ReLU, fine-tuned with the squared-Hoyer (or L1) penalty (§3.1)
     2-<method>/        the FFNs split into equal experts by balanced k-means, with the method's router (§3.2)
     3-<method>-routers/  routers fitted with the backbone frozen and every expert running (§3.3)
-    sweep-<method>.json  τ (D2DMoE) or k (MoEfication) swept on the held-out splits: accuracy vs MACs (§3.4)
+    sweep-<method>.json  τ (D2DMoE) or k (MoEfication) swept on the held-out splits: accuracy vs MACs (§3.4); the
+                       rows are also kept in the stage folder (``sweep.json``), reused while nothing they measured changed
     summary.json, curves.png   every sweep with the dense and ReLU reference points
 
 Both methods share stages 0-1 and get the same experts (same partition, same seed); only the router differs.
@@ -28,7 +29,7 @@ from ...atomic import atomic_write_text
 from ...eval.held_out import HeldOut
 from ...layers import set_backend, set_tau, set_top_k
 from ...record import copy_model
-from ...stages import cached_stage, save_stage
+from ...stages import cached_stage, same_recipe, save_stage
 from .recipe import D2DMoERecipe, load_recipe
 from .relu import activation_sparsity, swap_to_relu
 from .sweep import lowest_fraction_within, macs_per_example, sweep
@@ -137,12 +138,32 @@ def sweep_methods(models: dict[str, nn.Module], dense: nn.Module, recipe: D2DMoE
         "sparse": {s: h.metric(models["sparse"]) for s, h in held_out.items()}
         | {"flops_fraction": macs_per_example(models["sparse"], held_out[splits[0]], mac_examples) / dense_macs},
     }
+    prints = stage_fingerprints(recipe)
     for method in recipe.methods:
         points, apply = (recipe.taus, set_tau) if method == "d2dmoe" else (recipe.ks(), set_top_k)
-        rows = sweep(models[method], dense_macs, points, apply, held_out, mac_examples, desc=f"{method} sweep")
+        measured = {"model": prints[f"3-{method}-routers"], "points": list(points), "splits": list(splits),
+                    "examples": recipe.eval_examples, "seq_len": seq_len, "mac_examples": mac_examples}  # fmt: skip
+
+        def run(model=models[method], points=points, apply=apply, method=method) -> list[dict]:
+            return sweep(model, dense_macs, points, apply, held_out, mac_examples, desc=f"{method} sweep")
+
+        rows = cached_sweep(out / f"3-{method}-routers" / "sweep.json", measured, run)
         results[method] = rows
         atomic_write_text(out / f"sweep-{method}.json", json.dumps(rows, indent=2) + "\n")
     return results
+
+
+def cached_sweep(path: Path, measured: dict, run: Callable[[], list[dict]]) -> list[dict]:
+    """The sweep's rows kept at ``path`` (in its model's stage folder, so a rebuilt stage drops them) if they were
+    measured as ``measured`` says (that model, points, held-out sets), else ``run()``'s, kept there with it. A model
+    that did not come from a stage folder is swept every time."""
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    if same_recipe(kept.get("measured"), measured):
+        return kept["rows"]
+    rows = run()
+    if path.parent.is_dir():
+        atomic_write_text(path, json.dumps({"measured": measured, "rows": rows}, indent=2) + "\n")
+    return rows
 
 
 def run_d2dmoe(dense: nn.Module, recipe: D2DMoERecipe | dict | str | Path, out: str | Path,
