@@ -7,7 +7,7 @@ the first unfinished stage (and a training stage at its latest checkpoint):
     2-<method>/        the FFNs split into equal experts by balanced k-means, with the method's router (§3.2)
     3-<method>-routers/  routers fitted with the backbone frozen and every expert running (§3.3)
     sweep-<method>.json  τ (D2DMoE) or k (MoEfication) swept on the held-out splits: accuracy vs MACs (§3.4); the
-                       rows are also kept in the stage folder (``sweep.json``), reused while nothing they measured changed
+                         rows also kept in the stage folder (``sweep.json``): reused while what they measured holds
     summary.json, curves.png   every sweep with the dense and ReLU reference points
 
 Both methods share stages 0-1 and get the same experts (same partition, same seed); only the router differs.
