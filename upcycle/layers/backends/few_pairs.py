@@ -9,7 +9,7 @@ consecutive ids (granular experts of one whole copy, arXiv 2410.07524, or fine-g
 are one slice of the stacked weights and run together (:meth:`Experts.forward_part`): a token routed to a whole copy
 then costs the dense FFN's three matmuls, not three per expert. Not registered as a backend of its
 own: ``grouped`` and ``grouped_mm`` take this path by themselves below :data:`FEW_PAIRS`.
-Dimension letters: t tokens, d model width, p executed pairs, c experts of one run.
+Dimension letters: t tokens, d model width, c experts of one run.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def few_pairs(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Te
         total = None
         for run in runs([e for e, _ in picks]):
             first, slots = picks[run.start][0], [j for _, j in picks[run]]
-            if len(slots) == 1:  # w[i] views: their backward's full-size zero gradients stay few (≤ FEW_PAIRS)
+            # one expert: its own matmuls, measured faster than a batched matmul of one; its w[i] views give full-size
+            # zero gradients in the backward, but at most FEW_PAIRS of them
+            if len(slots) == 1:
                 out = experts.expert_forward(first, x[i : i + 1], experts.expert_weights(first))  # [1, d]
             else:
                 out = experts.forward_part(x[i : i + 1], slice(first, first + len(slots))).squeeze(1)  # [c, d]
