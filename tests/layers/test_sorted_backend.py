@@ -54,3 +54,37 @@ def test_sorted_matches_the_naive_loop_in_bf16():
     routing = _dynamic_k_routing(11, 5, requires_grad=False)
     experts.backend = "sorted"
     torch.testing.assert_close(experts(x, routing), naive_sparse_moe(experts, x, routing), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["sorted", "grouped_mm"])
+@pytest.mark.parametrize("unit", [False, True])
+def test_without_autograd_each_expert_adds_into_its_tokens_and_unit_weights_are_not_multiplied(backend, unit):
+    """Inference, as D2DMoE's sweeps run it: the same outputs as eager, no joined copy of all expert outputs
+    (``sorted``), and no weighting product when every weight is 1 (D2DMoE sums its experts unweighted)."""
+    experts = random_experts(e=6, d=16, h=8, gated=False)  # ReLU: the only product would be the weighting
+    routing = _dynamic_k_routing(23, 6, requires_grad=False)
+    if unit:
+        routing.weights = torch.ones_like(routing.weights)
+    x = torch.randn(23, 16)
+    experts.backend = "eager"
+    with torch.no_grad():
+        reference = experts(x, routing)
+        experts.backend = backend
+        with torch.profiler.profile() as profile:
+            out = experts(x, routing)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    ops = {event.key for event in profile.key_averages()}
+    assert ("aten::mul" in ops) != unit
+    if backend == "sorted":
+        assert "aten::cat" not in ops
+
+
+def test_sorted_without_autograd_matches_with_it():
+    """Without autograd each expert gathers its own rows; with it the rows are gathered once: same outputs."""
+    experts = random_experts(e=7, d=20, h=9, gated=True, shared_bias=True)
+    x, routing = torch.randn(31, 20), _dynamic_k_routing(31, 7, requires_grad=False)
+    experts.backend = "sorted"
+    with_grad = experts(x, routing)
+    with torch.no_grad():
+        without = experts(x, routing)
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-6, atol=1e-6)

@@ -270,12 +270,17 @@ def test_bench_d2dmoe_quick(tmp_path, monkeypatch):
     assert result["summary"] == summary
     for key in ("vit.flops_fraction_at_1pt_drop", "vit.moefication_flops_fraction_at_1pt_drop",
                 "vit.ffn_wallclock_speedup_at_1pt_drop", "minilm.flops_fraction_at_1pt_drop",
-                "minilm.ffn_wallclock_speedup_at_1pt_drop", "minilm.model_speedup_at_1pt_drop"):  # fmt: skip
+                "minilm.ffn_wallclock_speedup_at_1pt_drop", "minilm.model_speedup_at_1pt_drop",
+                "minilm.model_share_of_ideal_at_1pt_drop"):  # fmt: skip
         assert key in summary
     for name in ("vit", "minilm"):  # both models timed end to end at the scale's τ values
         timed = [r for r in payload["rows"] if (r["model"], r["variant"]) == (name, "d2dmoe_timing")]
         assert {r["tau"] for r in timed} >= {0.0, 0.5}, name
         assert all(r["dense_model_ms"] > 0 and r["moe_model_ms"] > 0 for r in timed), name
+        for r in timed:  # the rest of the model is unchanged: its ideal lies between 1 and the FFNs'
+            low, high = sorted((1.0, r["ideal_ffn_speedup"]))
+            assert low - 1e-9 <= r["ideal_model_speedup"] <= high + 1e-9, (name, r)
+            assert r["model_share_of_ideal"] == pytest.approx(r["model_speedup"] / r["ideal_model_speedup"])
     for key, entry in summary["paper"].items():  # the paper's headline numbers next to ours
         assert entry["ours"] == summary.get(key) and entry["paper"] == d2dmoe.PAPER[key]["paper"]
     assert summary["held_out_examples"] == {"vit": 128, "minilm": 64}  # the quick scale's
@@ -364,10 +369,22 @@ def test_plot_curves_reads_the_split_it_is_given(tmp_path, figures):
     assert ax.get_ylabel() == "test accuracy"
 
 
+def _timing_row(tau, ideal_ffn, ffn, model, ideal_model):
+    return {
+        "tau": tau,
+        "ideal_ffn_speedup": ideal_ffn,
+        "ffn_speedup": ffn,
+        "model_speedup": model,
+        "ideal_model_speedup": ideal_model,
+    }
+
+
 def test_plot_timing_draws_measured_and_ideal_speedups_against_tau(tmp_path, figures):
-    rows = [{"tau": 0.0, "ideal_ffn_speedup": 0.9, "ffn_speedup": 0.8, "model_speedup": 0.95},
-            {"tau": 0.5, "ideal_ffn_speedup": 2.0, "ffn_speedup": 1.5, "model_speedup": 1.2},
-            {"tau": 1.0, "ideal_ffn_speedup": 4.0, "ffn_speedup": 2.5, "model_speedup": 1.4}]  # fmt: skip
+    rows = [
+        _timing_row(0.0, ideal_ffn=0.9, ffn=0.8, model=0.95, ideal_model=0.95),
+        _timing_row(0.5, ideal_ffn=2.0, ffn=1.5, model=1.2, ideal_model=1.6),
+        _timing_row(1.0, ideal_ffn=4.0, ffn=2.5, model=1.4, ideal_model=2.2),
+    ]
     path = tmp_path / "wallclock.png"
     assert plots.plot_timing({"ViT": rows}, path) is None
     assert_png_written_atomically(path)
@@ -377,6 +394,7 @@ def test_plot_timing_draws_measured_and_ideal_speedups_against_tau(tmp_path, fig
         "ideal (dense FFN MACs / MoE FFN MACs)": [0.9, 2.0, 4.0],
         "measured FFN layers (CPU, one test batch)": [0.8, 1.5, 2.5],
         "measured whole model": [0.95, 1.2, 1.4],
+        "ideal whole model (MAC ratio)": [0.95, 1.6, 2.2],
     }
     for label, speedups in expected.items():
         assert list(lines[label].get_xdata()) == [0.0, 0.5, 1.0], label
@@ -424,8 +442,10 @@ def test_plot_curves_styles_each_variant_the_dense_star_and_the_drop_line(tmp_pa
 def test_plot_timing_styles_ideal_measured_and_break_even_lines(tmp_path, figures):
     from matplotlib.colors import same_color
 
-    rows = [{"tau": 0.0, "ideal_ffn_speedup": 0.9, "ffn_speedup": 0.8, "model_speedup": 0.95},
-            {"tau": 1.0, "ideal_ffn_speedup": 4.0, "ffn_speedup": 2.5, "model_speedup": 1.4}]  # fmt: skip
+    rows = [
+        _timing_row(0.0, ideal_ffn=0.9, ffn=0.8, model=0.95, ideal_model=1.0),
+        _timing_row(1.0, ideal_ffn=4.0, ffn=2.5, model=1.4, ideal_model=2.2),
+    ]
     plots.plot_timing({"ViT": rows, "MiniLM": rows}, tmp_path / "wallclock.png")
     (fig,) = figures
     assert tuple(fig.get_size_inches()) == pytest.approx((2 * 5.8, 4.2))  # one panel per model
@@ -434,6 +454,8 @@ def test_plot_timing_styles_ideal_measured_and_break_even_lines(tmp_path, figure
     lines = lines_by_label(ax)
     ideal = lines["ideal (dense FFN MACs / MoE FFN MACs)"]
     assert (ideal.get_marker(), ideal.get_linestyle()) == ("None", "--") and same_color(ideal.get_color(), "black")
+    whole = lines["ideal whole model (MAC ratio)"]
+    assert (whole.get_linestyle(), whole.get_linewidth()) == ("-.", 0.8) and same_color(whole.get_color(), "black")
     measured = lines["measured FFN layers (CPU, one test batch)"], lines["measured whole model"]
     assert [(line.get_marker(), line.get_linestyle()) for line in measured] == [("o", "-"), ("s", ":")]
     (even,) = [line for line in ax.get_lines() if list(line.get_ydata()) == [1.0, 1.0]]

@@ -11,8 +11,8 @@ with the backbone frozen) and a sweep: D2DMoE over τ, MoEfication over k, accur
 original dense model (routers included). The operating point "within 1 point of the dense model" is chosen on the
 validation split; its test accuracy is reported next to it. Wall-clock, for both models (the ViT's D2DMoE with FFNs
 only; d 128 and 384): the FFN layers at several τ and at the operating point against the dense model's FFNs, and the
-whole model end to end (images or passages per second), on one held-out test batch, next to the ideal FFN speed-up
-(dense FFN MACs / MoE FFN MACs, routers included).
+whole model end to end (images or passages per second), on one held-out test batch, each next to its ideal speed-up
+(dense MACs / MoE MACs, routers included: of the FFNs, and of the whole model on that batch).
 """
 
 from __future__ import annotations
@@ -187,12 +187,14 @@ def ffn_timing(dense: nn.Module, moe: nn.Module, data: str, taus: list[float], r
             "tau": tau,
             "ffn_flops_fraction": moe_ffn_macs / dense_ffn_macs,
             "ideal_ffn_speedup": dense_ffn_macs / moe_ffn_macs,
+            "ideal_model_speedup": dense_report.total / report.total,
             "dense_ffn_ms": dense_ffn_ms, "moe_ffn_ms": moe_ffn_ms, "ffn_speedup": dense_ffn_ms / moe_ffn_ms,
             "dense_model_ms": model_wallclock_ms(dense, batch, repeats),
             "moe_model_ms": model_wallclock_ms(moe, batch, repeats),
         })  # fmt: skip
         rows[-1]["model_speedup"] = rows[-1]["dense_model_ms"] / rows[-1]["moe_model_ms"]
         rows[-1]["share_of_ideal"] = rows[-1]["ffn_speedup"] / rows[-1]["ideal_ffn_speedup"]
+        rows[-1]["model_share_of_ideal"] = rows[-1]["model_speedup"] / rows[-1]["ideal_model_speedup"]
     set_tau(moe, 0.0)
     return rows
 
@@ -236,7 +238,9 @@ def summarize(curves: dict[str, dict], timing: dict[str, list[dict]]) -> dict:
         point = operating_point(curves[name]["variants"]["d2dmoe"], curves[name]["dense"])
         at = None if point is None else _timing_at(rows, point["point"])
         for key, field in (("ffn_wallclock_speedup", "ffn_speedup"), ("ffn_ideal_speedup", "ideal_ffn_speedup"),
-                           ("ffn_share_of_ideal", "share_of_ideal"), ("model_speedup", "model_speedup")):  # fmt: skip
+                           ("ffn_share_of_ideal", "share_of_ideal"), ("model_speedup", "model_speedup"),
+                           ("model_ideal_speedup", "ideal_model_speedup"),
+                           ("model_share_of_ideal", "model_share_of_ideal")):  # fmt: skip
             summary[f"{name}.{key}_at_1pt_drop"] = None if at is None else round(at[field], 3)
         summary[f"{name}.ffn_speedup_by_tau"] = {str(r["tau"]): round(r["ffn_speedup"], 3) for r in rows}
     return summary

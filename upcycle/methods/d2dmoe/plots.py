@@ -33,7 +33,7 @@ def plot_curves(panels: dict[str, dict], path: Path, split: str = "test") -> Pat
 
 def plot_timing(panels: dict[str, list[dict]], path: Path) -> None:
     """One panel per model (``{name: timing rows}``): FFN-layer and whole-model speed-up over the dense model vs τ,
-    measured, and the ideal FFN speed-up (the MAC ratio)."""
+    measured, and each one's ideal (the MAC ratio)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.2), squeeze=False)
     for ax, (name, rows) in zip(axes[0], panels.items(), strict=True):
@@ -41,6 +41,7 @@ def plot_timing(panels: dict[str, list[dict]], path: Path) -> None:
         ax.plot(taus, [r["ideal_ffn_speedup"] for r in rows], "k--", label="ideal (dense FFN MACs / MoE FFN MACs)")
         ax.plot(taus, [r["ffn_speedup"] for r in rows], "o-", label="measured FFN layers (CPU, one test batch)")
         ax.plot(taus, [r["model_speedup"] for r in rows], "s:", label="measured whole model")
+        ax.plot(taus, [r["ideal_model_speedup"] for r in rows], "k-.", lw=0.8, label="ideal whole model (MAC ratio)")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xlabel="τ (larger runs fewer experts)", ylabel="speed-up over dense", title=f"{name} D2DMoE wall-clock")
         ax.grid(alpha=0.3)
