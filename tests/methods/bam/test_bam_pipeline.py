@@ -76,6 +76,13 @@ def test_compute_matched_bam_trains_for_btx_mix_compute(tmp_path):
     assert summary["bam_expert_kv_cm_ppl"] != summary["bam_expert_kv_ppl"]
 
 
+def test_the_dense_run_at_mix_phase_compute_is_optional(tmp_path):
+    recipe = {**TINY_RECIPE, "variants": ["btx"], "compute_reference": "btx", "dense_mix_compute": False}
+    summary = run_bam(tiny_seed(), recipe, tmp_path, progress=False, timing=False)
+    assert not (tmp_path / "dense-mix-compute").exists() and "dense_mix_compute_ppl" not in summary
+    assert summary["dense_continued_ppl"] > 0 and summary["dense_same_tokens_ppl"] > 0
+
+
 def test_btx_routing_can_follow_the_btx_paper():
     """btx_top_k / btx_renormalize give BTX's mixture its own router (the BTX paper: softmax over the top-2); BAM's
     keeps top_k / renormalize, and unset they follow them (BAM's BTX baseline)."""

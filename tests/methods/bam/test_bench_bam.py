@@ -35,6 +35,18 @@ def test_summary_averages_runs_and_checks_the_papers_ordering():
     assert not worse["ordering_holds_same_tokens"]
 
 
+def test_summary_covers_only_the_models_the_scale_trains():
+    """The full scale trains no shared-KV mixture and no dense run at mix-phase compute: the summary leaves them
+    out and still makes every comparison of the issue."""
+    run = fake_run(9, 6, 5, 4.5, 4.8, 5.5, 5.8, 4.6, 4.9)
+    for name in ("bam_shared_kv", "dense_mix_compute", "bam_shared_kv_cm"):
+        del run[f"{name}_ppl"], run["models"][name]
+    summary = bam.summarize({0: run})
+    assert "bam_shared_kv_ppl" not in summary and set(summary["costs"]) == set(run["models"])
+    assert summary["comparisons"]["bam_vs_dense_same_tokens"]["ratio"] == pytest.approx(4.5 / 5.8)
+    assert summary["ordering_holds"] and summary["ordering_holds_same_tokens"]
+
+
 def test_router_statistics_flag_a_collapsed_ffn_router():
     def usage(*shares):
         return {"ffn": list(shares), "ffn_load_entropy": 0.5, "ffn_token_entropy": 0.9, "ffn_top_probability": 0.3,

@@ -131,11 +131,11 @@ def run_stages(seed: nn.Module, recipe: BAMRecipe | dict | str | Path, out: str 
         models["dense_continued"] = trained("dense-continued", fingerprint, lambda: seed,
                                             recipe.mix_config(budget["steps"]))  # fmt: skip
         atomic_write_text(out / "dense-continued" / "compute.json", json.dumps(budget, indent=2) + "\n")
-        # a second, weaker reference: the same dense run given only the mixture phase's compute
-        mix_only = round(budget["steps"] - budget["branch_steps"])
-        fingerprint = {**mix_fingerprint(recipe, "dense_mix_compute"), "steps": mix_only}
-        models["dense_mix_compute"] = trained("dense-mix-compute", fingerprint, lambda: seed,
-                                              recipe.mix_config(mix_only))  # fmt: skip
+        if recipe.dense_mix_compute:  # a second, weaker reference: the mixture phase's compute only
+            mix_only = round(budget["steps"] - budget["branch_steps"])
+            fingerprint = {**mix_fingerprint(recipe, "dense_mix_compute"), "steps": mix_only}
+            models["dense_mix_compute"] = trained("dense-mix-compute", fingerprint, lambda: seed,
+                                                  recipe.mix_config(mix_only))  # fmt: skip
         if recipe.dense_same_tokens:  # equal data: the tokens the branches and the mixture train on, all in one model
             fingerprint = {**mix_fingerprint(recipe, "dense_same_tokens"), "steps": budget["same_tokens_steps"]}
             models["dense_same_tokens"] = trained("dense-same-tokens", fingerprint, lambda: seed,

@@ -65,6 +65,8 @@ class BAMRecipe(StrictModel):
     compute_reference: Variant = Field("bam_expert_kv", description="the variant whose compute the dense run matches")
     dense_same_tokens: bool = Field(True, description="with dense_continued: also continue the seed for the "
                                     "branch and mix phases' steps (equal training tokens, fewer FLOPs)")  # fmt: skip
+    dense_mix_compute: bool = Field(True, description="with dense_continued: also continue the seed with the "
+                                    "mixture phase's compute only (a weaker dense reference)")  # fmt: skip
     eval_sequences: int | None = Field(None, ge=1, description="held-out sequences per domain, evenly strided "
                                        "(None: all)")  # fmt: skip
     seed: int = Field(0, description="seed of every phase")
