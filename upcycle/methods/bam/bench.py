@@ -77,7 +77,7 @@ TINY = Scale(
 # weight (~1/4 under a fresh router) takes every FFN's output to a quarter and the merge starts at validation
 # perplexity ~500,000 against the seed's 38 (renormalised: 27); top-1 renormalised starts as well but gives the
 # router no gradient from the LM loss (weight 1). Decided on the validation split: results/diagnostics/bam_merge_start.
-# A checkpoint every 50 steps: an interrupted phase resumes from its last one. Sized to finish in under two hours on
+# A checkpoint every 50 steps: an interrupted phase resumes from its last one. Sized to finish in about two hours on
 # 2 CPU cores (a run can rely on nothing kept from an earlier day): 100 steps a branch and a mixture, BTX and BAM with
 # expert KV (the paper's main variant; shared KV is the tiny scale's), no dense run at mix-phase compute only.
 SMOL_TRAIN = {"batch_size": 4, "seq_len": 128, "weight_decay": 0.1, "warmup": 0.05, "log_every": 10,
@@ -217,18 +217,17 @@ def run(
 
     summary = summarize(runs)
     summary["scale"] = name
-    first_dir = work / f"seed-{min(runs)}"
+    first, first_dir = runs[min(runs)], work / f"seed-{min(runs)}"
     summary["dense_continued_compute"] = json.loads((first_dir / "dense-continued/compute.json").read_text())
     summary["compute_matched"] = {
         variant: json.loads((first_dir / f"mix-{variant}-cm/compute.json").read_text())
-        for variant in runs[min(runs)]["recipe"]["variants"]
+        for variant in first["recipe"]["variants"]
         if variant != "btx"
     }
     summary["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     png, usage_png = out / "bam.png", out / "bam_routing.png"
-    first = runs[min(runs)]
     domains = first["recipe"]["domains"]
     plot_bam({f"seed {s}": run["models"] for s, run in runs.items()}, domains, png)
     plot_usage(first["models"], domains, usage_png)

@@ -8,6 +8,7 @@
       variants: [btx, bam_expert_kv, bam_shared_kv]
       dense_continued: true            # the seed continued on the mixture with bam_expert_kv's compute (FLOPs)
       dense_same_tokens: true          # ... and with the tokens of the branch and mix phases (equal data)
+      dense_mix_compute: true          # ... and with the mixture phase's compute only (a weaker reference)
       compute_matched: true            # each BAM variant also trained for BTX's mix-phase compute (the paper's CM)
 
 ``branch`` and ``mix`` are training recipes (:class:`~upcycle.config.TrainConfig` fields; ``data``,
