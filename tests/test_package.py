@@ -14,7 +14,7 @@ def test_registries():
     routers = ["cmoe", "dynamic_k", "moefication", "sigmoid", "soft", "soft_attention", "sphero", "topk"]
     assert upcycle.list_routers() == routers
     assert {m["name"] for m in upcycle.list_methods()} >= {"sparse_upcycling", "neuron_split", "d2dmoe", "moefication"}
-    assert upcycle.list_backends() == ["eager", "grouped", "grouped_mm", "sorted"]
+    assert upcycle.list_backends() == ["auto", "eager", "grouped", "grouped_mm", "sorted"]
 
 
 def test_cli_list(capsys):

@@ -64,7 +64,7 @@ class ConvertConfig(StrictModel):
     top_k: int = Field(2, ge=1, description="experts per token (top-k routers)")
     layers: LayerSelection = Field("all", description="which FFNs become MoE: all, every_other, last_half, or indices")
     router: RouterConfig = Field(default_factory=RouterConfig)
-    backend: str = Field("grouped", description="expert compute backend (upcycle.list_backends())")
+    backend: str = Field("auto", description="expert compute backend (upcycle.list_backends())")
     seed: int = Field(0, description="seed for every random choice of the conversion")
     options: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
 

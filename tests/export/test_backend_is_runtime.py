@@ -24,7 +24,7 @@ def backends(model) -> set[str]:
 
 
 def test_there_is_a_non_default_backend():
-    assert DEFAULT == "grouped" and OTHERS
+    assert DEFAULT == "auto" and OTHERS
 
 
 @pytest.mark.parametrize("backend", OTHERS)

@@ -19,7 +19,7 @@ from upcycle.layers import FFN, Experts, MoE, Routing, SoftMoERouter, TopKRouter
         (lambda: Experts(0, 8, 4), "num_experts must be >= 1"),
         (lambda: Experts(2, 8, 0), "d_hidden must be >= 1"),
         (lambda: Experts(2, 8, 4, activation="swish2"), "unknown activation 'swish2'"),
-        (lambda: Experts(2, 8, 4, backend="fast"), "unknown expert backend 'fast'; choose one of eager, grouped"),
+        (lambda: Experts(2, 8, 4, backend="fast"), "unknown expert backend 'fast'; choose one of auto, eager, grouped"),
         (lambda: MoE(TopKRouter(8, 3), Experts(4, 8, 4)), "router has 3 experts but experts hold 4"),
         (lambda: MoE(TopKRouter(6, 4), Experts(4, 8, 4)), "router width 6 differs"),
         (lambda: MoE(TopKRouter(8, 4), Experts(4, 8, 4), FFN(6, 4)), "shared expert width 6"),

@@ -43,7 +43,7 @@ SHAPES = {  # name -> (tokens, mode)
 QUICK_TOKENS = {1: 1, 512: 16, 4096: 32}
 EXPERTS = {8: 2, 64: 8}  # experts -> top-k
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-UPCYCLE_BACKENDS = ("grouped_mm", "grouped", "sorted")
+UPCYCLE_BACKENDS = ("auto", "grouped_mm", "grouped", "sorted")
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 HF_BATCHED_MAX_PAIRS = 64  # batched_mm copies every pair's expert weights: at 4096·8 pairs that is many GB
 DEFAULT_BACKEND = inspect.signature(Experts).parameters["backend"].default
@@ -185,7 +185,7 @@ def add_ratios(rows: list[dict], peaks: dict[str, float]) -> None:
         for row in group:
             row["over_dense"] = round(row["ms"] / dense, 3)
             row["over_transformers_best"] = round(row["ms"] / best, 3)
-            row["peak_gflops"] = round(peaks[row["dtype"]], 1)
+            row["peak_gflops"] = float(f"{peaks[row['dtype']]:.4g}")  # as gflops: a quick run's peak is small
             row["peak_share"] = float(f"{row['gflops'] / peaks[row['dtype']]:.3g}")
 
 

@@ -65,7 +65,7 @@ class Experts(nn.Module):
         gated: bool = False,
         bias: bool | tuple[bool, bool] = True,
         shared_bias: bool = False,
-        backend: str = "grouped",
+        backend: str = "auto",
         hidden_norm_eps: float | None = None,
         initialize: bool = True,
     ):

@@ -5,7 +5,7 @@ and returns the weighted sum of the selected experts' outputs (the shared bias i
 reference; every other backend is tested against it on outputs and gradients. A GPU kernel registers here too.
 """
 
-from . import eager, grouped, grouped_mm, sorted_pairs  # noqa: F401  (registration side effect)
+from . import auto, eager, grouped, grouped_mm, sorted_pairs  # noqa: F401  (registration side effect)
 from .registry import get_backend, list_backends, register_backend
 
 __all__ = ["get_backend", "list_backends", "register_backend"]

@@ -53,7 +53,7 @@ class MergeConfig(StrictModel):
     top_k: int = Field(1, ge=1, description="FFN experts per token")
     renormalize: bool = Field(False, description="divide the top-k probabilities by their sum (BAM/BTX papers: no)")
     router_init_std: float = Field(0.02, ge=0, description="std of the random router weights (FFN and attention)")
-    backend: str = Field("grouped", description="expert compute backend (upcycle.list_backends())")
+    backend: str = Field("auto", description="expert compute backend (upcycle.list_backends())")
     seed: int = Field(0, description="seed of the router initialisation")
     expert_names: list[str] | None = Field(None, description="a name per input, e.g. seed and domains (provenance)")
     router_init_domains: list[str | list[str]] | None = Field(
