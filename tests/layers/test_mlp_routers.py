@@ -17,11 +17,16 @@ from .helpers import random_experts
 
 def test_registry_and_spec_round_trip():
     assert {"dynamic_k", "moefication"} <= set(list_routers())
-    for router in (DynamicKRouter(12, 5, hidden=7, tau=0.3), MoEficationRouter(12, 5, hidden=7, top_k=3)):
+    routers = (
+        DynamicKRouter(12, 5, hidden=7, tau=0.3, zero_runs_all=True),
+        MoEficationRouter(12, 5, hidden=7, top_k=3),
+    )
+    for router in routers:
         spec = router.spec()
         rebuilt = build_router(spec.pop("name"), **spec)
         assert type(rebuilt) is type(router) and rebuilt.spec() == router.spec()
     assert DynamicKRouter(12, 5, tau=0.3).spec()["tau"] == 0.3
+    assert DynamicKRouter(12, 5).spec()["zero_runs_all"] is False
 
 
 def test_router_mlp_shape_has_no_biases():
@@ -45,6 +50,23 @@ def test_dynamic_k_runs_expert_i_iff_its_norm_reaches_tau_times_the_max(tau):
         assert routing.mask.all()
     if tau == 1.0:  # only the expert with the largest predicted norm
         assert torch.equal(routing.mask.float().argmax(-1), norms.argmax(-1)) and (routing.mask.sum(-1) == 1).all()
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3, 1.0])
+def test_a_token_predicted_zero_everywhere_runs_no_expert_unless_tau_is_zero_or_zero_runs_all(tau):
+    router = DynamicKRouter(12, 6, hidden=16, tau=tau).eval()
+    x = torch.randn(40, 12).abs()
+    x[:7] = -x[:7]  # with the first layer's weights made positive, these rows leave every ReLU unit at 0, the rest none
+    with torch.no_grad():
+        router.mlp[0].weight.abs_()
+    norms = router.mlp(x).abs()
+    assert (norms[:7] == 0).all() and (norms[7:].amax(-1) > 0).all()
+    rule = norms >= tau * norms.amax(-1, keepdim=True)  # the rule as written (and the authors' code)
+    routing = router(x)
+    assert torch.equal(routing.mask[7:], rule[7:])  # every other token as before
+    assert routing.mask[:7].all() if tau == 0 else not routing.mask[:7].any()
+    router.zero_runs_all = True
+    assert torch.equal(router(x).mask, rule)
 
 
 def test_dynamic_k_runs_fewer_experts_as_tau_rises():

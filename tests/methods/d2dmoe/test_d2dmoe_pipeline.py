@@ -372,6 +372,22 @@ def test_a_sweep_is_kept_with_its_stage_and_reused_for_the_same_measurement(tmp_
     other_taus = sweep_methods(models, models["sparse"], load_recipe({**TINY_RECIPE, "taus": [0.0, 0.25]}), tmp_path)
     assert swept[2:] == ["d2dmoe sweep"] and other_taus["moefication"] == first["moefication"]
     assert other_taus["d2dmoe"] != first["d2dmoe"]
+    zero_runs_all = sweep_methods(
+        models, models["sparse"], load_recipe({**TINY_RECIPE, "zero_runs_all": True}), tmp_path
+    )
+    assert swept[3:] == ["d2dmoe sweep"] and zero_runs_all["moefication"] == first["moefication"]
+
+
+def test_the_sweep_sets_the_recipes_zero_prediction_rule_on_every_dynamic_k_router():
+    import upcycle
+    from upcycle.layers import moe_layers
+    from upcycle.methods.d2dmoe.pipeline import set_zero_runs_all
+
+    model = upcycle.convert(tiny_vit(), "d2dmoe", num_experts=4, layers="all", progress=False)
+    routers = [layer.router for _, layer in moe_layers(model)]
+    assert routers and not any(router.zero_runs_all for router in routers)
+    set_zero_runs_all(model, True)
+    assert all(router.zero_runs_all and router.spec()["zero_runs_all"] for router in routers)
 
 
 def test_run_d2dmoe_summarises_the_sweeps_at_one_point_below_dense_on_validation(tmp_path, monkeypatch):

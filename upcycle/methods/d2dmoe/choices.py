@@ -104,6 +104,13 @@ CHOICES: tuple[Choice, ...] = (
         why="Same rule; our τ = 0 runs every expert and larger τ runs fewer (the authors store 1 - τ).",
     ),
     Choice(
+        "A token whose router predicts 0 for every expert runs all of them at τ > 0 (r_i >= τ · 0 admits every "
+        "expert; otherwise none runs)",
+        NOT_STATED, True, False, field="d2dmoe.zero_runs_all",
+        why="A ReLU router without bias outputs exactly 0 where the sparsity stage silenced an FFN for a token; "
+        "running all 16 experts there made one ViT layer dense for 79-87 % of tokens at α 0.05-0.2.",
+    ),
+    Choice(
         "τ grid of the sweep (ours: dense below 0.05, where most of the cost falls)",
         NOT_STATED, RELEASED_TAUS, TAUS, field="d2dmoe.taus",
         why="Fixed: our grid had no point between 0 and 0.05; it now has seven, and keeps points up to 1.",

@@ -27,9 +27,10 @@ from torch import nn
 
 from ...atomic import atomic_write_text
 from ...eval.held_out import HeldOut
-from ...layers import set_backend, set_tau, set_top_k
+from ...layers import moe_layers, set_backend, set_tau, set_top_k
 from ...record import copy_model
 from ...stages import cached_stage, same_recipe, save_stage
+from .dynamic_k_router import DynamicKRouter
 from .recipe import D2DMoERecipe, load_recipe
 from .relu import activation_sparsity, swap_to_relu
 from .sweep import lowest_fraction_within, macs_per_example, sweep
@@ -143,6 +144,9 @@ def sweep_methods(models: dict[str, nn.Module], dense: nn.Module, recipe: D2DMoE
         points, apply = (recipe.taus, set_tau) if method == "d2dmoe" else (recipe.ks(), set_top_k)
         measured = {"model": prints[f"3-{method}-routers"], "points": list(points), "splits": list(splits),
                     "examples": recipe.eval_examples, "seq_len": seq_len, "mac_examples": mac_examples}  # fmt: skip
+        if method == "d2dmoe":  # an inference rule, set here like τ: the fitted routers do not depend on it
+            set_zero_runs_all(models[method], recipe.zero_runs_all)
+            measured["zero_runs_all"] = recipe.zero_runs_all
 
         def run(model=models[method], points=points, apply=apply, method=method) -> list[dict]:
             return sweep(model, dense_macs, points, apply, held_out, mac_examples, desc=f"{method} sweep")
@@ -151,6 +155,13 @@ def sweep_methods(models: dict[str, nn.Module], dense: nn.Module, recipe: D2DMoE
         results[method] = rows
         atomic_write_text(out / f"sweep-{method}.json", json.dumps(rows, indent=2) + "\n")
     return results
+
+
+def set_zero_runs_all(model: nn.Module, value: bool) -> None:
+    """Whether a token predicted 0 for every expert runs all of them, on every dynamic-k router of ``model``."""
+    for _, layer in moe_layers(model):
+        if isinstance(layer.router, DynamicKRouter):
+            layer.router.zero_runs_all = value
 
 
 def cached_sweep(path: Path, measured: dict, run: Callable[[], list[dict]]) -> list[dict]:

@@ -57,6 +57,10 @@ class D2DMoERecipe(StrictModel):
         "(its code) or over each token's largest sum",
     )  # fmt: skip
     taus: list[float] = Field(TAUS, description="D2DMoE thresholds to sweep (0 runs every expert)")
+    zero_runs_all: bool = Field(
+        False, description="D2DMoE, τ > 0: a token whose router predicts 0 for every expert runs all of them (the "
+        "authors' code: r_i >= τ · 0 admits every expert) instead of none",
+    )  # fmt: skip
     top_ks: list[int] | None = Field(None, description="MoEfication k to sweep (None: 1, 2, 4, ... up to E)")
     eval_examples: int | None = Field(None, ge=1, description="held-out examples per sweep point, an even stride "
                                       "through each split (None: all)")  # fmt: skip

@@ -41,6 +41,8 @@ class MoEficationOptions(MLPRouterOptions):
 
 class D2DMoEOptions(MLPRouterOptions):
     tau: float = Field(0.0, ge=0, le=1, description="dynamic-k threshold: expert i runs iff r_i >= tau * max r")
+    zero_runs_all: bool = Field(False, description="tau > 0: a token predicted 0 for every expert runs all of them "
+                                "(the authors' code) instead of none")  # fmt: skip
 
 
 def _split_with_mlp_router(dense: DenseFFN, config, generator: torch.Generator, options: MLPRouterOptions,
@@ -66,7 +68,8 @@ def _split_with_mlp_router(dense: DenseFFN, config, generator: torch.Generator, 
 @torch.no_grad()
 def d2dmoe(dense: DenseFFN, config, generator: torch.Generator) -> MoE:
     options = D2DMoEOptions(**config.options)
-    return _split_with_mlp_router(dense, config, generator, options, "dynamic_k", tau=options.tau)
+    return _split_with_mlp_router(dense, config, generator, options, "dynamic_k", tau=options.tau,
+                                  zero_runs_all=options.zero_runs_all)  # fmt: skip
 
 
 @register_method(
