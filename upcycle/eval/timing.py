@@ -26,11 +26,16 @@ def time_interleaved(
     """Run every case once per round, round after round, and return each case's seconds per round.
 
     Interleaving puts all cases under the same machine conditions, so ratios between them are fair even when the
-    machine's speed drifts. ``setup(name)`` runs before each call, outside the timed region.
+    machine's speed drifts. The order rotates by one case each round, so that no case always runs right after the
+    same other one (whose leftovers in cache, or lack of them, would otherwise favour or cost it every round).
+    ``setup(name)`` runs before each call, outside the timed region.
     """
     seconds: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)
     for round_index in tqdm(range(warmup + rounds), desc=desc, unit="round", leave=False):
-        for name, fn in cases.items():
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = cases[name]
             if setup is not None:
                 setup(name)
             start = time.perf_counter()
