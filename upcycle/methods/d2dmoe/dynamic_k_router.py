@@ -6,8 +6,8 @@ Expert i runs for a token iff ``r_i >= τ · max_j r_j``, so the number of exper
 expert(s) with the largest predicted norm. A token whose predicted norms are all exactly 0 (a dead ReLU router over
 an FFN that the sparsity stage silenced for it) runs no expert for τ > 0: the rule as written admits every expert
 there (``r_i >= τ · 0``), which the authors' code does; ``zero_runs_all=True`` restores that. The selected experts
-are summed unweighted. One trained router gives the
-whole compute/accuracy curve by sweeping ``tau`` (see :func:`~upcycle.layers.moe.set_tau`).
+are summed unweighted. One trained router gives the whole compute/accuracy curve by sweeping ``tau`` (see
+:func:`~upcycle.layers.moe.set_tau`).
 
 Fit with MSE against the measured norms (:meth:`~upcycle.layers.Experts.per_expert_statistics`), backbone frozen,
 every expert executing (training mode).
