@@ -5,17 +5,19 @@ the average expert multiplies, ``m = pairs / e``:
 
 - ``m`` ≥ :data:`LARGE_GROUPS`: ``sorted``. Each expert's matmul is then large enough to run near the GEMM peak on
   its own, so one plain matmul per expert beats padding (``grouped``) and the grouped kernel's backward
-  (``grouped_mm``): 64 experts, 4096 tokens, training 1.70× the dense FFN's time against 2.28× and 2.44×.
+  (``grouped_mm``): 64 experts, 4096 tokens, training 1.45× the dense FFN's time against 1.80× and 1.68×.
 - below it, inference: ``grouped``, whose padded batched matmuls cost the least fixed overhead per call (64
-  experts, 512 tokens: 1.58× against 2.07× and 2.14×); one decoding token takes its per-pair path.
+  experts, 512 tokens: 1.70× against 2.17× and 2.40×); one decoding token takes its per-pair path.
 - below it, training: ``grouped_mm``, whose backward is three grouped GEMMs where ``grouped`` differentiates
-  through a padded buffer (512 tokens, 8 experts: 1.26× against 1.41×; 64 experts: 2.02× against 2.50×).
+  through a padded buffer (512 tokens, 8 experts: 1.32× against 1.47×; at 64 experts the two trade places from
+  one run to the next, 2.0–2.5× each).
 - a mask (dynamic-k, D2DMoE): the kept pairs count, and never ``grouped``, whose padding multiplies every expert
   by the largest group when the loads are as unbalanced as dynamic-k makes them.
 - other devices (CUDA): ``grouped_mm``, which falls back to ``sorted`` where its kernel cannot run.
 
-The thresholds are this repository's measurements on a 2-core x86 CPU; a user who measures otherwise on their
-machine names a backend instead. Dimension letters: t tokens, k choices per token, e experts.
+The thresholds and numbers are this repository's measurements on a 2-core x86 CPU (results/layers.json); a user
+who measures otherwise on their machine names a backend instead. Dimension letters: t tokens, k choices per token,
+e experts.
 """
 
 from __future__ import annotations
