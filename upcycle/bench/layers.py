@@ -176,9 +176,15 @@ def bench_group(shape: str, dtype_name: str, experts: int, dims: dict, tokens: i
             "shape": shape, "mode": mode, "tokens": tokens, "dtype": dtype_name, "experts": experts, "top_k": top_k,
             "d": d, "h": h, "layer": layer_name, "backend": backend or "-", "ms": round(ms, 4),
             "ms_samples": [round(1000 * s, 4) for s in samples[case]], "flops": flops,
-            "gflops": float(f"{flops / ms / 1e6:.4g}"),  # significant digits: a decode row is a few MFLOP/s
+            "gflops": significant(flops / ms / 1e6),
         })  # fmt: skip
     return rows
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant digits. Not decimals: a decode row runs at a few MFLOP/s, and a quick run's
+    peak and shares of it are small enough that rounding to decimals would make them 0."""
+    return float(f"{value:.{digits}g}")
 
 
 def add_ratios(rows: list[dict], peaks: dict[str, float]) -> None:
@@ -192,16 +198,16 @@ def add_ratios(rows: list[dict], peaks: dict[str, float]) -> None:
         for row in group:
             row["over_dense"] = round(row["ms"] / dense, 3)
             row["over_transformers_best"] = round(row["ms"] / best, 3)
-            row["peak_gflops"] = float(f"{peaks[row['dtype']]:.4g}")  # as gflops: a quick run's peak is small
-            row["peak_share"] = float(f"{row['gflops'] / peaks[row['dtype']]:.3g}")
+            row["peak_gflops"] = significant(peaks[row["dtype"]])
+            row["peak_share"] = significant(row["gflops"] / peaks[row["dtype"]], 3)
 
 
 def summarize(rows: list[dict], peaks: dict[str, float]) -> dict:
     ours = [r for r in rows if r["layer"] == "upcycle" and r["backend"] == DEFAULT_BACKEND]
     from_512 = [r for r in ours if r["mode"] != "decode"]
 
-    def worst(values, op):  # significant digits, not decimals: a quick run's shares of peak can be below 0.001
-        return float(f"{max(values) if op == '<=' else min(values):.4g}")
+    def worst(values, op):
+        return significant(max(values) if op == "<=" else min(values))
 
     summary = {f"peak_gflops_{name}": round(value, 1) for name, value in peaks.items()}
     summary["default_backend"] = DEFAULT_BACKEND
