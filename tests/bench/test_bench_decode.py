@@ -26,13 +26,19 @@ def test_bench_decode_quick(tmp_path):
     for dtype in DTYPES:
         for experts in bench.EXPERTS:
             group = [r for r in rows if (r["dtype"], r["experts"]) == (dtype, experts)]
-            assert {(r["model"], r["backend"]) for r in group} == expected
-            assert next(r for r in group if r["model"] == "dense")["over_dense"] == 1.0
+            assert {(r["model"], r["backend"]) for r in group if r["onednn"]} == expected
+            like_for_like = {(r["model"], r["backend"]) for r in group if not r["onednn"]}
+            assert like_for_like == ({("dense", "-"), ("upcycle", "auto")} if dtype == "bf16" else set())
+            assert next(r for r in group if r["model"] == "dense" and r["onednn"])["over_dense"] == 1.0
             assert max(r["over_mixtral_best"] for r in group if r["model"] == "mixtral") == 1.0
             if dtype == "fp32":  # equal to the dense model at conversion: the same greedy text
                 assert all(r["same_tokens_as_dense"] for r in group), group
             entry = payload["summary"]["groups"][f"{dtype}_e{experts}"]
-            assert entry["met"] == (entry["default_over_dense"] >= 0.9 and entry["default_over_mixtral_best"] >= 1.0)
+            over_dense = min(entry["default_over_dense"], entry.get("like_for_like_over_dense", 1.0))
+            assert entry["met"] == (over_dense >= 0.9 and entry["default_over_mixtral_best"] >= 1.0)
+            if dtype == "bf16":
+                dense_without = next(r for r in group if r["model"] == "dense" and not r["onednn"])
+                assert entry["dense_without_onednn_over_dense"] == pytest.approx(dense_without["over_dense"], abs=2e-3)
     for row in rows:
         assert row["tokens_per_s"] > 0 and len(row["round_seconds"]) == bench.QUICK["rounds"]
         assert row["tokens_per_s"] == pytest.approx(1000 / row["ms_per_token"], rel=0.01)

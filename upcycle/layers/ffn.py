@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .activations import get_activation
+from .one_row import one_row_kernels
 
 
 class FFN(nn.Module):
@@ -30,6 +31,7 @@ class FFN(nn.Module):
         }  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., d]
-        if self.gate is None:
-            return self.down(self.act(self.up(x)))
-        return self.down(self.act(self.gate(x)) * self.up(x))
+        with one_row_kernels(x, x.numel() // x.shape[-1]):
+            if self.gate is None:
+                return self.down(self.act(self.up(x)))
+            return self.down(self.act(self.gate(x)) * self.up(x))

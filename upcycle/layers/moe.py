@@ -20,6 +20,7 @@ from torch import nn
 from .dual_experts import DualPathExperts
 from .experts import Experts
 from .ffn import FFN
+from .one_row import one_row_kernels
 from .real_tokens import real_rows
 from .routers.base import Router
 from .routing import Routing
@@ -77,13 +78,14 @@ class MoE(nn.Module):
 
     def _compute(self, tokens: torch.Tensor, sequences: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """Route and compute ``tokens`` ([t, d], or [b, n, d] for slot routers): experts plus the shared expert."""
-        routing = self.router(tokens) if sequences is None else self.router(tokens, sequences)
-        y = self.experts(tokens, routing)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(tokens)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
-            y = y + shared
+        with one_row_kernels(tokens, tokens.shape[0]):  # one decoding token: every matmul below is one row
+            routing = self.router(tokens) if sequences is None else self.router(tokens, sequences)
+            y = self.experts(tokens, routing)
+            if self.shared_expert is not None:
+                shared = self.shared_expert(tokens)
+                if self.shared_expert_gate is not None:
+                    shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+                y = y + shared
         return y, routing
 
 

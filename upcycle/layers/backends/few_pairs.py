@@ -18,6 +18,8 @@ from itertools import pairwise
 
 import torch
 
+from ..one_row import one_row_kernels
+
 # At most this many routed pairs (t·k, before the mask) take this path: one decoding token at top-k ≤ 8, where
 # every pair is a different expert. Beyond it tokens start sharing experts, and a grouped kernel reads each
 # chosen expert's weights once instead of once per pair.
@@ -25,6 +27,11 @@ FEW_PAIRS = 8
 
 
 def few_pairs(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None):
+    with one_row_kernels(x, rows=1):  # every matmul here reads one token's row
+        return _few_pairs(experts, x, indices, weights, mask)
+
+
+def _few_pairs(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None):
     # the routing read on the host once (free on CPU): at one token the cost is the number of kernel calls below
     chosen = indices.tolist()  # [t][k]
     kept = None if mask is None else mask.tolist()
