@@ -3,8 +3,8 @@
 Decoding one token makes every matmul of a layer a single row, and an MoE layer makes more of them than the dense
 FFN: the router, each expert's projections, the weighted sum of the experts. On CPU, PyTorch sends bf16 matmuls to
 oneDNN, which pays a fixed cost per call that dwarfs a small GEMV; for one row ATen's own kernel is faster, from two
-rows on oneDNN wins by far (2-core x86 with AVX-512 BF16, 2 threads, medians of 5; fp32 and fp16 are not sent to
-oneDNN and do not change):
+rows on oneDNN wins by far (the benchmark machine: 2-core x86 with AVX-512 BF16, 2 threads, best of 5 runs of 500
+calls; fp32 and fp16 matmuls are not sent to oneDNN there and do not change):
 
     bf16 [rows, in] x [out, in]^T     oneDNN    ATen
     1 x 576 -> 64 (a router)          17.5 µs   5.6 µs
@@ -20,6 +20,7 @@ one is held, other threads' bf16 matmuls skip oneDNN too (slower for them if the
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.backends.mkldnn as onednn
@@ -47,18 +48,10 @@ class _OneDNNOff:
                 onednn.enabled = self._saved
 
 
-class _Nothing:
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(self, *exc) -> None:
-        pass
+_ONEDNN_OFF, _NOTHING = _OneDNNOff(), nullcontext()
 
 
-_ONEDNN_OFF, _NOTHING = _OneDNNOff(), _Nothing()
-
-
-def one_row_kernels(x: torch.Tensor, rows: int) -> _OneDNNOff | _Nothing:
+def one_row_kernels(x: torch.Tensor, rows: int) -> AbstractContextManager:
     """A context in which matmuls of ``rows`` rows like ``x`` run on the faster kernels for them (above); a no-op
     unless ``rows`` is 1 and the matmuls are bf16 on CPU (``x`` bf16, or CPU autocast to bf16)."""
     if rows != 1 or x.device.type != "cpu":
