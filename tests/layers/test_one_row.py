@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.backends.mkldnn as onednn
 
-from upcycle.layers import FFN, MoE, TopKRouter
+from upcycle.layers import FFN, MoE, SoftMoERouter, TopKRouter
 from upcycle.layers.experts import Experts
 from upcycle.layers.one_row import one_row_kernels, onednn_off
 
@@ -88,6 +88,19 @@ def test_moe_and_ffn_switch_for_one_token_only(tokens):
         layer(torch.randn(tokens, 48, dtype=torch.bfloat16))
         ffn(torch.randn(1, tokens, 48, dtype=torch.bfloat16))
     assert seen == [tokens != 1] * 2
+
+
+def test_one_example_of_many_tokens_is_not_one_row():
+    """A slot router's layer computes ``[b, n, d]``: one image (b = 1) of several tokens keeps oneDNN."""
+    torch.manual_seed(0)
+    layer = MoE(SoftMoERouter(48, 4), Experts(4, 48, 40, activation="silu", gated=True, bias=False))
+    layer = layer.to(torch.bfloat16)
+    seen = []
+    layer.experts.register_forward_pre_hook(lambda *_: seen.append(onednn.enabled))
+    with torch.inference_mode():
+        layer(torch.randn(1, 5, 48, dtype=torch.bfloat16))
+        layer(torch.randn(1, 1, 48, dtype=torch.bfloat16))
+    assert seen == [True, False]
 
 
 @pytest.mark.parametrize("experts,top_k", [(8, 2), (16, 4)])

@@ -78,7 +78,7 @@ class MoE(nn.Module):
 
     def _compute(self, tokens: torch.Tensor, sequences: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """Route and compute ``tokens`` ([t, d], or [b, n, d] for slot routers): experts plus the shared expert."""
-        with one_row_kernels(tokens, tokens.shape[0]):  # one decoding token: every matmul below is one row
+        with one_row_kernels(tokens):  # one decoding token: every matmul below is one row
             routing = self.router(tokens) if sequences is None else self.router(tokens, sequences)
             y = self.experts(tokens, routing)
             if self.shared_expert is not None:

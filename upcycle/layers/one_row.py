@@ -51,9 +51,12 @@ class _OneDNNOff:
 _ONEDNN_OFF, _NOTHING = _OneDNNOff(), nullcontext()
 
 
-def one_row_kernels(x: torch.Tensor, rows: int) -> AbstractContextManager:
-    """A context in which matmuls of ``rows`` rows like ``x`` run on the faster kernels for them (above); a no-op
-    unless ``rows`` is 1 and the matmuls are bf16 on CPU (``x`` bf16, or CPU autocast to bf16)."""
+def one_row_kernels(x: torch.Tensor, rows: int | None = None) -> AbstractContextManager:
+    """A context in which matmuls of ``rows`` rows like ``x`` (default: ``x``'s own rows, every leading dimension
+    flattened) run on the faster kernels for them (above); a no-op unless that is 1 row and the matmuls are bf16 on
+    CPU (``x`` bf16, or CPU autocast to bf16)."""
+    if rows is None:
+        rows = x.numel() // max(x.shape[-1], 1)
     if rows != 1 or x.device.type != "cpu":
         return _NOTHING
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
