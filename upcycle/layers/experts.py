@@ -193,16 +193,23 @@ class Experts(nn.Module):
         dropout on the hidden units where timm's ``Mlp`` has ``drop1`` (the caller passes 0 outside training)."""
         return _batched_linear(self._hidden_stacked(xs, hidden_dropout), self.w_down, self.b_down)  # [e, m, d]
 
-    def forward_part(self, x: torch.Tensor, part: slice) -> torch.Tensor:
-        """Experts ``part`` (c consecutive ids), each on every row of ``x [m, d]`` -> ``[c, m, d]`` (no routing
-        weight, no shared bias). The part's first projections are one ``[c·h, d]`` matrix, a view of the stacked
-        weights, so they cost one matmul as wide as the part; the second projections one batched matmul."""
+    def forward_part(self, x: torch.Tensor, part: slice, weights: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of experts ``part`` (c consecutive ids), each on every row of ``x [m, d]``, with
+        ``weights [c, m]`` (expert j's routing weight of each row) -> ``[m, d]`` (no shared bias). The part's first
+        projections are one ``[c·h, d]`` matrix, a view of the stacked weights, so they cost one matmul as wide as
+        the part; the second projections one batched matmul. The weights scale the hidden units before it (and the
+        second biases): c·h multiplications where weighting the outputs would cost a matmul of its own."""
         m, c = x.shape[0], part.stop - part.start
         up = F.linear(x, _flat(self.w_up[part]), _flat(_part(self.b_up, part))).view(m, c, self.d_hidden)
         gate = None if self.w_gate is None else F.linear(x, _flat(self.w_gate[part]), _flat(_part(self.b_gate, part)))
         gate = None if gate is None else gate.view(m, c, self.d_hidden)
         hidden = self.hidden_units(up, gate, _part(self.norm_weight, part), _part(self.norm_bias, part))  # [m, c, h]
-        return _batched_linear(hidden.transpose(0, 1), self.w_down[part], _part(self.b_down, part))  # [c, m, d]
+        scale = weights.T.unsqueeze(-1).to(hidden.dtype)  # [m, c, 1]
+        hidden = hidden.mul_(scale) if not torch.is_grad_enabled() else hidden * scale
+        out = torch.bmm(hidden.transpose(0, 1), self.w_down[part].transpose(1, 2)).sum(0)  # [c, m, d] -> [m, d]
+        if self.b_down is None:
+            return out
+        return out + (scale * self.b_down[part].to(out.dtype)).sum(1)  # Σ_j w_j b_j: [m, c, 1] * [c, d] -> [m, d]
 
     def _hidden_stacked(self, xs: torch.Tensor, hidden_dropout: float = 0.0, part: slice | None = None) -> torch.Tensor:
         """The hidden units each expert feeds its down projection: ``[e, m, d] -> [e, m, h]``; with ``part``, only

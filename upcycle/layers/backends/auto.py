@@ -15,10 +15,10 @@ the average expert multiplies, ``m = pairs / e``:
   by the largest group when the loads are as unbalanced as dynamic-k makes them.
 - other devices (CUDA): ``grouped_mm``, which falls back to ``sorted`` where its kernel cannot run.
 
-The thresholds and numbers are this repository's measurements on a 2-core x86 CPU (the layer benchmark's run of
-2026-12-05 before the one in results/layers.json, which moves single cells by up to ±20 % on unchanged code: the
-close calls above trade places from run to run); a user who measures otherwise on their machine names a backend
-instead. Dimension letters: t tokens, k choices per token, e experts.
+The thresholds and numbers are this repository's measurements on a 2-core x86 CPU (an earlier run of the layer
+benchmark on 2026-12-05 than the one in results/layers.json, which moves single cells by up to ±20 % on unchanged
+code: the close calls above trade places from run to run); a user who measures otherwise on their machine names a
+backend instead. Dimension letters: t tokens, k choices per token, e experts.
 """
 
 from __future__ import annotations

@@ -45,9 +45,9 @@ def _few_pairs(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.T
             # zero gradients in the backward, but at most FEW_PAIRS of them
             if len(slots) == 1:
                 out = experts.expert_forward(first, x[i : i + 1], experts.expert_weights(first))  # [1, d]
-            else:
-                out = experts.forward_part(x[i : i + 1], slice(first, first + len(slots))).squeeze(1)  # [c, d]
-            y = weights[i, slots].to(out.dtype) @ out  # [d]: the run's experts weighted and summed in one product
+                y = out[0] * weights[i, slots[0]]  # [d] (a 0-d weight keeps out's dtype)
+            else:  # [d]: the run's experts weighted and summed by the experts themselves
+                y = experts.forward_part(x[i : i + 1], slice(first, first + len(slots)), weights[i, slots, None])[0]
             total = y if total is None else total + y
         outputs.append(x.new_zeros(x.shape[-1]) if total is None else total)
     return outputs[0].unsqueeze(0) if len(outputs) == 1 else torch.stack(outputs)  # [t, d]
