@@ -1,9 +1,9 @@
 """Matmuls of one row in bf16 on CPU run on ATen's own GEMV kernels rather than oneDNN's.
 
 Decoding one token makes every matmul of a layer a single row, and an MoE layer makes more of them than the dense
-FFN: the router, each expert's projections, the weighted sum of the experts. On CPU, PyTorch sends bf16 matmuls to
-oneDNN, which pays a fixed cost per call that dwarfs a small GEMV; for one row ATen's own kernel is faster, from two
-rows on oneDNN wins by far (the benchmark machine: 2-core x86 with AVX-512 BF16, 2 threads, best of 5 runs of 500
+FFN: the router and each run of experts' projections. On CPU, PyTorch sends bf16 matmuls to oneDNN, which pays a
+fixed cost per call that dwarfs a small GEMV; for one row ATen's own kernel is faster, from two rows on oneDNN wins
+by far (the benchmark machine: 2-core x86 with AVX-512 BF16, 2 threads, best of 5 runs of 500
 calls; fp32 and fp16 matmuls are not sent to oneDNN there and do not change):
 
     bf16 [rows, in] x [out, in]^T     oneDNN    ATen
